@@ -1,0 +1,406 @@
+"""Load and validate HICO-DET / V-COCO annotation files (the DETR-line JSON format).
+
+One entry per image::
+
+    {"file_name": "HICO_train2015_00000001.jpg",
+     "annotations": [{"bbox": [x1, y1, x2, y2], "category_id": 1}, ...],      # absolute pixels, COCO id
+     "hoi_annotation": [{"subject_id": 0, "object_id": 1, "category_id": 73,   # verb id
+                         "hoi_category_id": 153}, ...]}                        # HICO only, 1..600
+
+HICO-DET verb ids are 1..117 (``verb index = id - 1``); V-COCO's are 0..28 (already the index) and
+``object_id = -1`` marks an action without object. The whole file is validated up front and every
+problem is reported with the file, the entry index, the file name and the field.
+
+numpy and PIL only: no torch, so the evaluator and tools can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from student.data.classes import (
+    COCO_OBJECT_IDS,
+    HICO_HOIS,
+    HICO_VERBS,
+    OBJECT_NAMES,
+    VCOCO_VERBS,
+    coco_id_to_index,
+    hico_hoi_id,
+)
+from student.data.errors import DatasetError
+
+DatasetName = Literal["hico", "vcoco"]
+
+#: How many problems one DatasetError lists before it says "and N more".
+MAX_REPORTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What differs between HICO-DET and V-COCO annotation files."""
+
+    name: DatasetName
+    verbs: tuple[str, ...]
+    verb_id_base: int  # file verb id of verb index 0: 1 for HICO-DET, 0 for V-COCO
+    allows_no_object: bool  # object_id = -1 permitted
+    has_hoi_ids: bool  # hoi_category_id present and checked (HICO-DET)
+
+    @property
+    def num_verbs(self) -> int:
+        return len(self.verbs)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "hico": DatasetSpec("hico", HICO_VERBS, verb_id_base=1, allows_no_object=False, has_hoi_ids=True),
+    "vcoco": DatasetSpec("vcoco", VCOCO_VERBS, verb_id_base=0, allows_no_object=True, has_hoi_ids=False),
+}
+
+
+def dataset_spec(dataset: str) -> DatasetSpec:
+    """The spec of ``"hico"`` or ``"vcoco"``; DatasetError for anything else."""
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise DatasetError(f"unknown dataset {dataset!r}: expected one of {sorted(DATASETS)}") from None
+
+
+@dataclass(frozen=True)
+class HOI:
+    """One HOI of the file, with 0-based indices."""
+
+    subject: int  # index into the image's boxes
+    object: int  # index into the image's boxes, -1 = no object (V-COCO)
+    verb: int  # verb index 0..V-1
+    hoi_id: int | None  # HICO-DET hoi_category_id 1..600, None for V-COCO
+
+
+@dataclass(frozen=True)
+class HOIPair:
+    """All HOIs of one (subject, object) box pair, merged (QPIC style)."""
+
+    subject: int
+    object: int  # -1 = no object
+    verbs: tuple[int, ...]  # sorted, distinct verb indices
+
+
+@dataclass(frozen=True)
+class ImageAnnotation:
+    """One validated entry of an annotation file.
+
+    ``boxes`` are clipped to the image when its size was known at validation time.
+    """
+
+    index: int  # position in the annotation list (the ``image_id`` of samples)
+    file_name: str
+    boxes: np.ndarray  # (N, 4) float32 xyxy absolute pixels
+    labels: np.ndarray  # (N,) int64 object class index 0..79
+    hois: tuple[HOI, ...]
+    raw: Mapping[str, Any]  # the entry exactly as read from the JSON (the evaluator works from it)
+    image_size: tuple[int, int] | None = None  # (h, w) when the image was checked
+
+    def pairs(self) -> list[HOIPair]:
+        """The HOIs merged by (subject, object), in order of first appearance."""
+        return merge_pairs(self.hois)
+
+
+def merge_pairs(hois: Sequence[HOI]) -> list[HOIPair]:
+    """Merge HOIs sharing the same (subject, object) box indices into one multi-verb pair."""
+    verbs_of: dict[tuple[int, int], set[int]] = {}
+    for hoi in hois:
+        verbs_of.setdefault((hoi.subject, hoi.object), set()).add(hoi.verb)
+    return [HOIPair(sub, obj, tuple(sorted(verbs))) for (sub, obj), verbs in verbs_of.items()]
+
+
+class _Problems:
+    """Collects validation problems of a file so that one error reports many of them."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.messages: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.messages.append(f"{where}: {message}")
+
+    def raise_if_any(self) -> None:
+        if not self.messages:
+            return
+        shown = self.messages[:MAX_REPORTED_PROBLEMS]
+        more = len(self.messages) - len(shown)
+        lines = "\n  ".join(shown)
+        tail = f"\n  ... and {more} more" if more else ""
+        raise DatasetError(f"{self.source}: {len(self.messages)} problem(s):\n  {lines}{tail}")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass in Python; a JSON true is never a valid id.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _index_range(count: int) -> str:
+    return f"0..{count - 1} (the image has {count} boxes)" if count else "(but the image has no boxes)"
+
+
+def _check_box(
+    bbox: Any, image_size: tuple[int, int] | None, tolerance: float
+) -> tuple[list[float] | None, str | None]:
+    """Validate one [x1, y1, x2, y2]; returns (clipped box, None) or (None, what is wrong)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None, f"= {bbox!r}, expected a list [x1, y1, x2, y2] of 4 numbers"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+        return None, f"= {bbox!r}, expected 4 finite numbers"
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    if x2 < x1 or y2 < y1:
+        return None, f"= {list(bbox)} is inverted: expected x1 <= x2 and y1 <= y2"
+    if image_size is None:
+        if min(x1, y1) < -tolerance:
+            return None, f"= {list(bbox)} has negative coordinates (tolerance {tolerance} px)"
+        return [x1, y1, x2, y2], None
+    height, width = image_size
+    if x1 < -tolerance or y1 < -tolerance or x2 > width + tolerance or y2 > height + tolerance:
+        return None, (
+            f"= {list(bbox)} lies outside the {width}x{height} (w x h) image "
+            f"(allowed x in [0, {width}], y in [0, {height}], tolerance {tolerance} px)"
+        )
+    return [
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+        min(max(x2, 0.0), width),
+        min(max(y2, 0.0), height),
+    ], None
+
+
+def _parse_entry(
+    entry: Any,
+    index: int,
+    spec: DatasetSpec,
+    problems: _Problems,
+    *,
+    image_size: tuple[int, int] | None = None,
+    box_tolerance: float = 1.0,
+) -> ImageAnnotation | None:
+    """Validate one entry; record problems and return None when it is unusable."""
+    where = f"entry {index}"
+    if not isinstance(entry, Mapping):
+        problems.add(where, f"expected an object with file_name, annotations, hoi_annotation, got {entry!r:.80}")
+        return None
+    file_name = entry.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        problems.add(where, f"file_name = {file_name!r}, expected a non-empty string")
+        return None
+    where = f"entry {index} ({file_name})"
+    ok = True
+    boxes_in = entry.get("annotations")
+    hois_in = entry.get("hoi_annotation")
+    if not isinstance(boxes_in, list):
+        problems.add(where, f"annotations = {boxes_in!r:.80}, expected a list of boxes")
+        return None
+    if not isinstance(hois_in, list):
+        problems.add(where, f"hoi_annotation = {hois_in!r:.80}, expected a list")
+        return None
+
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    for j, box in enumerate(boxes_in):
+        field = f"annotations[{j}]"
+        if not isinstance(box, Mapping):
+            problems.add(where, f"{field} = {box!r:.80}, expected an object with bbox and category_id")
+            ok = False
+            continue
+        clipped, error = _check_box(box.get("bbox"), image_size, box_tolerance)
+        if error is not None:
+            problems.add(where, f"{field}.bbox {error}")
+            ok = False
+        category = box.get("category_id")
+        if not _is_int(category) or category not in COCO_OBJECT_IDS:
+            problems.add(where, f"{field}.category_id = {category!r} is not one of the 80 valid COCO ids (1..90)")
+            ok = False
+        if ok:
+            boxes.append(clipped)  # type: ignore[arg-type]
+            labels.append(coco_id_to_index(category))
+
+    num_boxes = len(boxes_in)
+    min_verb, max_verb = spec.verb_id_base, spec.verb_id_base + spec.num_verbs - 1
+    min_object = -1 if spec.allows_no_object else 0
+    hois: list[HOI] = []
+    for k, hoi in enumerate(hois_in):
+        field = f"hoi_annotation[{k}]"
+        if not isinstance(hoi, Mapping):
+            problems.add(where, f"{field} = {hoi!r:.80}, expected an object")
+            ok = False
+            continue
+        subject, obj, verb_id = hoi.get("subject_id"), hoi.get("object_id"), hoi.get("category_id")
+        hoi_ok = True
+        if not _is_int(subject) or not 0 <= subject < num_boxes:
+            problems.add(
+                where,
+                f"{field}.subject_id = {subject!r}, expected a box index {_index_range(num_boxes)}",
+            )
+            hoi_ok = False
+        if not _is_int(obj) or not min_object <= obj < num_boxes:
+            allowed = "-1 (no object) or " if spec.allows_no_object else ""
+            problems.add(
+                where,
+                f"{field}.object_id = {obj!r}, expected {allowed}a box index {_index_range(num_boxes)}",
+            )
+            hoi_ok = False
+        if not _is_int(verb_id) or not min_verb <= verb_id <= max_verb:
+            problems.add(
+                where,
+                f"{field}.category_id = {verb_id!r} is outside {min_verb}..{max_verb} ({spec.name} verb id)",
+            )
+            hoi_ok = False
+        if hoi_ok and ok and labels[subject] != 0:
+            problems.add(
+                where,
+                f"{field}.subject_id = {subject} points at a "
+                f"{OBJECT_NAMES[labels[subject]]!r} box, expected a person (category_id 1)",
+            )
+            hoi_ok = False
+        hoi_id = None
+        if spec.has_hoi_ids and hoi_ok:
+            hoi_id = hoi.get("hoi_category_id")
+            verb = verb_id - spec.verb_id_base
+            if hoi_id is None:
+                pass  # optional in the file; filled in below from (verb, object)
+            elif not _is_int(hoi_id) or not 1 <= hoi_id <= len(HICO_HOIS):
+                problems.add(where, f"{field}.hoi_category_id = {hoi_id!r} is outside 1..{len(HICO_HOIS)}")
+                hoi_ok = False
+            elif ok and HICO_HOIS[hoi_id - 1] != (verb, labels[obj]):
+                expected_verb, expected_obj = HICO_HOIS[hoi_id - 1]
+                problems.add(
+                    where,
+                    f"{field}.hoi_category_id = {hoi_id} means "
+                    f"({HICO_VERBS[expected_verb]}, {OBJECT_NAMES[expected_obj]}) but the "
+                    f"pair is ({HICO_VERBS[verb]}, {OBJECT_NAMES[labels[obj]]})",
+                )
+                hoi_ok = False
+            if hoi_ok and ok and hoi_id is None:
+                try:
+                    hoi_id = hico_hoi_id(verb, labels[obj])
+                except DatasetError as error:
+                    problems.add(where, f"{field}: {error}")
+                    hoi_ok = False
+        if not hoi_ok:
+            ok = False
+            continue
+        hois.append(HOI(subject, obj, verb_id - spec.verb_id_base, hoi_id))
+
+    if not ok:
+        return None
+    return ImageAnnotation(
+        index=index,
+        file_name=file_name,
+        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        labels=np.asarray(labels, dtype=np.int64),
+        hois=tuple(hois),
+        raw=entry,
+        image_size=image_size,
+    )
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(h, w) of an image file from its header; DatasetError when missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError:
+        raise DatasetError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"image file {path} is not a readable image: {error}") from None
+    return height, width
+
+
+def load_annotations(
+    path: str | Path,
+    dataset: str = "hico",
+    *,
+    image_root: str | Path | None = None,
+    box_tolerance: float = 1.0,
+) -> list[ImageAnnotation]:
+    """Read and validate a whole annotation file.
+
+    Args:
+        path: ``trainval_hico.json``, ``test_hico.json``, ``trainval_vcoco.json``, ...
+        dataset: ``"hico"`` or ``"vcoco"`` (verb ids, no-object rule, HOI ids).
+        image_root: directory of the images; when given every image must exist and every box must
+            lie inside its image (header read only, not decoded).
+        box_tolerance: pixels a box may stick out of the image (then clipped); annotation tools
+            commonly write x2 = width with 1-based coordinates.
+
+    Raises:
+        DatasetError: the file is missing, not JSON, or has problems; the message lists them
+            (file, entry index and file name, field, what would be valid).
+    """
+    spec = dataset_spec(dataset)
+    path = Path(path)
+    source = str(path)
+    try:
+        with path.open("rb") as handle:
+            entries = json.load(handle)
+    except FileNotFoundError:
+        raise DatasetError(f"annotation file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{source}: not valid JSON: {error}") from None
+    if not isinstance(entries, list):
+        raise DatasetError(f"{source}: expected a JSON list of image entries, got {type(entries).__name__}")
+
+    problems = _Problems(source)
+    root = Path(image_root) if image_root is not None else None
+    result: list[ImageAnnotation] = []
+    for index, entry in enumerate(entries):
+        image_size = None
+        if root is not None and isinstance(entry, Mapping) and isinstance(entry.get("file_name"), str):
+            try:
+                image_size = read_image_size(root / entry["file_name"])
+            except DatasetError as error:
+                problems.add(f"entry {index} ({entry['file_name']})", f"file_name: {error}")
+                continue
+        parsed = _parse_entry(entry, index, spec, problems, image_size=image_size, box_tolerance=box_tolerance)
+        if parsed is not None:
+            result.append(parsed)
+    problems.raise_if_any()
+    return result
+
+
+def check_boxes_in_image(
+    annotation: ImageAnnotation, image_size: tuple[int, int], *, source: str, box_tolerance: float = 1.0
+) -> np.ndarray:
+    """Boxes of ``annotation`` validated against and clipped to ``image_size`` (h, w) -> (N, 4).
+
+    For entries loaded without ``image_root``: the dataset calls this once the image is open.
+    """
+    problems = _Problems(source)
+    clipped = []
+    for j, box in enumerate(annotation.boxes.tolist()):
+        fixed, error = _check_box(box, image_size, box_tolerance)
+        if error is not None:
+            problems.add(f"entry {annotation.index} ({annotation.file_name})", f"annotations[{j}].bbox {error}")
+        else:
+            clipped.append(fixed)
+    problems.raise_if_any()
+    return np.asarray(clipped, dtype=np.float32).reshape(-1, 4)
+
+
+def load_correspondence(path: str | Path, dataset: str = "hico") -> np.ndarray:
+    """Read ``corre_hico.npy`` / ``corre_vcoco.npy``: (V, 80) bool verb x object validity."""
+    spec = dataset_spec(dataset)
+    path = Path(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DatasetError(f"correspondence file {path} does not exist") from None
+    except ValueError as error:
+        raise DatasetError(f"{path}: not a numpy array file: {error}") from None
+    expected = (spec.num_verbs, len(OBJECT_NAMES))
+    if array.shape != expected:
+        raise DatasetError(f"{path}: shape {array.shape}, expected {expected} ({spec.name} verbs x objects)")
+    return array.astype(bool)
