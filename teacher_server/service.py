@@ -1,0 +1,404 @@
+"""The scoring service every transport calls: validate, read the cache, batch the misses, write back.
+
+``ScoringService.score`` is the one entry point of the gRPC native API, KServe v2 and HTTP. Per
+request it
+
+1. validates every item before any work (counts, digest format, bytes matching their digest,
+   sentences through the engine's tokenizer), naming the field (``items[2].sentences[0]``);
+2. looks every (image, sentence) up in the score cache in one pipelined round trip;
+3. decodes the images of items that still miss something (in a thread pool, never on the loop);
+4. sends only the misses to the dynamic batcher and awaits them, within the request's deadline;
+5. writes the new scores to the cache and answers, marking per sentence what came from the cache.
+
+Scores are returned exactly as the cache stores them (float32), so a cached answer is bit-equal
+to the fresh one; the engine computes in float32, so nothing is lost (fp32 engines: exact).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from teacher_server.batcher import BatchItem, DynamicBatcher, ShuttingDownError
+from teacher_server.cache import (
+    AsyncScoreCache,
+    CachedScore,
+    decode_score,
+    encode_score,
+    is_digest,
+    open_async_score_cache,
+    round_trip,
+)
+from teacher_server.engine import EngineSettings, ItmEngine, ItmScore, PreparedImage
+from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
+from teacher_server.metrics import ServiceMetrics
+from teacher_server.settings import ServerSettings
+
+__all__ = ["ItemResult", "ScoreItem", "ScoringService", "ShuttingDownError"]
+
+log = logging.getLogger(__name__)
+
+LIMIT_FIELDS = (
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_images_per_request",
+    "max_sentences_per_image",
+    "max_sentence_tokens",
+    "max_message_bytes",
+)
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One image of a request: its SHA-256 hex digest, optionally its file bytes, and sentences."""
+
+    digest: str
+    image: bytes | None
+    sentences: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """Scores of one item, aligned with its sentences.
+
+    ``image_required``: the item came without bytes and the teacher neither had all its scores
+    cached nor holds the image; the lists are then empty and the client resends with bytes.
+    """
+
+    image_required: bool
+    match_logit: list[float]
+    match_prob: list[float]
+    cached: list[bool]
+
+
+_IMAGE_REQUIRED = ItemResult(image_required=True, match_logit=[], match_prob=[], cached=[])
+
+
+def engine_settings(settings: ServerSettings, device: str) -> EngineSettings:
+    """The engine part of the service settings, for one replica's device."""
+    return EngineSettings(
+        device=device,
+        dtype=settings.dtype,
+        itm_start_token=settings.itm_start_token,
+        revision=settings.model_revision,
+        vision_cache_mb=settings.vision_cache_mb,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_sentence_tokens=settings.max_sentence_tokens,
+        text_batch_size=settings.text_batch_size,
+    )
+
+
+class ScoringService:
+    """Cache + dynamic batcher + engine replicas + metrics, behind one asyncio ``score`` call.
+
+    Construct with ``from_settings`` (loads one engine per device) or directly with engines
+    (tests, benches). ``start``/``stop`` must run in the event loop that calls ``score``.
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[ItmEngine],
+        settings: ServerSettings | None = None,
+        *,
+        cache: AsyncScoreCache | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        if not engines:
+            raise ValueError("ScoringService needs at least one engine")
+        fingerprints = {engine.fingerprint for engine in engines}
+        if len(fingerprints) != 1:
+            raise ModelLoadError(
+                f"engine replicas disagree on the model fingerprint ({', '.join(sorted(fingerprints))}): "
+                "every device must run the same model, dtype and ITM start token"
+            )
+        self.engines = tuple(engines)
+        self.settings = settings or ServerSettings()
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        s = self.settings
+        self.cache = (
+            cache
+            if cache is not None
+            else open_async_score_cache(
+                s.redis_url,
+                ttl_s=s.cache_ttl_s,
+                local_entries=s.local_cache_entries,
+                timeout_s=s.redis_timeout_s,
+                backoff_s=s.redis_backoff_s,
+                backoff_max_s=s.redis_backoff_max_s,
+                cluster=s.redis_cluster,
+                on_error=lambda _: self.metrics.redis_errors.inc(),
+            )
+        )
+        self.batcher = DynamicBatcher(
+            self.engines,
+            max_batch_sentences=s.max_batch_sentences,
+            max_delay_ms=s.max_delay_ms,
+            max_queue=s.max_queue,
+            metrics=self.metrics,
+        )
+        self._decoder: ThreadPoolExecutor | None = None
+        self._accepting = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> ScoringService:
+        """Load one engine replica per ``settings.device`` entry (raises ``ModelLoadError``)."""
+        engines = [
+            ItmEngine.from_pretrained(settings.model, engine_settings(settings, device)) for device in settings.device
+        ]
+        return cls(engines, settings)
+
+    # ------------------------------------------------------------------------------- lifecycle
+    @property
+    def fingerprint(self) -> str:
+        return self.engines[0].fingerprint
+
+    @property
+    def ready(self) -> bool:
+        """True between ``start`` and the beginning of ``stop``."""
+        return self._accepting
+
+    async def start(self) -> None:
+        """Start the batcher workers and the image-decoding threads; the service is then ready."""
+        if self._accepting:
+            return
+        self._decoder = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="teacher-decode")
+        await self.batcher.start()
+        self._accepting = True
+        self.metrics.ready.set(1)
+        log.info(
+            "scoring service ready: model %s, fingerprint %s, %d replica(s) on %s, cache %s",
+            self.engines[0].model_id,
+            self.fingerprint,
+            len(self.engines),
+            ",".join(str(e.device) for e in self.engines),
+            self.cache.backend,
+        )
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Readiness off, new requests refused; in-flight requests finish for up to
+        ``drain_timeout_s``; then what is left fails with ``ShuttingDownError``."""
+        self._accepting = False
+        self.metrics.ready.set(0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=drain_timeout_s)
+        except TimeoutError:
+            log.warning("%d request(s) still running after the drain timeout", self._inflight)
+        await self.batcher.stop(max(0.0, deadline - loop.time()))
+        await self.cache.close()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._decoder = None
+
+    def model_info(self) -> dict[str, Any]:
+        """What clients may ask: model id, fingerprint, ITM start token, dtype, devices, limits."""
+        engine = self.engines[0].describe()
+        return {
+            "model_id": engine["model_id"],
+            "fingerprint": self.fingerprint,
+            "weights": engine["weights"],
+            "itm_start_token": engine["itm_start_token"],
+            "dtype": engine["dtype"],
+            "devices": [str(e.device) for e in self.engines],
+            "limits": {name: getattr(self.settings, name) for name in LIMIT_FIELDS},
+            "batching": {
+                "max_batch_sentences": self.settings.max_batch_sentences,
+                "max_delay_ms": self.settings.max_delay_ms,
+                "max_queue": self.settings.max_queue,
+            },
+            "cache": self.cache.backend,
+        }
+
+    # --------------------------------------------------------------------------------- scoring
+    async def score(self, items: Sequence[ScoreItem], *, timeout_s: float | None = None) -> list[ItemResult]:
+        """Scores of every item's sentences; see the module docstring for the steps.
+
+        Raises ``InvalidInputError`` (nothing was scored), ``OverloadedError`` (queue full,
+        ``retry_after_s`` set), ``ShuttingDownError`` (draining), ``TimeoutError`` past
+        ``timeout_s`` (queued work of this request is then dropped, not scored).
+        """
+        if not self._accepting:
+            self.metrics.rejected.labels(reason="shutting_down").inc()
+            raise ShuttingDownError()
+        self._inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.inc()
+        try:
+            if timeout_s is None:
+                return await self._score(items, None)
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            return await asyncio.wait_for(self._score(items, deadline), timeout=timeout_s)
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _score(self, items: Sequence[ScoreItem], deadline: float | None) -> list[ItemResult]:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._decoder, self._validate, items)
+        unique = [tuple(dict.fromkeys(item.sentences)) for item in items]
+        queries = [(item.digest, sentences) for item, sentences in zip(items, unique, strict=True)]
+        cached = await self.cache.lookup(self.fingerprint, queries)
+        hits = sum(score is not None for row in cached for score in row)
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(sum(len(row) for row in cached) - hits)
+        found = [dict(zip(names, row, strict=True)) for names, row in zip(unique, cached, strict=True)]
+        missing = [tuple(s for s, score in table.items() if score is None) for table in found]
+
+        needy = [index for index, miss in enumerate(missing) if miss]
+        images = await self._prepare_images(items, needy)
+        # Digest-only misses whose image the replica does not hold: answer at once rather than
+        # after a trip through the queue (the batcher re-checks, for images evicted meanwhile).
+        required = {i for i in needy if items[i].digest not in images and not self._holds(items[i].digest)}
+        needy = [i for i in needy if i not in required]
+        work = [BatchItem(items[i].digest, images.get(items[i].digest), missing[i]) for i in needy]
+        futures = self.batcher.submit(work, deadline=deadline)
+        try:
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            for future in futures:  # frees queue slots; the batcher skips cancelled work
+                future.cancel()
+            raise
+
+        fresh: dict[int, dict[str, CachedScore]] = {}
+        for index, outcome in zip(needy, outcomes, strict=True):
+            if isinstance(outcome, ImageRequiredError):
+                required.add(index)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                fresh[index] = {s: _as_cached(r) for s, r in zip(missing[index], outcome, strict=True)}
+        if fresh:
+            await self.cache.store(
+                self.fingerprint,
+                [
+                    (items[i].digest, {s: score for s, score in new.items() if _cacheable(score)})
+                    for i, new in fresh.items()
+                ],
+            )
+        return [
+            _IMAGE_REQUIRED if i in required else _result(item.sentences, found[i], fresh.get(i, {}))
+            for i, item in enumerate(items)
+        ]
+
+    def _holds(self, digest: str) -> bool:
+        """Whether the replica that scores ``digest`` holds its vision embedding."""
+        return self.engines[self.batcher.replica_of(digest)].has_image(digest)
+
+    # ------------------------------------------------------------------------------ validation
+    def _validate(self, items: Sequence[ScoreItem]) -> None:
+        """Everything checkable without decoding an image (runs in a thread: hashing, tokenizing)."""
+        s = self.settings
+        if len(items) > s.max_images_per_request:
+            raise InvalidInputError(
+                "items",
+                f"request has {len(items)} images, over the limit of {s.max_images_per_request} images per request",
+                too_large=True,
+            )
+        engine = self.engines[0]
+        for index, item in enumerate(items):
+            name = f"items[{index}]"
+            if not is_digest(item.digest):
+                raise InvalidInputError(
+                    f"{name}.digest",
+                    "expected the SHA-256 of the image file as 64 lowercase hex "
+                    f"characters, got {str(item.digest)[:80]!r}",
+                )
+            if isinstance(item.sentences, str | bytes):
+                raise InvalidInputError(f"{name}.sentences", "expected a list of sentences, got one string")
+            if not item.sentences:
+                raise InvalidInputError(
+                    f"{name}.sentences", f"no sentences; give 1 to {s.max_sentences_per_image} per image"
+                )
+            if len(item.sentences) > s.max_sentences_per_image:
+                raise InvalidInputError(
+                    f"{name}.sentences",
+                    f"{len(item.sentences)} sentences, over the limit of "
+                    f"{s.max_sentences_per_image} sentences per image",
+                    too_large=True,
+                )
+            engine.check_sentences(item.sentences, field=f"{name}.sentences")
+            if item.image is not None:
+                if not isinstance(item.image, bytes | bytearray | memoryview):
+                    raise InvalidInputError(
+                        f"{name}.image", f"expected image file bytes, got {type(item.image).__name__}"
+                    )
+                if len(item.image) > s.max_image_bytes:  # before hashing it
+                    raise InvalidInputError(
+                        f"{name}.image",
+                        f"image is {len(item.image):,} bytes, over the limit of {s.max_image_bytes:,} bytes",
+                        too_large=True,
+                    )
+                actual = hashlib.sha256(item.image).hexdigest()
+                if actual != item.digest:
+                    raise InvalidInputError(
+                        f"{name}.digest",
+                        f"does not match the image bytes sent: their SHA-256 is {actual}; "
+                        "the digest must be the SHA-256 hex of the image file",
+                    )
+
+    async def _prepare_images(self, items: Sequence[ScoreItem], needy: list[int]) -> dict[str, PreparedImage]:
+        """Decode (in threads) each image sent with bytes whose item still misses scores, once per
+        digest; a digest-only item gets the image a sibling item of the request sent."""
+        loop = asyncio.get_running_loop()
+        first: dict[str, int] = {}
+        for index in needy:
+            if items[index].image is not None:
+                first.setdefault(items[index].digest, index)
+        engine = self.engines[0]
+        jobs = [
+            loop.run_in_executor(
+                self._decoder,
+                lambda i=i, d=d: engine.prepare_image(bytes(items[i].image), digest=d, field=f"items[{i}].image"),
+            )
+            for d, i in first.items()
+        ]
+        prepared = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in prepared:  # in item order: the first bad item is reported
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return dict(zip(first, prepared, strict=True))
+
+
+def _as_cached(score: ItmScore) -> CachedScore:
+    """The score as the cache will return it (float32); a non-finite one as is (never cached)."""
+    try:
+        return round_trip(score.match_logit, score.match_prob)
+    except (ValueError, OverflowError):
+        log.warning(
+            "engine returned a non-cacheable score (%s, %s); not caching it", score.match_logit, score.match_prob
+        )
+        return CachedScore(score.match_logit, score.match_prob)
+
+
+def _cacheable(score: CachedScore) -> bool:
+    try:
+        return decode_score(encode_score(score.match_logit, score.match_prob)) is not None
+    except OverflowError:  # beyond float32
+        return False
+
+
+def _result(
+    sentences: Sequence[str], found: dict[str, CachedScore | None], fresh: dict[str, CachedScore]
+) -> ItemResult:
+    """Align scores with the item's sentences (duplicates included)."""
+    logits, probs, cached = [], [], []
+    for sentence in sentences:
+        hit = found.get(sentence)
+        score = hit if hit is not None else fresh[sentence]
+        logits.append(score.match_logit)
+        probs.append(score.match_prob)
+        cached.append(hit is not None)
+    return ItemResult(image_required=False, match_logit=logits, match_prob=probs, cached=cached)
