@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+TRITON_VENV ?= .venv-triton
 
-.PHONY: setup test demo lint format protos bench clean
+.PHONY: setup test demo lint format protos bench clean triton-env
 
 setup: $(STAMP)
 
@@ -18,7 +19,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[all]'
 	@touch $(STAMP)
 
-test: setup
+# The real Triton server's own environment (its Python backend needs numpy<2): docs/triton.md.
+triton-env: $(TRITON_VENV)/.installed
+
+$(TRITON_VENV)/.installed: pyproject.toml deploy/triton/setup-env.sh
+	FORCE=1 PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) deploy/triton/setup-env.sh $(TRITON_VENV)
+
+test: setup triton-env
 	$(BIN)/python -m pytest tests
 
 demo: setup
@@ -39,4 +46,4 @@ bench: setup
 	$(BIN)/python bench/teacher_engine.py --size tiny
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache build *.egg-info
