@@ -1,0 +1,142 @@
+"""Smoke test of ``bench/teacher_service.py``: a real tiny run, then its JSON line.
+
+The run is the bench's default path (``python -m teacher_server serve`` as a child process) with
+the score cache in a real Redis (the session's ``redis_server``), at reduced counts. It checks
+the shape of the result and what the bench measured (metrics and scores), never how fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench" / "teacher_service.py"
+LEVELS = (1, 3)
+SMOKE_ARGS = [
+    "--size", "tiny",
+    "--threads", "1",
+    "--reps", "2",
+    "--images", "2",
+    "--sentences", "4",
+    "--latency-sentences", "5",
+    "--cold-reps", "1",
+    "--warm-reps", "3",
+    "--levels", ",".join(map(str, LEVELS)),
+    "--conc-sentences", "3",
+    "--conc-requests", "2",
+    "--warm-conc-requests", "4",
+]  # fmt: skip
+
+
+def load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_teacher_service", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return load_bench()
+
+
+def test_tiny_run_ends_with_the_measured_json(redis_server) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH), *SMOKE_ARGS, "--redis-url", redis_server.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    # The human-readable tables come before it.
+    assert any(line.startswith("(a)") for line in lines) and any(line.startswith("(c)") for line in lines)
+
+    assert result["size"] == "tiny" and result["threads"] == 1
+    assert result["server"].startswith("process") and result["cache"] == "redis"
+    figures = (
+        "service_ratio",
+        "service_cpu_ratio",
+        "warm_speedup",
+        "engine_sentences_per_s",
+        "service_sentences_per_s",
+    )
+    for key in figures:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert len(result["ratio_rows"]) == 2
+    rows = result["ratio_rows"]
+    assert [row["first"] for row in rows] == ["engine", "service"]  # the order flips every rep
+    for row in rows:  # each ratio: the same pairs' in-process time over their service time
+        assert row["ratio"] == pytest.approx(row["engine_s"] / row["service_s"], rel=1e-3)
+        assert row["engine_cpu_s"] > 0 and row["service_cpu_s"] > 0
+    total = sum(row["engine_s"] for row in rows) / sum(row["service_s"] for row in rows)
+    assert result["service_ratio"] == pytest.approx(total, rel=1e-3)
+    assert result["service_cpu_ratio"] == pytest.approx(
+        sum(row["engine_cpu_s"] for row in rows) / sum(row["service_cpu_s"] for row in rows), rel=1e-3
+    )
+    assert result["warm_ms"] > 0 and result["cold_ms"] > 0
+    assert result["warm_speedup"] == pytest.approx(result["cold_ms"] / result["warm_ms"], rel=1e-2)
+
+    for table, sentences in (("concurrency", 3), ("concurrency_warm", 3)):
+        rows = result[table]
+        assert [row["clients"] for row in rows] == list(LEVELS)
+        for row in rows:
+            assert row["requests"] >= row["clients"]
+            assert row["sentences"] == row["requests"] * sentences
+            assert row["sentences_per_s"] == pytest.approx(row["sentences"] / row["seconds"], rel=1e-2)
+            assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert all(row["uncached_scores"] == 0 for row in result["concurrency_warm"])
+
+    checks = result["checks"]
+    assert checks["scores_match_engine"] and checks["max_abs_diff_vs_engine"] <= 1e-6
+    # (a) was cold on the service side: it encoded every image sent and scored every pair.
+    assert checks["a_same_work"]
+    assert checks["a_service_images_encoded"] == 2 * 2 and checks["a_service_sentences_scored"] == 2 * 2 * 4
+    # (b) the warm repeats were all served by Redis, bit-equal to the cold answer.
+    assert checks["b_cold_cached_scores"] == 0
+    assert checks["b_warm_all_cached"] and checks["b_warm_cache_hits"] == 3 * 5
+    assert result["loadavg_before"] and result["loadavg_after"]
+
+
+def test_percentiles_interpolate_linearly(bench: ModuleType) -> None:
+    p50, p99 = bench.percentiles_ms([0.001, 0.002, 0.003, 0.004])
+    assert p50 == pytest.approx(2.5) and p99 == pytest.approx(3.97)
+
+
+def test_sentences_are_distinct(bench: ModuleType) -> None:
+    texts = bench.sentences(300)
+    assert len(set(texts)) == 300 and texts[0] == "a person ride a horse"
+
+
+def test_images_are_fresh_jpegs(bench: ModuleType) -> None:
+    factory = bench.ImageFactory(seed=0)
+    images = factory.fresh(3) + factory.fresh(2)
+    assert all(image[:3] == b"\xff\xd8\xff" for image in images)
+    assert len({hashlib.sha256(image).hexdigest() for image in images}) == 5
+
+
+def test_size_picks_default_counts_and_flags_override(bench: ModuleType) -> None:
+    base = bench.parse_args(["--size", "base"])
+    assert (base.images, base.sentences, base.levels) == (8, 32, [1, 2, 4, 8, 16])
+    args = bench.parse_args(["--size", "base", "--images", "3", "--levels", "1,2"])
+    assert (args.images, args.sentences, args.levels) == (3, 32, [1, 2])
+
+
+@pytest.mark.parametrize("flags", [["--reps", "0"], ["--levels", "1,0"], ["--threads", "0"]])
+def test_rejects_non_positive_counts(bench: ModuleType, flags: list[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        bench.parse_args(["--size", "tiny", *flags])
+    assert raised.value.code == 2
