@@ -1,0 +1,199 @@
+"""Training checkpoints: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint holds everything a run needs to continue exactly where it stopped: model,
+optimizer, LR scheduler and grad-scaler states, the position in training (epoch, batches done in
+that epoch, optimiser steps in total), the random-number-generator states of Python, NumPy and
+torch (CPU and every CUDA device), and the run's config as a plain dict. RNG states are stored as
+tensors and plain numbers so that the safe ``weights_only`` unpickler reads them: loading a
+checkpoint never executes pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CHECKPOINT_NAME = "checkpoint.pth"
+FORMAT_VERSION = 1
+_REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "position", "rng", "config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not fit the run that loads it."""
+
+
+@dataclass(frozen=True)
+class TrainingPosition:
+    """Where training stands: ``epoch`` in progress, ``batches_done`` of it, ``global_step`` in total.
+
+    A checkpoint written at the end of epoch e stores ``epoch = e + 1, batches_done = 0``.
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "global_step": self.global_step}
+
+
+# -- random number generators ------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The state of every global RNG, as tensors and plain numbers (``weights_only``-loadable)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``. CUDA states are restored when CUDA is present."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(w) for w in python["words"].tolist()), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) != torch.cuda.device_count():
+            raise CheckpointError(
+                f"checkpoint has RNG states of {len(cuda_states)} CUDA devices, this process sees "
+                f"{torch.cuda.device_count()}"
+            )
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# -- save / load -------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: TrainingPosition,
+    config: Mapping[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically: to ``<path>.tmp`` first, fsync'd, then ``os.replace``.
+
+    A reader (or a crash) therefore sees either the previous complete file or the new one.
+    ``extra``: small plain values to keep alongside (e.g. the last metrics).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "position": position.to_dict(),
+        "rng": capture_rng_state(),
+        "config": dict(config),
+        "extra": dict(extra or {}),
+    }
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        with partial.open("wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # only left over when writing failed
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with the safe unpickler; raises ``CheckpointError`` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
+    missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (missing {missing})")
+    if checkpoint["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {checkpoint['format_version']}, this code reads {FORMAT_VERSION}"
+        )
+    return checkpoint
+
+
+def restore_training(
+    checkpoint: Mapping[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
+    restore_rng: bool = True,
+) -> TrainingPosition:
+    """Load every state of ``checkpoint`` into the run's objects; returns where to continue."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint model weights do not fit this model: {error}") from None
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"checkpoint optimizer state does not fit this optimizer: {error}") from None
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler") is not None:
+        scaler.load_state_dict(checkpoint["scaler"])
+    if restore_rng:
+        restore_rng_state(checkpoint["rng"])
+    return TrainingPosition(**checkpoint["position"])
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``--resume`` value -> checkpoint path. ``auto``: the run's own checkpoint if it exists, else None."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        candidate = Path(output_dir) / CHECKPOINT_NAME
+        return candidate if candidate.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"--resume {resume}: no checkpoint at {path}")
+    return path
