@@ -197,9 +197,9 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.source in ("none", "local") or self.source.startswith(("grpc://", "grpcs://")),
+            self.source in ("none", "local") or self.source.startswith(("grpc://", "grpcs://", "triton://")),
             "teacher.source",
-            f"got {self.source!r}, expected 'none', 'local' or 'grpc://host:port'",
+            f"got {self.source!r}, expected 'none', 'local', 'grpc://host:port' or 'triton://host:port'",
         )
         _require(self.timeout_s > 0, "teacher.timeout_s", f"got {self.timeout_s}, expected > 0")
         _require(self.memo_entries >= 0, "teacher.memo_entries", f"got {self.memo_entries}, expected >= 0")

@@ -108,6 +108,16 @@ class GrpcTeacher:
         self.client.close()
 
 
+class TritonTeacher(GrpcTeacher):
+    """A teacher served by Triton Inference Server (deploy/triton), reached with TritonTeacherClient."""
+
+    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 60.0) -> None:
+        from teacher_server.triton_client import TritonTeacherClient
+
+        self.client = TritonTeacherClient(url, token=token, timeout_s=timeout_s)
+        self.description = f"Triton teacher at {url} (model blip_itm)"
+
+
 def build_backend(
     source: str,
     *,
@@ -125,7 +135,9 @@ def build_backend(
         return LocalTeacher.load(model, device=device, dtype=dtype, itm_start_token=itm_start_token)
     if source.startswith(("grpc://", "grpcs://")):
         return GrpcTeacher(source, token=token, timeout_s=timeout_s)
-    raise TeacherError(f"teacher {source!r}: expected 'none', 'local' or 'grpc://host:port'")
+    if source.startswith("triton://"):
+        return TritonTeacher(source, token=token, timeout_s=timeout_s)
+    raise TeacherError(f"teacher {source!r}: expected 'none', 'local', 'grpc://host:port' or 'triton://host:port'")
 
 
 # -- the adapter -------------------------------------------------------------------------------

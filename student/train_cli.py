@@ -537,7 +537,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--teacher",
-        help="none | local | grpc://host:port | grpcs://host:port (overrides teacher.source)",
+        help="none | local | grpc://host:port | grpcs://host:port | triton://host:port (overrides teacher.source)",
     )
     parser.add_argument(
         "--resume",

@@ -161,7 +161,7 @@ def test_no_teacher_does_nothing(images: Path) -> None:
 
 
 def test_bad_arguments(images: Path) -> None:
-    with pytest.raises(TeacherError, match="expected 'none', 'local' or 'grpc://host:port'"):
+    with pytest.raises(TeacherError, match="expected 'none', 'local', 'grpc://host:port' or 'triton://host:port'"):
         build_backend("http://x")
     with pytest.raises(ValueError, match="on_error"):
         _adapter(None, images, on_error="ignore")
@@ -201,3 +201,16 @@ def test_unreachable_grpc_teacher_is_skipped(images: Path) -> None:
     finally:
         teacher.close()
     assert teacher.stats.failed_batches == 1 and TEACHER_KEY not in target
+
+
+def test_triton_endpoint_selects_the_triton_client() -> None:
+    from student.config import TeacherConfig
+    from student.teacher_scores import TritonTeacher, build_backend
+
+    assert TeacherConfig(source="triton://127.0.0.1:8001").source == "triton://127.0.0.1:8001"
+    backend = build_backend("triton://127.0.0.1:8001")
+    try:
+        assert isinstance(backend, TritonTeacher)
+        assert "Triton teacher at triton://127.0.0.1:8001" in backend.description
+    finally:
+        backend.close()
