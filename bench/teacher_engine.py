@@ -28,7 +28,6 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, image_digest
-from teacher_server.tiny_model import make_tiny_model
 
 SENTENCE_POOL = [
     "a person ride a horse",
@@ -52,20 +51,9 @@ SENTENCE_POOL = [
 
 def make_model(size: str, directory: Path) -> None:
     """Tiny: the test model. Base: BLIP-base shapes (ViT-B/16 at 384 px, 12-layer BERT-base text)."""
-    if size == "tiny":
-        make_tiny_model(directory, seed=0)
-        return
-    make_tiny_model(
-        directory,
-        seed=0,
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        intermediate_size=3072,
-        image_size=384,
-        patch_size=16,
-        projection_size=256,
-    )
+    from teacher_server.tiny_model import make_model_of_size
+
+    make_model_of_size(size, directory)
 
 
 def sentences_for(k: int) -> list[str]:

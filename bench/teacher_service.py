@@ -136,22 +136,9 @@ class ImageFactory:
 
 def make_model(size: str, directory: Path) -> None:
     """Tiny: the test model. Base: BLIP-base shapes (ViT-B/16 at 384 px, 12-layer BERT-base text)."""
-    from teacher_server.tiny_model import make_tiny_model
+    from teacher_server.tiny_model import make_model_of_size
 
-    if size == "tiny":
-        make_tiny_model(directory, seed=0)
-        return
-    make_tiny_model(
-        directory,
-        seed=0,
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        intermediate_size=3072,
-        image_size=384,
-        patch_size=16,
-        projection_size=256,
-    )
+    make_model_of_size(size, directory)
 
 
 def percentiles_ms(latencies_s: Sequence[float]) -> tuple[float, float]:

@@ -134,8 +134,7 @@ class _Sentences(BaseModel):
 
 
 _IMAGE_FIELD = Field(
-    description="the image file (JPEG, PNG, ...) in standard base64; line breaks and a data: URL prefix "
-    "are accepted",
+    description="the image file (JPEG, PNG, ...) in standard base64; line breaks and a data: URL prefix are accepted",
     examples=["iVBORw0KGgo..."],
 )
 
@@ -149,9 +148,7 @@ class ScoreRequest(_Sentences):
 class Triplet(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    verb: str = Field(
-        description="verb name (HICO-DET, V-COCO or any): ride, hop_on, sit_instr", examples=["ride"]
-    )
+    verb: str = Field(description="verb name (HICO-DET, V-COCO or any): ride, hop_on, sit_instr", examples=["ride"])
     obj: str | None = Field(
         None,
         alias="object",
@@ -221,9 +218,7 @@ class TripletsResponse(BaseModel):
 
 SortOrder = Literal["given", "desc"]
 _SORT_QUERY = Query("given", description="given: in request order; desc: ranked by match_prob, highest first")
-_TIMEOUT_QUERY = Query(
-    None, ge=1, le=MAX_TIMEOUT_MS, description="deadline for scoring (milliseconds); 504 past it"
-)
+_TIMEOUT_QUERY = Query(None, ge=1, le=MAX_TIMEOUT_MS, description="deadline for scoring (milliseconds); 504 past it")
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -239,9 +234,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _multipart_schema(
-    list_field: str, description: str, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def _multipart_schema(list_field: str, description: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["image", list_field],
@@ -381,9 +374,7 @@ def decode_base64_image(text: str, max_bytes: int, field: str = "image") -> byte
     compact = "".join(text.split())  # `base64` wraps at 76 columns unless told -w0
     size = len(compact) * 3 // 4 - compact[-2:].count("=")
     if size > max_bytes:  # before decoding it
-        raise invalid(
-            field, f"image is {size:,} bytes, over the limit of {max_bytes:,} bytes", too_large=True
-        )
+        raise invalid(field, f"image is {size:,} bytes, over the limit of {max_bytes:,} bytes", too_large=True)
     try:
         data = base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -436,9 +427,7 @@ async def _parse_form(
         form = await request.form(max_files=4, max_fields=max_fields, max_part_size=1024 * 1024)
     except StarletteHTTPException as exc:  # Starlette's multipart parser refused the body
         detail = str(exc.detail)
-        raise invalid(
-            "body", f"malformed multipart form: {detail}", too_large=detail.startswith("Too many")
-        ) from None
+        raise invalid("body", f"malformed multipart form: {detail}", too_large=detail.startswith("Too many")) from None
     try:
         image = await _form_image(form, settings)
         values: dict[str, Any] = {}
@@ -470,17 +459,13 @@ async def _form_image(form: FormData, settings: ServerSettings) -> bytes:
     if not images:
         raise invalid("image", "missing: send the image file as the form field 'image'")
     if len(images) > 1:
-        raise invalid(
-            "image", f"{len(images)} images sent; this API scores one image per request", too_large=True
-        )
+        raise invalid("image", f"{len(images)} images sent; this API scores one image per request", too_large=True)
     (image,) = images
     if isinstance(image, str):  # a text field: base64, as in the JSON body
         return await run_in_threadpool(decode_base64_image, image, settings.max_image_bytes)
     data = await image.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
-        raise invalid(
-            "image", f"image is over the limit of {settings.max_image_bytes:,} bytes", too_large=True
-        )
+        raise invalid("image", f"image is over the limit of {settings.max_image_bytes:,} bytes", too_large=True)
     if not data:
         raise invalid("image", "image is empty (0 bytes)")
     return data
@@ -691,9 +676,7 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
                 timeout_s=timeout_ms / 1000 if timeout_ms else None,
             )
             if result.image_required:  # bytes were sent: the service cannot ask for them
-                raise RuntimeError(
-                    f"service answered 'image required' for image {digest} sent with its bytes"
-                )
+                raise RuntimeError(f"service answered 'image required' for image {digest} sent with its bytes")
         except Exception as exc:
             raise http_error(exc, method, rename) from None
         rows = list(zip(result.match_prob, result.match_logit, result.cached, strict=True))
@@ -912,9 +895,7 @@ class HttpServer(uvicorn.Server):
         while not self.started:
             if self._task.done():
                 error = self._task.exception()
-                raise HttpServerError(
-                    f"http_port: the HTTP server stopped while starting: {error!r}"
-                ) from error
+                raise HttpServerError(f"http_port: the HTTP server stopped while starting: {error!r}") from error
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -962,9 +943,7 @@ def uvicorn_config(app: FastAPI, settings: ServerSettings) -> uvicorn.Config:
     )
 
 
-async def serve_http(
-    service: ScoringService, settings: ServerSettings, *, drain: Drain | None = None
-) -> HttpServer:
+async def serve_http(service: ScoringService, settings: ServerSettings, *, drain: Drain | None = None) -> HttpServer:
     """Start the HTTP API of ``service`` on ``settings.host:settings.http_port`` in this event loop.
 
     Returns the running server (``.port``; ``await server.stop()`` on shutdown). Raises

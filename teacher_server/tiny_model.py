@@ -35,6 +35,17 @@ tie toaster toilet toothbrush traffic light train truck tv umbrella vase wine gl
 something
 """
 
+# BLIP-base: ViT-B/16 at 384 px and a 12-layer BERT-base text tower (what the benchmarks time).
+BLIP_BASE_SHAPES = {
+    "hidden_size": 768,
+    "num_layers": 12,
+    "num_heads": 12,
+    "intermediate_size": 3072,
+    "image_size": 384,
+    "patch_size": 16,
+    "projection_size": 256,
+}
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # BLIP's tokenizer is BERT's plus these two: [DEC] starts captions, [ENC] starts ITM text in the
 # original BLIP.
@@ -128,6 +139,13 @@ def make_tiny_model(
     )
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
     return directory
+
+
+def make_model_of_size(size: str, directory: str | Path, *, seed: int = 0) -> Path:
+    """``tiny`` (the test model) or ``base`` (BLIP-base shapes), random weights, for benchmarks."""
+    if size not in ("tiny", "base"):
+        raise ValueError(f"size must be 'tiny' or 'base', not {size!r}")
+    return make_tiny_model(directory, seed=seed, **(BLIP_BASE_SHAPES if size == "base" else {}))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

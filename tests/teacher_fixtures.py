@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from teacher_server.engine import EngineSettings, ItmEngine, ItmScore
+from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
 from teacher_server.server import TeacherServer
 from teacher_server.service import ScoringService
 from teacher_server.settings import ServerSettings
@@ -204,3 +204,24 @@ def make_certificates(directory: Path) -> Certificates:
         directory / "client.pem",
         directory / "client.key",
     )
+
+
+class GatedEngine:
+    """A real engine whose ``score`` waits until the test opens the gate: keeps a replica busy."""
+
+    def __init__(self, engine: ItmEngine) -> None:
+        self._engine = engine
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def score(self, requests: Sequence[ImageSentences]) -> list[list[ItmScore]]:
+        self.entered.set()
+        assert self.gate.wait(timeout=60), "test never opened the gate"
+        return self._engine.score(requests)
+
+    async def wait_entered(self) -> None:
+        while not self.entered.is_set():
+            await asyncio.sleep(0.005)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from teacher_fixtures import GatedEngine
 
 from teacher_server.batcher import BatchItem, DynamicBatcher, ShuttingDownError
 from teacher_server.engine import (
@@ -60,27 +60,6 @@ def item(engine: ItmEngine, seed: int, sentences: Sequence[str], *, with_image: 
     data = image_bytes(seed)
     image = engine.prepare_image(data) if with_image else None
     return BatchItem(image_digest(data), image, tuple(sentences))
-
-
-class GatedEngine:
-    """A real engine whose ``score`` waits until the test opens the gate: keeps a replica busy."""
-
-    def __init__(self, engine: ItmEngine) -> None:
-        self._engine = engine
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def score(self, requests: Sequence[ImageSentences]) -> list[list[ItmScore]]:
-        self.entered.set()
-        assert self.gate.wait(timeout=60), "test never opened the gate"
-        return self._engine.score(requests)
-
-    async def wait_entered(self) -> None:
-        while not self.entered.is_set():
-            await asyncio.sleep(0.005)
 
 
 def run(scenario: Callable[[], Awaitable[T]]) -> T:

@@ -60,11 +60,9 @@ def test_documented_block_runs(path: Path, language: str, body: str, line: int, 
     # The docs say `.venv/bin/python`; run them with the interpreter running the tests.
     body = body.replace(".venv/bin/python", sys.executable)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
-    if language == "bash":
-        command = ["bash", "-euo", "pipefail", "-c", body]
-    else:
-        command = [sys.executable, "-c", body]
+    command = ["bash", "-euo", "pipefail", "-c", body] if language == "bash" else [sys.executable, "-c", body]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    where = f"{path.relative_to(ROOT)}:{line}"
     assert result.returncode == 0, (
-        f"{path.relative_to(ROOT)}:{line} failed ({result.returncode})\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        f"{where} failed ({result.returncode})\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     )

@@ -39,12 +39,8 @@ def run_block(language: str, body: str, teacher: RunningHttp, **env: str) -> str
     body = body.replace(".venv/bin/python", sys.executable)
     command = ["bash", "-euo", "pipefail", "-c", body] if language == "bash" else [sys.executable, "-c", body]
     environment = {**os.environ, "TEACHER": teacher.url, **env}
-    done = subprocess.run(
-        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, (
-        f"{language} block failed ({done.returncode}):\n{body}\n{done.stdout}\n{done.stderr}"
-    )
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"{language} block failed ({done.returncode}):\n{body}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
@@ -62,9 +58,7 @@ def test_the_section_has_curl_and_python_examples() -> None:
 
 
 def test_curl_examples(teacher: RunningHttp) -> None:
-    outputs = "".join(
-        run_block(language, body, teacher) for language, body in blocks("http") if language == "bash"
-    )
+    outputs = "".join(run_block(language, body, teacher) for language, body in blocks("http") if language == "bash")
     assert '"sentence":"a person ride a horse"' in outputs
     assert '"sentence":"a person hop on an airplane"' in outputs
     assert f'"fingerprint":"{teacher.service.fingerprint}"' in outputs

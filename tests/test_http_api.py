@@ -195,9 +195,7 @@ def test_json_scores_equal_the_engine_in_request_order(client: httpx.Client, eng
 def test_sort_desc_ranks_by_probability_and_keeps_request_index(client: httpx.Client) -> None:
     image = png_bytes(102)
     given = client.post("/v1/score", json={"image": b64(image), "sentences": SENTENCES}).json()["scores"]
-    ranked = client.post("/v1/score?sort=desc", json={"image": b64(image), "sentences": SENTENCES}).json()[
-        "scores"
-    ]
+    ranked = client.post("/v1/score?sort=desc", json={"image": b64(image), "sentences": SENTENCES}).json()["scores"]
     probabilities = [row["match_prob"] for row in ranked]
     assert probabilities == sorted(probabilities, reverse=True)
     assert sorted(ranked, key=lambda row: row["index"]) == [dict(row, cached=True) for row in given]
@@ -519,10 +517,7 @@ def test_bearer_token_guards_the_api_but_not_probes_page_or_docs(tiny_blip_dir: 
         assert schema["paths"]["/v1/score"]["post"]["security"] == [{"bearer": []}]
         assert "security" not in schema["paths"]["/healthz"]["get"]
         assert (
-            teacher.metric(
-                "hoidistill_teacher_requests_total", {"method": "HTTP POST /v1/score", "code": "401"}
-            )
-            == 2
+            teacher.metric("hoidistill_teacher_requests_total", {"method": "HTTP POST /v1/score", "code": "401"}) == 2
         )
 
 

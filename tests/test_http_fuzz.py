@@ -87,9 +87,7 @@ CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
-def test_schema_fuzzing_finds_no_server_error(
-    api_schema, method: str, path: str, mode: GenerationMode
-) -> None:
+def test_schema_fuzzing_finds_no_server_error(api_schema, method: str, path: str, mode: GenerationMode) -> None:
     operation = api_schema[path][method]
 
     @FUZZ
@@ -130,9 +128,7 @@ _triplet = st.one_of(_name, st.fixed_dictionaries({"verb": _name}, optional={"ob
 @FUZZ
 @given(triplets=st.lists(_triplet, max_size=6), variant=st.sampled_from(["full", "verb", "object"]))
 def test_arbitrary_triplets_with_a_real_image(client: httpx.Client, triplets: list, variant: str) -> None:
-    response = client.post(
-        "/v1/score/triplets", json={"image": IMAGE, "triplets": triplets, "variant": variant}
-    )
+    response = client.post("/v1/score/triplets", json={"image": IMAGE, "triplets": triplets, "variant": variant})
     assert_client_answer(response)
     if response.status_code == 200:
         for row, triplet in zip(response.json()["scores"], triplets, strict=True):

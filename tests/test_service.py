@@ -7,7 +7,6 @@ import dataclasses
 import io
 import logging
 import math
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +16,7 @@ import pytest
 import redis
 import torch
 from PIL import Image
+from teacher_fixtures import GatedEngine
 
 from teacher_server.cache import score_key
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore, image_digest
@@ -65,27 +65,6 @@ def run(scenario: Callable[[], Awaitable[T]]) -> T:
 async def started(service: ScoringService) -> ScoringService:
     await service.start()
     return service
-
-
-class GatedEngine:
-    """A real engine whose ``score`` waits until the test opens the gate: keeps the replica busy."""
-
-    def __init__(self, engine: ItmEngine) -> None:
-        self._engine = engine
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    def score(self, requests: Sequence[ImageSentences]) -> list[list[ItmScore]]:
-        self.entered.set()
-        assert self.gate.wait(timeout=60), "test never opened the gate"
-        return self._engine.score(requests)
-
-    async def wait_entered(self) -> None:
-        while not self.entered.is_set():
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture

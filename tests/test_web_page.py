@@ -63,9 +63,7 @@ class Visit:
         self.console_errors: list[str] = []
         page.on("request", lambda request: self.requests.append(request.url))
         page.on("dialog", self._dialog)
-        page.on(
-            "console", lambda message: message.type == "error" and self.console_errors.append(message.text)
-        )
+        page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
 
     def _dialog(self, dialog: Any) -> None:
         self.dialogs.append(dialog.message)
@@ -105,9 +103,7 @@ def drop_file(page: Page, name: str, data: bytes) -> None:
     )
 
 
-def test_upload_sentences_render_ranked_bars_as_text(
-    visit: Visit, teacher: RunningHttp, tmp_path: Path
-) -> None:
+def test_upload_sentences_render_ranked_bars_as_text(visit: Visit, teacher: RunningHttp, tmp_path: Path) -> None:
     page = visit.page
     page.goto(f"{teacher.url}/")
     expect(page.locator("#model-info")).to_contain_text(teacher.service.fingerprint)
