@@ -181,8 +181,12 @@ class TeacherConfig:
     """Which ITM teacher scores the sentences, and what to do when it cannot.
 
     ``source``: ``none`` (no distillation), ``local`` (an in-process engine loading ``model``), or
-    ``grpc://host:port`` / ``grpcs://host:port`` (a teacher service). ``on_error``: ``skip`` drops
-    the ITM term of a batch whose scores failed (and counts it), ``fail`` stops training.
+    teacher service endpoints: ``grpc://host:port`` / ``grpcs://host:port`` / ``triton://host:port``,
+    several separated by commas (round robin with failover). ``on_error``: ``skip`` drops the ITM
+    term of a batch whose scores failed or came later than ``deadline_s`` (and counts it), ``fail``
+    stops training. A service's scores are fetched ``prefetch`` batches ahead in a background
+    thread (0: inside the step), and ``redis_url`` is read before any RPC (the cache the service
+    fills; ``student prewarm`` fills it ahead of training). See ``docs/distributed.md``.
     """
 
     source: str = "none"
@@ -194,19 +198,31 @@ class TeacherConfig:
     on_error: Literal["skip", "fail"] = "skip"
     token_env: str = "HOIDISTILL_AUTH_TOKEN"  # gRPC: bearer token read from this variable, if set
     memo_entries: int = 2_000_000  # in-process (digest, sentence) -> score memo
+    redis_url: str | None = None  # service only: read-through of its score cache before any RPC
+    prefetch: int = 2  # service only: batches whose scores are requested ahead; 0 = in the step
+    deadline_s: float = 10.0  # service only: longest wait for a batch's scores (then on_error)
 
     def __post_init__(self) -> None:
         _require(
-            self.source in ("none", "local") or self.source.startswith(("grpc://", "grpcs://", "triton://")),
+            self.source in ("none", "local") or self.is_service,
             "teacher.source",
-            f"got {self.source!r}, expected 'none', 'local', 'grpc://host:port' or 'triton://host:port'",
+            f"got {self.source!r}, expected 'none', 'local', 'grpc://host:port' or 'triton://host:port' "
+            "(several endpoints: comma-separated)",
         )
+        _require(self.prefetch >= 0, "teacher.prefetch", f"got {self.prefetch}, expected >= 0")
+        _require(self.deadline_s > 0, "teacher.deadline_s", f"got {self.deadline_s}, expected > 0")
         _require(self.timeout_s > 0, "teacher.timeout_s", f"got {self.timeout_s}, expected > 0")
         _require(self.memo_entries >= 0, "teacher.memo_entries", f"got {self.memo_entries}, expected >= 0")
 
     @property
     def enabled(self) -> bool:
         return self.source != "none"
+
+    @property
+    def is_service(self) -> bool:
+        """A remote teacher: every comma-separated endpoint is grpc://, grpcs:// or triton://."""
+        parts = [part.strip() for part in self.source.split(",")]
+        return all(part.startswith(("grpc://", "grpcs://", "triton://")) for part in parts)
 
 
 @dataclass

@@ -127,12 +127,20 @@ def build_backend(
     itm_start_token: str = "cls",
     timeout_s: float = 60.0,
     token: str | None = None,
+    redis_url: str | None = None,
 ) -> TeacherBackend | None:
-    """``none`` -> None; ``local`` -> ``LocalTeacher(model)``; ``grpc://h:p`` / ``grpcs://h:p`` -> ``GrpcTeacher``."""
+    """``none`` -> None; ``local`` -> ``LocalTeacher(model)``; ``grpc://h:p`` / ``grpcs://h:p`` -> ``GrpcTeacher``;
+    ``triton://h:p`` -> ``TritonTeacher``; several comma-separated endpoints, or any with ``redis_url``,
+    -> ``student.teacher_prefetch.ReadThroughBackend`` (round robin, failover, Redis read first)."""
     if source == "none":
         return None
     if source == "local":
         return LocalTeacher.load(model, device=device, dtype=dtype, itm_start_token=itm_start_token)
+    if "," in source or (redis_url and source.startswith(("grpc://", "grpcs://", "triton://"))):
+        # Several endpoints (round robin, failover) and/or a Redis read-through before any RPC.
+        from student.teacher_prefetch import build_remote_teacher
+
+        return build_remote_teacher(source, redis_url=redis_url, token=token, timeout_s=timeout_s)
     if source.startswith(("grpc://", "grpcs://")):
         return GrpcTeacher(source, token=token, timeout_s=timeout_s)
     if source.startswith("triton://"):
@@ -233,6 +241,7 @@ class TeacherScores:
             itm_start_token=config.itm_start_token,
             timeout_s=config.timeout_s,
             token=os.environ.get(config.token_env) or None,
+            redis_url=config.redis_url,
         )
         return cls(
             backend,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import random
 import sys
@@ -40,6 +41,18 @@ from student.checkpoint import (
 from student.config import ConfigError, TrainConfig, load_config
 from student.data.classes import NO_INTERACTION_INDEX
 from student.data.errors import DatasetError
+from student.distributed import (
+    DistributedContext,
+    DistributedEpochSampler,
+    DistributedError,
+    init_distributed,
+    main_only,
+    on_main,
+    reduce_means,
+    reduce_sums,
+    shutdown,
+    wrap_model,
+)
 from student.engine import (
     AmpSettings,
     CsvLog,
@@ -58,11 +71,21 @@ from student.engine import (
 from student.evaluation import save_predictions
 from student.losses import HOICriterion, LossError
 from student.model import HOIDetector, ModelError, load_detr_checkpoint
+from student.teacher_prefetch import PrefetchingLoader, TeacherPrefetcher
 from student.teacher_scores import TeacherScores
 from teacher_server.errors import TeacherError
 
 # The errors a user can cause with a config, data or checkpoint: reported in one line, exit 2.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, TeacherError, ModelError, LossError, TrainingError)
+USER_ERRORS = (
+    ConfigError,
+    DatasetError,
+    CheckpointError,
+    TeacherError,
+    ModelError,
+    LossError,
+    TrainingError,
+    DistributedError,
+)
 Say = Callable[[str], None]
 
 
@@ -126,11 +149,20 @@ def build_test_dataset(config: TrainConfig) -> Any:
     )
 
 
-def build_train_loader(dataset: Any, config: TrainConfig) -> tuple[DataLoader, EpochSampler]:
-    """Loader whose order and augmentation depend on (seed, epoch, position) only (see ``engine``)."""
+def build_train_loader(
+    dataset: Any, config: TrainConfig, context: DistributedContext | None = None
+) -> tuple[DataLoader, EpochSampler]:
+    """Loader whose order and augmentation depend on (seed, epoch, position) only (see ``engine``).
+
+    Under torchrun each rank reads its shard of that order (``DistributedEpochSampler``);
+    ``optim.batch_size`` is per process, so the global batch is ``batch_size * world_size``.
+    """
     from student.data.collate import collate_fn
 
-    sampler = EpochSampler(len(dataset), config.run.seed)
+    if context is not None and context.is_distributed:
+        sampler: EpochSampler = DistributedEpochSampler(len(dataset), config.run.seed, context.rank, context.world_size)
+    else:
+        sampler = EpochSampler(len(dataset), config.run.seed)
     loader = DataLoader(
         SeededSamples(dataset),
         batch_size=config.optim.batch_size,
@@ -325,6 +357,7 @@ class TrainResult:
     teacher_stats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     model: HOIDetector | None = None
+    is_main: bool = True  # False on the other ranks under torchrun (they print no summary)
 
 
 @dataclass
@@ -343,9 +376,15 @@ class _RunParts:
     resumed_from: Path | None
 
 
-def _start_run(config: TrainConfig, resume: str | None, teacher_model: str | Path | None, say: Say) -> _RunParts:
+def _start_run(
+    config: TrainConfig,
+    resume: str | None,
+    teacher_model: str | Path | None,
+    say: Say,
+    device: torch.device | None = None,
+) -> _RunParts:
     """Seed, build the parts, and load the checkpoint to resume from (if any)."""
-    device = resolve_device(config.run.device)
+    device = device if device is not None else resolve_device(config.run.device)
     checkpoint_path = resolve_resume(resume, config.run.output_dir)
     seed_everything(config.run.seed)
     train_set = build_train_dataset(config)
@@ -389,19 +428,51 @@ def train(
     resume: None (start fresh), ``auto`` (continue from the run's checkpoint when there is one)
         or a checkpoint path / run directory.
     teacher_model: overrides ``config.teacher.model`` for a local teacher (the demo's resolved one).
-    hooks: called after every optimiser step with a ``StepInfo``.
+    hooks: called after every optimiser step with a ``StepInfo`` (on rank 0 only under torchrun).
+
+    Under ``torchrun`` (``student.distributed``): DDP over the ranks, each reading its shard of
+    the data; rank 0 alone logs, writes the run directory and checkpoints, and evaluates.
     """
+    context = init_distributed(config.run.device)
+    try:
+        return _train(config, context, resume, teacher_model, hooks, main_only(context, say))
+    finally:
+        shutdown(context)
+
+
+def with_prefetch(teacher: TeacherScores, config: TrainConfig) -> TeacherScores | TeacherPrefetcher:
+    """A teacher service's scores fetched ``teacher.prefetch`` batches ahead (``kl`` only: for
+    ``margin`` the sentences depend on the step's own predictions)."""
+    settings = config.teacher
+    if not (teacher.enabled and settings.is_service and settings.prefetch > 0 and config.distill.variant == "kl"):
+        return teacher
+    return TeacherPrefetcher(teacher, deadline_s=settings.deadline_s, on_error=settings.on_error)
+
+
+def _train(
+    config: TrainConfig,
+    context: DistributedContext,
+    resume: str | None,
+    teacher_model: str | Path | None,
+    hooks: Sequence[StepHook],
+    say: Say,
+) -> TrainResult:
     started = time.perf_counter()
     run = config.run
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
     output_dir = Path(run.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml())
-    parts = _start_run(config, resume, teacher_model, say)
-    model, teacher, device, position = parts.model, parts.teacher, parts.device, parts.position
+    main = context.is_main
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config.to_yaml())
+    parts = _start_run(config, resume, teacher_model, say, device=context.device)
+    teacher = with_prefetch(parts.teacher, config)
+    model, device, position = wrap_model(parts.model, context), parts.device, parts.position
     say(f"teacher: {teacher.description}")
-    if parts.resumed_from is None:
+    if context.is_distributed:
+        say(f"distributed: {context.world_size} ranks ({context.backend}), {config.optim.batch_size} images per rank")
+    if parts.resumed_from is None and main:
         # A fresh run starts fresh logs (a resumed one appends to them).
         for name in ("train_log.csv", "epochs.csv"):
             (output_dir / name).unlink(missing_ok=True)
@@ -410,21 +481,27 @@ def train(
             f"resumed from {parts.resumed_from}: epoch {position.epoch}, batch {position.batches_done}, "
             f"step {position.global_step}"
         )
-    loss_fn = build_loss(config, teacher)
-    loader, sampler = build_train_loader(parts.train_set, config)
-    step_log = CsvLog(output_dir / "train_log.csv", every=run.log_every)
-    result = TrainResult(output_dir=output_dir, position=position, teacher=teacher.description, model=model)
+    loss_fn = build_loss(config, teacher)  # type: ignore[arg-type]
+    loader, sampler = build_train_loader(parts.train_set, config, context)
+    batches: Any = loader
+    if isinstance(teacher, TeacherPrefetcher):
+        batches = PrefetchingLoader(loader, teacher, lead=config.teacher.prefetch)
+    step_hooks = [CsvLog(output_dir / "train_log.csv", every=run.log_every), *hooks] if main else []
+    samples_per_epoch = getattr(sampler, "per_rank", len(parts.train_set))
+    result = TrainResult(
+        output_dir=output_dir, position=position, teacher=teacher.description, model=parts.model, is_main=main
+    )
     try:
         for epoch in range(position.epoch, config.schedule.epochs):
             if config.schedule.max_steps is not None and position.global_step >= config.schedule.max_steps:
                 break
             start = position.batches_done if epoch == position.epoch else 0
-            sampler.set_epoch(epoch, min(start * config.optim.batch_size, len(parts.train_set)))
+            sampler.set_epoch(epoch, min(start * config.optim.batch_size, samples_per_epoch))
             epoch_result = train_one_epoch(
                 model,
                 loss_fn,
                 parts.optimizer,
-                loader,
+                batches,
                 device=device,
                 epoch=epoch,
                 start_batch=start,
@@ -433,48 +510,57 @@ def train(
                 clip_max_norm=config.optim.clip_max_norm,
                 amp=parts.amp,
                 scaler=parts.scaler,
-                teacher=teacher,
-                hooks=[step_log, *hooks],
-                progress=run.progress,
+                teacher=teacher,  # type: ignore[arg-type]
+                hooks=step_hooks,
+                progress=run.progress and main,
             )
+            epoch_result.means = reduce_means(epoch_result.means, context)
             result.epochs.append(epoch_result)
             if epoch_result.completed:
                 parts.scheduler.step()
                 position = TrainingPosition(epoch + 1, 0, epoch_result.global_step)
             else:
                 position = TrainingPosition(epoch, epoch_result.batches_done, epoch_result.global_step)
-            save_checkpoint(
-                output_dir / CHECKPOINT_NAME,
-                model=model,
-                optimizer=parts.optimizer,
-                scheduler=parts.scheduler,
-                scaler=parts.scaler,
-                position=position,
-                config=config.to_dict(),
-                extra={"epoch_means": epoch_result.means},
+            on_main(
+                context,
+                functools.partial(
+                    save_checkpoint,
+                    output_dir / CHECKPOINT_NAME,
+                    model=parts.model,
+                    optimizer=parts.optimizer,
+                    scheduler=parts.scheduler,
+                    scaler=parts.scaler,
+                    position=position,
+                    config=config.to_dict(),
+                    extra={"epoch_means": epoch_result.means},
+                ),
             )
             evaluation = None
             if epoch_result.completed and run.eval_every and (epoch + 1) % run.eval_every == 0:
                 with isolated_rng(device):  # a resumed run does not repeat this evaluation
-                    _, evaluation = evaluate_model(model, config, device, progress=run.progress)
-            _write_epoch_row(output_dir / "epochs.csv", epoch_result, parts.optimizer, evaluation)
-            say(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))
+                    evaluation = on_main(
+                        context, lambda: evaluate_model(parts.model, config, device, progress=run.progress)[1]
+                    )
+            if main:
+                _write_epoch_row(output_dir / "epochs.csv", epoch_result, parts.optimizer, evaluation)
+            say(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))  # type: ignore[arg-type]
             if not epoch_result.completed:
                 break
         result.position = position
-        if run.eval_at_end:
+        if run.eval_at_end and main:
             with isolated_rng(device):
-                entries, result.evaluation = evaluate_model(model, config, device, progress=run.progress)
+                entries, result.evaluation = evaluate_model(parts.model, config, device, progress=run.progress)
             save_predictions(entries, output_dir / "preds.json")
             (output_dir / "metrics.json").write_text(json.dumps(result.evaluation.summary, indent=2) + "\n")
     finally:
         teacher.close()
     stats = teacher.stats
-    result.teacher_stats = {
-        "pairs_scored": stats.pairs_scored,
-        "memo_hits": stats.memo_hits,
-        "failed_batches": stats.failed_batches,
-    }
+    # Summed over the ranks (the collective also waits for rank 0's final evaluation).
+    totals = reduce_sums(
+        {"pairs_scored": stats.pairs_scored, "memo_hits": stats.memo_hits, "failed_batches": stats.failed_batches},
+        context,
+    )
+    result.teacher_stats = {key: int(value) for key, value in totals.items()}
     result.seconds = time.perf_counter() - started
     return result
 
@@ -575,6 +661,8 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as error:
         print(f"train: {error}", file=sys.stderr)
         return 2
+    if not result.is_main:
+        return 0
     if result.evaluation is not None:
         print(f"test: {json.dumps(result.evaluation.summary)}")
     print(f"done in {result.seconds:.1f} s; outputs in {result.output_dir}")

@@ -1,0 +1,284 @@
+"""``python -m student prewarm``: score every candidate sentence of every training image once.
+
+    python -m student prewarm --config student/configs/hico.yaml --teacher grpc://teacher:50051 \\
+        data.root=/data/hico_20160224_det
+
+For ``kl`` distillation the sentences a training image needs depend on its ground truth only
+("a person {verb} a {object}" for every verb valid with each annotated object), so all of them
+can be scored before training. The teacher service writes every score to its cache (Redis), and
+the training run then reads the cache instead of waiting for the teacher.
+
+Parallel: ``--workers`` requests of ``--images-per-request`` images are in flight at once, spread
+round robin over the endpoints (``grpc://a:50051,grpc://b:50051`` or ``triton://...``).
+Resumable: finished images are appended to a progress file (``--progress-file``, default
+``<run.output_dir>/prewarm_done.txt``, tied to the teacher's model fingerprint), and with
+``--redis URL`` images whose every sentence the cache already holds are skipped too. An image
+whose request failed is reported and not recorded, so a re-run retries it; the exit code is 1
+when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from student.teacher_prefetch import EndpointPool
+from teacher_server.errors import TeacherError
+
+log = logging.getLogger(__name__)
+PROGRESS_HEADER = "# hoi-distill prewarm, teacher fingerprint "
+LOOKUP_BATCH = 256  # images per cache lookup round trip
+
+
+class PrewarmError(TeacherError):
+    """Prewarm cannot run (no teacher endpoint, unreadable image, ...); the message says which."""
+
+
+@dataclass(frozen=True)
+class PrewarmItem:
+    """One training image and the sentences its ground truth needs scored."""
+
+    digest: str  # SHA-256 hex of the image file
+    path: Path
+    sentences: tuple[str, ...]
+
+
+@dataclass
+class PrewarmResult:
+    """What a prewarm run did (``describe`` is its summary line)."""
+
+    images: int = 0  # training images with at least one sentence
+    skipped_done: int = 0  # in the progress file already
+    skipped_cached: int = 0  # every sentence already in the cache
+    scored_images: int = 0
+    sentences: int = 0  # (image, sentence) pairs sent
+    served_from_cache: int = 0  # of those, answered from the teacher's cache
+    failed_images: int = 0
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"prewarm: {self.images} images; {self.skipped_done} done before, {self.skipped_cached} already cached; "
+            f"scored {self.scored_images} images / {self.sentences} sentences "
+            f"({self.served_from_cache} from the teacher's cache); {self.failed_images} failed; {self.seconds:.1f} s"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 hex of the file's bytes (the teacher's image key)."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise PrewarmError(f"cannot read training image {path}: {error.strerror or error}") from None
+
+
+def plan_items(config: Any) -> list[PrewarmItem]:
+    """Every training image with a non-empty candidate sentence set, in annotation order.
+
+    The sentences are the ones ``TeacherScores.plan`` asks for during training (the same code
+    builds them), over all the image's pairs (a superset when ``data.max_pairs`` truncates).
+    """
+    from student.data.annotations import dataset_spec, load_annotations
+    from student.teacher_scores import TeacherScores
+    from student.train_cli import correspondence_of
+
+    data = config.data
+    image_root = data.path("train_images")
+    sentences_of = TeacherScores(
+        None,
+        verbs=dataset_spec(data.dataset).verbs,
+        correspondence=correspondence_of(config),
+        image_root=image_root,
+        prompt_variant=config.distill.prompt_variant,
+    ).sentences_of_object
+    items = []
+    for annotation in load_annotations(data.path("train_annotations"), data.dataset):
+        objects = dict.fromkeys(int(annotation.labels[p.object]) for p in annotation.pairs() if p.object >= 0)
+        sentences = tuple(dict.fromkeys(s for obj in objects for s in sentences_of(obj).values()))
+        if sentences:
+            path = image_root / annotation.file_name
+            items.append(PrewarmItem(file_digest(path), path, sentences))
+    return items
+
+
+class ProgressFile:
+    """Digests of finished images, one per line, under a header naming the teacher's fingerprint.
+
+    A file written for another fingerprint (another model) is started afresh. Appends are
+    flushed per chunk, so a killed run loses at most the chunks in flight.
+    """
+
+    def __init__(self, path: Path | None, fingerprint: str | None) -> None:
+        self.path = path
+        self.fingerprint = fingerprint or "unknown"
+        self.done: set[str] = set()
+        self._lock = threading.Lock()
+        if path is None:
+            return
+        if path.is_file():
+            lines = path.read_text().splitlines()
+            if lines and lines[0] == PROGRESS_HEADER + self.fingerprint:
+                self.done = {line.strip() for line in lines[1:] if line.strip()}
+            else:
+                log.warning("%s: written for another teacher model, starting afresh", path)
+                path.unlink()
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(PROGRESS_HEADER + self.fingerprint + "\n")
+
+    def record(self, digests: Iterable[str]) -> None:
+        if self.path is None:
+            return
+        with self._lock, self.path.open("a") as handle:
+            handle.write("".join(f"{d}\n" for d in digests))
+
+
+def fully_cached(items: Sequence[PrewarmItem], cache: Any, fingerprint: str) -> set[str]:
+    """Digests of the items whose every sentence the cache holds (one lookup per ``LOOKUP_BATCH``)."""
+    found = set()
+    for start in range(0, len(items), LOOKUP_BATCH):
+        chunk = items[start : start + LOOKUP_BATCH]
+        hits = cache.lookup(fingerprint, [(item.digest, list(item.sentences)) for item in chunk])
+        found.update(item.digest for item, row in zip(chunk, hits, strict=True) if all(h is not None for h in row))
+    return found
+
+
+def prewarm(
+    items: Sequence[PrewarmItem],
+    pool: EndpointPool,
+    *,
+    workers: int = 4,
+    images_per_request: int = 8,
+    progress_file: Path | None = None,
+    cache: Any | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> PrewarmResult:
+    """Score every item's sentences through ``pool``, skipping what is already done or cached."""
+    if workers < 1 or images_per_request < 1:
+        raise PrewarmError(f"workers ({workers}) and images_per_request ({images_per_request}) must be >= 1")
+    started = time.perf_counter()
+    result = PrewarmResult(images=len(items))
+    try:
+        fingerprint = pool.fingerprint()
+    except TeacherError as error:
+        raise PrewarmError(f"the teacher does not answer ({error})") from None
+    record = ProgressFile(progress_file, fingerprint)
+    todo = [item for item in items if item.digest not in record.done]
+    result.skipped_done = len(items) - len(todo)
+    if cache is not None and fingerprint is not None and todo:
+        cached = fully_cached(todo, cache, fingerprint)
+        result.skipped_cached = len(cached)
+        record.record(item.digest for item in todo if item.digest in cached)
+        todo = [item for item in todo if item.digest not in cached]
+    say(f"prewarm: {len(todo)} of {len(items)} images to score with {pool.description} ({workers} in parallel)")
+    chunks = [todo[start : start + images_per_request] for start in range(0, len(todo), images_per_request)]
+    lock = threading.Lock()
+    bar = tqdm(total=len(todo), desc="prewarm", unit="img", disable=not progress, dynamic_ncols=True)
+
+    def score(chunk: list[PrewarmItem]) -> None:
+        try:
+            answers = pool.score([item.path for item in chunk], [list(item.sentences) for item in chunk])
+        except TeacherError as error:
+            log.warning("prewarm: %d images failed (%s); a re-run retries them", len(chunk), error)
+            with lock:
+                result.failed_images += len(chunk)
+        else:
+            record.record(item.digest for item in chunk)
+            with lock:
+                result.scored_images += len(chunk)
+                result.sentences += sum(len(row) for row in answers)
+                result.served_from_cache += sum(bool(getattr(s, "cached", False)) for row in answers for s in row)
+        bar.update(len(chunk))
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prewarm") as executor:
+            for future in as_completed([executor.submit(score, chunk) for chunk in chunks]):
+                future.result()
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``prewarm``: the training config (which images, which sentences) and the teacher."""
+    parser.add_argument("--config", type=Path, help="YAML recipe the training run uses (student/configs/*.yaml)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train (e.g. data.root=/data/hico)"
+    )
+    parser.add_argument(
+        "--teacher",
+        help="teacher endpoint(s): grpc://host:port[,grpc://host2:port] or triton://host:port "
+        "(default: the config's teacher.source)",
+    )
+    parser.add_argument("--redis", metavar="URL", help="score cache to read: images it fully holds are skipped")
+    parser.add_argument("--workers", type=int, default=4, help="requests in flight at once (default 4)")
+    parser.add_argument("--images-per-request", type=int, default=8, help="images per request (default 8)")
+    parser.add_argument(
+        "--progress-file",
+        type=Path,
+        help="finished images are recorded here (default <run.output_dir>/prewarm_done.txt)",
+    )
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m student prewarm``; the last line printed is the result as JSON."""
+    from student.config import load_config
+    from student.train_cli import USER_ERRORS
+
+    try:
+        config = load_config(args.config, list(args.overrides or []))
+        endpoints = args.teacher or config.teacher.source
+        if not endpoints.startswith(("grpc://", "grpcs://", "triton://")):
+            raise PrewarmError(f"prewarm needs a teacher service (--teacher grpc://host:port), not {endpoints!r}")
+        items = plan_items(config)
+        progress_file = args.progress_file or Path(config.run.output_dir) / "prewarm_done.txt"
+        token = os.environ.get(config.teacher.token_env) or None
+        pool = EndpointPool(endpoints, token=token, timeout_s=args.timeout)
+        cache = None
+        if args.redis:
+            from teacher_server.cache import open_score_cache
+
+            cache = open_score_cache(args.redis)
+        try:
+            result = prewarm(
+                items,
+                pool,
+                workers=args.workers,
+                images_per_request=args.images_per_request,
+                progress_file=progress_file,
+                cache=cache,
+                progress=not args.no_progress,
+            )
+        finally:
+            pool.close()
+            if cache is not None:
+                cache.close()
+    except USER_ERRORS as error:
+        print(f"prewarm: {error}", file=sys.stderr)
+        return 2
+    print(result.describe())
+    print(result.to_json())
+    return 1 if result.failed_images else 0
