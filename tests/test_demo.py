@@ -1,0 +1,71 @@
+"""``python -m student demo`` end to end at reduced sizes: data, teacher, untrained eval, training, table, JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from student.__main__ import main
+from student.demo import prepare_data
+
+TINY = [
+    "data.scales=[64]",
+    "data.max_size=96",
+    "data.test_scale=64",
+    "model.backbone.base_width=8",
+    "model.transformer.d_model=32",
+    "model.transformer.dim_feedforward=64",
+    "model.transformer.num_encoder_layers=1",
+    "model.decoder.num_queries=4",
+    "run.num_threads=1",
+]
+
+
+def test_demo_runs_end_to_end_and_ends_with_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No real teacher anywhere: the demo must fall back to a tiny random BLIP and say so.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    work = tmp_path / "demo"
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["demo", "--work-dir", str(work), "--train", "12", "--test", "4", "--epochs", "2", "--image-size", "64"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*argv, "--no-progress", *TINY])
+    text = out.getvalue()
+    assert code == 0, err.getvalue() + text
+    assert "tiny random BLIP" in text and "mean nothing" in text
+    assert "untrained student: mAP" in text
+    # The real topology: Redis, the teacher as its own gRPC process, prewarm, 2 torchrun ranks.
+    assert "score cache: Redis at redis://127.0.0.1:" in text
+    assert "teacher service: grpc://127.0.0.1:" in text and "(its own process)" in text
+    assert "prewarm: 12 images;" in text and "0 failed" in text
+    assert "HICO-DET mAP (%) on the synthetic test split" in text
+    assert "trained (kl distillation)" in text
+    lines = text.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher"}
+    assert result["teacher"] == "tiny random BLIP (no real weights offline)"
+    assert 0 <= result["map_untrained"] <= 100 and 0 <= result["map_trained"] <= 100
+    assert result["seconds"] > 0
+    assert (work / "train" / "checkpoint.pth").is_file() and (work / "train" / "preds.json").is_file()
+    scored = next(line for line in lines if "(image, sentence) pairs" in line)
+    assert "scored 0 " not in scored  # the teacher really scored sentences
+
+
+def test_demo_data_is_written_once(tmp_path: Path) -> None:
+    first = prepare_data(tmp_path, train=3, test=2, image_size=64, seed=0, progress=False)
+    assert first.startswith(f"wrote {tmp_path}")
+    again = prepare_data(tmp_path, train=3, test=2, image_size=64, seed=0, progress=False)
+    assert again.startswith("synthetic data: reusing")
+    changed = prepare_data(tmp_path, train=4, test=2, image_size=64, seed=0, progress=False)
+    assert changed.startswith("wrote")
+
+
+def test_demo_reports_bad_overrides(tmp_path: Path) -> None:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["demo", "--work-dir", str(tmp_path), "optim.batch_size=0"])
+    assert code == 2 and "optim.batch_size" in err.getvalue()
