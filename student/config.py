@@ -289,6 +289,13 @@ class TrainConfig:
             "calibrate_bn_images",
             "a pretrained backbone keeps its batch-norm statistics: set 0 when pretrained is set",
         )
+        queries = self.model.decoder.num_queries
+        _require(
+            self.data.max_pairs is None or self.data.max_pairs <= queries,
+            "data.max_pairs",
+            f"got {self.data.max_pairs}, but model.decoder.num_queries={queries}: "
+            "a query matches at most one pair, so the pairs past it would be silently ignored",
+        )
         expected = {"hico": 117, "vcoco": 29}[self.data.dataset]
         _require(
             self.model.num_verbs == expected,

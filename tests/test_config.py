@@ -112,6 +112,7 @@ def test_round_trip_through_a_dict_and_yaml(tmp_path: Path) -> None:
         ("optim=3", "optim: expected a mapping"),
         ("calibrate_bn_images=8", "calibrate_bn_images: a pretrained backbone keeps its batch-norm statistics"),
         ("calibrate_bn_images=-1", "calibrate_bn_images: got -1, expected >= 0"),
+        ("data.max_pairs=65", "data.max_pairs: got 65, but model.decoder.num_queries=64"),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected: str) -> None:

@@ -37,14 +37,14 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "dem
 GLOBAL_BATCH = 4
 EPOCHS = 2
 # Loss of every step, 2 ranks (mean of the ranks) vs 1 process with the same global batch.
-# The box terms are normalised by the all-reduced pair count: at the first step (same weights)
-# they agree to 2 % (not exactly: the synthetic images are 64 to 80 px wide and each rank pads
-# its batch to its own widest image, which changes the backbone's border features). The verb
-# focal loss is normalised by each rank's own positives and the object cross-entropy is a
-# weighted mean per rank (QPIC does the same), so the total differs by a few percent: measured
-# here at most 2.5 % relative over these 6 steps.
-LOSS_RTOL = 0.05
-BOX_TERMS = ("loss_sub_bbox", "loss_obj_bbox", "loss_sub_giou", "loss_obj_giou")
+# Every loss term divides by counts averaged over the ranks (HOICriterion.num_pairs), and the
+# images all have one size (so each rank pads its batch as the single process does): DDP then
+# computes the single process's gradient, up to float rounding in a different order. Measured:
+# the first step's terms agree to ~1e-6, the 6-step curve to ~1e-4 relative.
+LOSS_RTOL = 1e-3
+FIRST_STEP_RTOL = 1e-4
+IMAGE_WIDTH = 72  # px: the synthetic widths are 64, 72 or 80 at image_size 64
+TRAIN_IMAGES = 12
 
 
 def tiny_overrides(root: Path, output: Path) -> list[str]:
@@ -71,10 +71,18 @@ def tiny_overrides(root: Path, output: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
     from student.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 12, 2, seed=5, image_size=64, progress=False)
+    write_synthetic_dataset(root, 6 * TRAIN_IMAGES, 2, seed=5, image_size=64, progress=False)
+    # Keep TRAIN_IMAGES images of one width: padding is then the same however a batch is split.
+    path = root / "annotations" / "trainval_hico.json"
+    entries = json.loads(path.read_text())
+    same = [e for e in entries if Image.open(root / "images" / "train" / e["file_name"]).width == IMAGE_WIDTH]
+    assert len(same) >= TRAIN_IMAGES
+    path.write_text(json.dumps(same[:TRAIN_IMAGES]))
     return root
 
 
@@ -162,7 +170,7 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(data_root: Path, tm
     ranks = result["gathered"]
     assert len(ranks) == 2 and all(r is not None for r in ranks)
     steps = len(single_losses)
-    assert steps == EPOCHS * 3  # 12 images / global batch 4
+    assert steps == EPOCHS * TRAIN_IMAGES // GLOBAL_BATCH
     assert len(ranks[0]["losses"]) == len(ranks[1]["losses"]) == steps
 
     def curve(losses: list[dict[str, float]], key: str = "loss") -> np.ndarray:
@@ -170,16 +178,17 @@ def test_two_gloo_ranks_follow_the_single_process_loss_curve(data_root: Path, tm
 
     ddp_losses = (curve(ranks[0]["losses"]) + curve(ranks[1]["losses"])) / 2
     np.testing.assert_allclose(ddp_losses, curve(single_losses), rtol=LOSS_RTOL)
-    for key in BOX_TERMS:  # first step: the same samples, weights and normalisation (padding aside)
-        first = (ranks[0]["losses"][0][key] + ranks[1]["losses"][0][key]) / 2
-        assert first == pytest.approx(single_losses[0][key], rel=2e-2), key
-    # DDP keeps the ranks' weights identical. Their total update points the single process's way
-    # (measured cosine 0.87): Adam scales every weight's step to about lr whatever its gradient,
-    # so the small normalisation differences above move weights with near-zero gradients fully.
+    # First step: the same samples and weights, so every term (the mean over the ranks of terms
+    # each normalised by the global counts) is the single process's term.
+    for key, value in single_losses[0].items():
+        if key.startswith("loss"):
+            first = (ranks[0]["losses"][0][key] + ranks[1]["losses"][0][key]) / 2
+            assert first == pytest.approx(value, rel=FIRST_STEP_RTOL), key
+    # DDP keeps the ranks' weights identical, and they took the single process's steps.
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
     ddp_update, single_update = np.array(ranks[0]["parameters"]), np.array(single_parameters)
     cosine = ddp_update @ single_update / (np.linalg.norm(ddp_update) * np.linalg.norm(single_update))
-    assert cosine > 0.75
+    assert cosine > 0.999
     assert result["means"] == {"only_rank0": 5.0, "rank": 0.5}
     assert result["sums"] == {"one": 2.0}
     assert sorted(p.name for p in output.iterdir()) == ["result.json"]

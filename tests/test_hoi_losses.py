@@ -85,6 +85,16 @@ def test_verb_focal_loss_without_positives_is_the_negative_sum() -> None:
     torch.testing.assert_close(verb_focal_loss(logits, torch.zeros_like(logits)), expected)
 
 
+def test_verb_focal_loss_divides_by_a_given_positive_count() -> None:
+    # Under DDP the denominator is the global (rank-averaged) count, not the batch's own.
+    logits = torch.randn(2, 3, VERBS, generator=torch.Generator().manual_seed(3))
+    targets = torch.zeros_like(logits)
+    targets[0, 0, 1] = targets[1, 2, 3] = 1
+    own = verb_focal_loss(logits, targets)
+    torch.testing.assert_close(verb_focal_loss(logits, targets, num_positives=4.0), own * 2 / 4)
+    torch.testing.assert_close(verb_focal_loss(logits, targets, num_positives=0.0), own * 2)  # at least 1
+
+
 def test_verb_focal_loss_is_finite_where_sigmoid_saturates() -> None:
     logits = torch.tensor([[60.0, -60.0, 60.0, -60.0]], requires_grad=True)
     targets = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
@@ -295,6 +305,10 @@ def test_invalid_configuration_raises_loss_error() -> None:
 def test_num_pairs_without_distributed_counts_local_pairs() -> None:
     counts = criterion().num_pairs(two_targets(), torch.device("cpu"))
     assert (counts.pairs, counts.pairs_with_object) == (3.0, 3.0)
+    assert counts.verb_positives == 4.0 and counts.obj_class_weight is None
+    # With 5 queries per image: 3 matched pairs of weight 1, and 3 + 4 queries of "no object" at 0.1.
+    counts = criterion(eos_coef=0.1).num_pairs(two_targets(), torch.device("cpu"), num_queries=5)
+    assert counts.obj_class_weight == pytest.approx(3 + 7 * 0.1)
     vcoco = [
         make_target(
             [80, 2],
@@ -327,8 +341,8 @@ def _num_pairs_worker(rank: int, port: int, queue) -> None:
             ]
         else:
             targets = [make_target([4], [[0, 1, 0, 0]], [box(0.5, 0.5, 0.1, 0.1)], [box(0.4, 0.4, 0.1, 0.1)])]
-        counts = HOICriterion(num_verbs=VERBS).num_pairs(targets, torch.device("cpu"))
-        queue.put((rank, counts.pairs, counts.pairs_with_object))
+        counts = HOICriterion(num_verbs=VERBS, eos_coef=0.1).num_pairs(targets, torch.device("cpu"), num_queries=4)
+        queue.put((rank, counts.pairs, counts.pairs_with_object, counts.verb_positives, counts.obj_class_weight))
     finally:
         dist.destroy_process_group()
 
@@ -339,4 +353,8 @@ def test_num_pairs_is_averaged_over_ranks_when_distributed() -> None:
     queue = context.SimpleQueue()
     mp.start_processes(_num_pairs_worker, args=(free_port(), queue), nprocs=2, join=True, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
-    assert results == [(0, 2.0, 1.5), (1, 2.0, 1.5)]
+    # Class weights: rank 0 has 2 objects (1 each), 1 no-object pair and 1 free query (0.1 each):
+    # 2.2; rank 1 has 1 object and 3 free queries: 1.3. Every rank divides by the means.
+    for rank, (got_rank, *values) in enumerate(results):
+        assert got_rank == rank
+        assert values == pytest.approx([2.0, 1.5, 2.0, 1.75])

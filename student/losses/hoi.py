@@ -51,17 +51,28 @@ class LossWeights:
 
 @dataclass(frozen=True)
 class PairCounts:
-    """Ground-truth pairs in the batch, averaged over ranks and at least 1 (the loss denominators)."""
+    """The loss denominators of a batch, averaged over ranks and at least 1.
+
+    pairs / pairs_with_object: ground-truth pairs (box losses); verb_positives: positive verb
+    labels (the focal loss); obj_class_weight: the sum of the object cross-entropy's class
+    weights over every query (1 for a matched object class, ``eos_coef`` for "no object").
+    Each rank divides its sums by the same averaged numbers, so DDP's gradient mean equals the
+    gradient of one process holding the whole global batch.
+    """
 
     pairs: float
     pairs_with_object: float
+    verb_positives: float | None = None  # None: the local count of the logits' own targets
+    obj_class_weight: float | None = None  # None: the local weight sum (a weighted mean)
 
 
-def verb_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
+def verb_focal_loss(logits: Tensor, targets: Tensor, num_positives: float | None = None) -> Tensor:
     """QPIC's verb focal loss (CornerNet's form, gamma 2, no alpha), normalised by the positives.
 
     logits: (..., V) raw verb logits; targets: (..., V) multi-hot (1 = positive).
     Returns a scalar: -(sum_pos (1-p)^2 log p + sum_neg p^2 log(1-p)) / max(#positives, 1).
+    ``num_positives``: the denominator to use instead of this batch's own count (the global
+    count under DDP, ``PairCounts.verb_positives``).
     log p and log(1-p) are taken as logsigmoid(+-x), which stays finite where sigmoid saturates.
     """
     prob = logits.sigmoid()
@@ -69,7 +80,9 @@ def verb_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
     pos_term = (1 - prob).pow(2) * F.logsigmoid(logits)
     neg_term = prob.pow(2) * F.logsigmoid(-logits)
     total = torch.where(positive, pos_term, neg_term).sum()
-    return -total / positive.sum().clamp(min=1)
+    if num_positives is None:
+        return -total / positive.sum().clamp(min=1)
+    return -total / max(num_positives, 1.0)
 
 
 class HOICriterion(nn.Module):
@@ -126,7 +139,9 @@ class HOICriterion(nn.Module):
             raise LossError(f"outputs['pred_verb_logits']: {num_verbs} verbs, the criterion expects {self.num_verbs}")
         if indices is None:
             indices = self.matcher(outputs, targets)
-        counts = self.num_pairs(targets, outputs["pred_verb_logits"].device)
+        counts = self.num_pairs(
+            targets, outputs["pred_verb_logits"].device, num_queries=outputs["pred_verb_logits"].shape[1]
+        )
         result = self._layer_losses(outputs, targets, indices, counts, log=True)
         for i, aux in enumerate(outputs.get("aux_outputs", ())):
             aux_indices = self.matcher(aux, targets)
@@ -150,20 +165,38 @@ class HOICriterion(nn.Module):
             raise LossError("weighted_total: no loss_* terms given")
         return total
 
-    def num_pairs(self, targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> PairCounts:
-        """Pairs (and pairs with an object) per rank: all-reduced and averaged when distributed.
+    def num_pairs(
+        self, targets: Sequence[Mapping[str, Tensor]], device: torch.device, num_queries: int | None = None
+    ) -> PairCounts:
+        """The loss denominators of this rank's batch: all-reduced and averaged when distributed.
 
-        Every rank divides its loss by the same number, so DDP's gradient average equals the
-        gradient of the loss normalised by the global pair count (DETR's convention).
+        Every rank divides its loss sums by the same numbers, so DDP's gradient average equals
+        the gradient of one process normalising by the global counts (DETR's convention for the
+        boxes, extended here to the verb positives and the object class weights). The counts
+        assume every pair is matched, which holds when no image has more pairs than queries (the
+        trainer keeps at most ``num_queries`` pairs per image). ``num_queries`` None: the
+        object class weight is left to each batch (a local weighted mean).
         """
         pairs = sum(int(t["obj_labels"].shape[0]) for t in targets)
         with_object = sum(int(has_object_box(t["obj_boxes"]).sum()) for t in targets)
-        counts = torch.tensor([pairs, with_object], dtype=torch.float64, device=device)
+        positives = sum(float((t["verb_labels"] > 0.5).sum()) for t in targets)
+        class_weight = 0.0
+        if num_queries is not None:
+            weight = self.class_weight.double().cpu()
+            for t in targets:
+                labels = t["obj_labels"].to("cpu", torch.int64)[:num_queries]
+                class_weight += float(weight[labels].sum()) + (num_queries - labels.shape[0]) * self.eos_coef
+        counts = torch.tensor([pairs, with_object, positives, class_weight], dtype=torch.float64, device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             counts = counts / dist.get_world_size()
-        counts = counts.clamp(min=1)
-        return PairCounts(pairs=float(counts[0]), pairs_with_object=float(counts[1]))
+        counts = counts.clamp(min=1).tolist()
+        return PairCounts(
+            pairs=counts[0],
+            pairs_with_object=counts[1],
+            verb_positives=counts[2],
+            obj_class_weight=counts[3] if num_queries is not None else None,
+        )
 
     # -- one method per loss, selected by name -------------------------------------------------
 
@@ -183,7 +216,12 @@ class HOICriterion(nn.Module):
         classes = torch.full(logits.shape[:2], self.num_obj_classes, dtype=torch.int64, device=logits.device)
         classes[batch_idx, query_idx] = matched_labels
         weight = self.class_weight.to(device=logits.device, dtype=logits.dtype)
-        result = {"loss_obj_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight)}
+        if counts.obj_class_weight is None:
+            loss = F.cross_entropy(logits.transpose(1, 2), classes, weight)
+        else:  # the same weighted mean, its denominator shared by all ranks
+            per_query = F.cross_entropy(logits.transpose(1, 2), classes, weight, reduction="none")
+            loss = per_query.sum() / counts.obj_class_weight
+        result = {"loss_obj_ce": loss}
         if log:
             result["obj_class_error"] = _top1_error(logits[batch_idx, query_idx].detach(), matched_labels)
         return result
@@ -202,7 +240,7 @@ class HOICriterion(nn.Module):
         matched = torch.cat([t["verb_labels"][pair] for t, (_, pair) in zip(targets, indices, strict=True)])
         verb_targets = torch.zeros_like(logits)
         verb_targets[batch_idx, query_idx] = matched.to(verb_targets)
-        return {"loss_verb_ce": verb_focal_loss(logits, verb_targets)}
+        return {"loss_verb_ce": verb_focal_loss(logits, verb_targets, counts.verb_positives)}
 
     def loss_boxes(
         self,
