@@ -13,9 +13,12 @@ Data: ``DistributedEpochSampler`` shards the trainer's epoch order (a function o
 ``student.engine.EpochSampler``): rank r takes positions r, r + W, r + 2W, ... of the same global
 permutation, with the per-sample augmentation seeds of the single-process run. With a per-rank
 batch of B / W, step k of the W ranks together sees exactly the B samples of step k of one process
-with batch B; the loss normalises by the all-reduced pair count (``HOICriterion.num_pairs``), so
-DDP's gradient average is the single-process gradient up to the object cross-entropy's per-rank
-weighting (``docs/distributed.md`` gives the measured tolerance).
+with batch B; every HOI loss term divides by counts averaged over the ranks (pairs, verb
+positives, object class weights: ``HOICriterion.num_pairs``), so DDP's gradient average is the
+single-process gradient up to float rounding and padding (``docs/distributed.md``).
+
+Evaluation: every rank predicts its shard of the test images (``shard_positions``) and rank 0
+gathers the entries (``gather_entries``) and scores them.
 """
 
 from __future__ import annotations

@@ -463,11 +463,13 @@ def predict(
     num_images: int,
     amp: AmpSettings | None = None,
     progress: bool = False,
-) -> list[dict[str, Any]]:
+    fill_missing: bool = True,
+) -> list[dict[str, Any] | None]:
     """preds.json entries of every image of the split, indexed by ``target["image_id"]``.
 
-    ``num_images``: the annotation file's length; an image the loader did not yield (none, with
-    the datasets as built here) gets an entry without predictions.
+    ``num_images``: the annotation file's length. An image the loader did not yield (another
+    rank's shard, under DDP) is None when ``fill_missing`` is False, else an entry without
+    predictions.
     """
     from student.evaluation.postprocess import TripletNms, postprocess
 
@@ -494,6 +496,11 @@ def predict(
                 entries[int(target["image_id"])] = entry
     finally:
         model.train(was_training)
+    return fill_missing_entries(entries) if fill_missing else entries
+
+
+def fill_missing_entries(entries: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """preds.json entries with every None (an image nobody predicted) as an entry without predictions."""
     return [entry if entry is not None else {"predictions": [], "hoi_prediction": []} for entry in entries]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from student.checkpoint import (
     CHECKPOINT_NAME,
@@ -45,11 +45,13 @@ from student.distributed import (
     DistributedContext,
     DistributedEpochSampler,
     DistributedError,
+    gather_entries,
     init_distributed,
     main_only,
     on_main,
     reduce_means,
     reduce_sums,
+    shard_positions,
     shutdown,
     wrap_model,
 )
@@ -64,6 +66,7 @@ from student.engine import (
     StepHook,
     TrainingError,
     TrainingLoss,
+    fill_missing_entries,
     predict,
     score_predictions,
     train_one_epoch,
@@ -310,9 +313,16 @@ def evaluate_model(
     *,
     dataset: Any | None = None,
     progress: bool = False,
-) -> tuple[list[dict[str, Any]], EvalResult]:
-    """Run ``model`` over the test split; returns the preds.json entries and the metrics."""
+    context: DistributedContext | None = None,
+) -> tuple[list[dict[str, Any]], EvalResult | None]:
+    """Run ``model`` over the test split; returns the preds.json entries and the metrics.
+
+    Under DDP (``context`` distributed) every rank must call it: each predicts its shard of the
+    images (positions rank, rank + W, ...), rank 0 gathers the entries and scores them. The
+    other ranks get ``([], None)``.
+    """
     dataset = dataset if dataset is not None else build_test_dataset(config)
+    distributed = context is not None and context.is_distributed
     is_hico = config.data.dataset == "hico"
     correspondence = correspondence_of(config) if is_hico else None
     settings = EvalSettings(
@@ -323,15 +333,23 @@ def evaluate_model(
         vcoco_no_object_role=config.eval.vcoco_no_object_role,
     )
     amp, _ = build_amp(config, device)
-    entries = predict(
+    images = Subset(dataset, shard_positions(len(dataset), context)) if distributed else dataset
+    predicted = predict(
         model,
-        build_test_loader(dataset, config),
+        build_test_loader(images, config),
         device=device,
         settings=settings,
         num_images=len(dataset.annotations),
         amp=amp,
         progress=progress,
+        fill_missing=False,
     )
+    if distributed:
+        assert context is not None
+        predicted = gather_entries(predicted, context)
+        if not context.is_main:
+            return [], None
+    entries = fill_missing_entries(predicted)
     result = score_predictions(
         entries,
         dataset=config.data.dataset,
@@ -538,8 +556,8 @@ def _train(
             evaluation = None
             if epoch_result.completed and run.eval_every and (epoch + 1) % run.eval_every == 0:
                 with isolated_rng(device):  # a resumed run does not repeat this evaluation
-                    evaluation = on_main(
-                        context, lambda: evaluate_model(parts.model, config, device, progress=run.progress)[1]
+                    _, evaluation = evaluate_model(
+                        parts.model, config, device, progress=run.progress and main, context=context
                     )
             if main:
                 _write_epoch_row(output_dir / "epochs.csv", epoch_result, parts.optimizer, evaluation)
@@ -547,17 +565,26 @@ def _train(
             if not epoch_result.completed:
                 break
         result.position = position
-        if run.eval_at_end and main:
-            with isolated_rng(device):
-                entries, result.evaluation = evaluate_model(parts.model, config, device, progress=run.progress)
-            save_predictions(entries, output_dir / "preds.json")
-            (output_dir / "metrics.json").write_text(json.dumps(result.evaluation.summary, indent=2) + "\n")
+        if run.eval_at_end:
+            with isolated_rng(device):  # every rank predicts its shard of the test images
+                entries, result.evaluation = evaluate_model(
+                    parts.model, config, device, progress=run.progress and main, context=context
+                )
+            if result.evaluation is not None:
+                save_predictions(entries, output_dir / "preds.json")
+                (output_dir / "metrics.json").write_text(json.dumps(result.evaluation.summary, indent=2) + "\n")
     finally:
         teacher.close()
     stats = teacher.stats
     # Summed over the ranks (the collective also waits for rank 0's final evaluation).
     totals = reduce_sums(
-        {"pairs_scored": stats.pairs_scored, "memo_hits": stats.memo_hits, "failed_batches": stats.failed_batches},
+        {
+            "pairs_scored": stats.pairs_scored,
+            "memo_hits": stats.memo_hits,
+            "failed_batches": stats.failed_batches,
+            # Of the pairs scored, those a remote teacher's client read from Redis itself.
+            "cache_hits": getattr(parts.teacher.backend, "cache_hits", 0),
+        },
         context,
     )
     result.teacher_stats = {key: int(value) for key, value in totals.items()}
@@ -663,6 +690,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not result.is_main:
         return 0
+    if result.teacher != "no teacher":
+        stats = result.teacher_stats
+        print(
+            f"teacher scores, all ranks: {stats['pairs_scored']} (image, sentence) pairs fetched "
+            f"({stats['cache_hits']} read from the Redis cache), {stats['memo_hits']} memo hits, "
+            f"{stats['failed_batches']} failed batches"
+        )
     if result.evaluation is not None:
         print(f"test: {json.dumps(result.evaluation.summary)}")
     print(f"done in {result.seconds:.1f} s; outputs in {result.output_dir}")

@@ -4,6 +4,7 @@ and a 2-rank ``torchrun`` student on synthetic data (what docker compose runs, w
 from __future__ import annotations
 
 import csv
+import json
 import os
 import queue
 import re
@@ -179,7 +180,10 @@ def test_prewarm_then_two_ranks_train_from_the_teachers_cache(
     assert misses == 2 * sentences and encoded == len(items)
 
     # The student's own memo is off, so both epochs ask the teacher; the cache answers all of it.
-    overrides = tiny_overrides(data_root, output, "teacher.memo_entries=0", "teacher.deadline_s=60")
+    # eval.batch_size=1: no padding, so the sharded evaluation below can be compared exactly.
+    overrides = tiny_overrides(
+        data_root, output, "teacher.memo_entries=0", "teacher.deadline_s=60", "eval.batch_size=1"
+    )
     run = subprocess.run(
         torchrun_command(2, "train", *config_args, "--no-progress", *overrides),
         cwd=REPO,
@@ -205,3 +209,19 @@ def test_prewarm_then_two_ranks_train_from_the_teachers_cache(
     steps = read_rows(output / "train_log.csv")
     assert len(steps) == 6 and all(float(row["itm_terms"]) > 0 for row in steps)
     assert all(float(row["teacher_failed_batches"]) == 0 for row in steps)
+
+    # The final evaluation ran sharded over the 2 ranks and was gathered on rank 0: it equals one
+    # process evaluating the same checkpoint, prediction for prediction (images one at a time:
+    # batches padded to another width would move boxes by ~0.05 px).
+    single_preds = tmp_path / "single_preds.json"
+    evaluated = student(
+        "evaluate",
+        "--checkpoint",
+        str(output / "checkpoint.pth"),
+        "--output",
+        str(single_preds),
+        "--json",
+        "--no-progress",
+    )
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1]) == json.loads((output / "metrics.json").read_text())
+    assert json.loads(single_preds.read_text()) == json.loads((output / "preds.json").read_text())

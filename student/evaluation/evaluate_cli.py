@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         model.load_state_dict(checkpoint["model"])
         model.to(device)
         entries, result = evaluate_model(model, config, device, progress=not args.no_progress)
+        assert result is not None  # one process: always scored
     except USER_ERRORS as error:
         print(f"evaluate: {error}", file=sys.stderr)
         return 2
