@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 TRITON_VENV ?= .venv-triton
 
-.PHONY: setup test demo lint format protos bench clean triton-env
+.PHONY: setup test demo lint format protos bench clean triton-env system-packages
 
 setup: $(STAMP)
 
@@ -25,11 +25,16 @@ triton-env: $(TRITON_VENV)/.installed
 $(TRITON_VENV)/.installed: pyproject.toml deploy/triton/setup-env.sh
 	FORCE=1 PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) deploy/triton/setup-env.sh $(TRITON_VENV)
 
-test: setup triton-env
+# redis-server, chromium and docker-compose from Debian, when missing (the tests drive them).
+system-packages:
+	.ci/system-packages
+
+test: system-packages setup triton-env
 	$(BIN)/python -m pytest tests
 
+# The main job: synthetic data -> teacher service (+ Redis) -> prewarm -> 2-rank student -> mAP table.
 demo: setup
-	$(BIN)/python -m teacher_server demo
+	$(BIN)/python -m student demo
 
 lint: setup
 	$(BIN)/ruff check .

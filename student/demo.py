@@ -9,8 +9,9 @@
 4. prewarm: score every candidate sentence of every training image once (``student prewarm``);
 5. evaluate the untrained student (the same initialisation training starts from);
 6. train the small student of ``student/configs/demo.yaml`` with ``kl`` distillation on
-   ``--ranks`` ``torchrun`` processes (default 1; with 2, gloo on CPU and the global batch of
-   demo.yaml split over them), reading its scores from the prewarmed cache;
+   ``--ranks`` ``torchrun`` processes (default 2, gloo on CPU, the global batch of demo.yaml split
+   over them), reading its scores from the prewarmed cache; rank 0 checkpoints, and the final
+   evaluation is sharded over the ranks and gathered on rank 0;
 7. evaluate it and print a table; the last line is one JSON object:
    ``{"map_trained", "map_untrained", "seconds", "teacher"}`` (HICO-DET Default Full mAP, percent).
 """
@@ -33,6 +34,10 @@ from typing import Any
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 STAMP_FILE = "synthetic.json"
+# One person (so one HOI pair) per image: a CPU-sized DETR learns it in minutes (see docs/training.md).
+DEMO_MAX_PEOPLE = 1
+# Two DDP processes (gloo on CPU): the topology a cluster runs, at the scale of a laptop.
+DEMO_RANKS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", type=int, default=300, help="synthetic test images (default 300)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: demo.yaml's)")
     parser.add_argument("--image-size", type=int, default=128, help="synthetic image height in px (default 128)")
+    parser.add_argument(
+        "--max-people",
+        type=int,
+        default=DEMO_MAX_PEOPLE,
+        help=f"at most this many people (and HOI pairs) per synthetic image (default {DEMO_MAX_PEOPLE})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the run (default 0)")
     parser.add_argument(
         "--teacher",
@@ -49,24 +60,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve (start a teacher_server process; default) | grpc://host:port (a running service) | "
         "local (in-process engine, one rank) | none (no distillation)",
     )
-    # Default 1: a 2-rank run of demo.yaml currently ends far below the 1-process mAP (open issue,
-    # see docs/distributed.md); --ranks 2 runs the same topology with DDP.
-    parser.add_argument("--ranks", type=int, default=1, help="torchrun processes of the student (default 1)")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=DEMO_RANKS,
+        help=f"torchrun processes of the student, sharing demo.yaml's global batch (default {DEMO_RANKS})",
+    )
     parser.add_argument("--teacher-model", help="teacher model directory or hub id (default: resolved offline)")
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="student config (default: demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def prepare_data(root: Path, *, train: int, test: int, image_size: int, seed: int, progress: bool) -> str:
+def prepare_data(
+    root: Path, *, train: int, test: int, image_size: int, seed: int, max_people: int = 1, progress: bool = False
+) -> str:
     """Write the synthetic dataset unless an identical one (same arguments) is already there."""
     from student.data.synthetic import write_synthetic_dataset
 
-    wanted = {"train": train, "test": test, "image_size": image_size, "seed": seed}
+    wanted = {"train": train, "test": test, "image_size": image_size, "seed": seed, "max_people": max_people}
     stamp = root / STAMP_FILE
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return f"synthetic data: reusing {root} ({train} train / {test} test images)"
-    summary = write_synthetic_dataset(root, train, test, seed=seed, image_size=image_size, progress=progress)
+    summary = write_synthetic_dataset(
+        root, train, test, seed=seed, image_size=image_size, max_people=max_people, progress=progress
+    )
     stamp.write_text(json.dumps(wanted))
     return summary.describe()
 
@@ -182,6 +200,13 @@ class TeacherService:
                     return float(line.split()[1])
         return 0.0
 
+    def counters(self) -> dict[str, float]:
+        """The service's work so far: pairs scored by the engine, and score-cache hits."""
+        return {
+            "sentences_scored": self.metric("hoidistill_teacher_sentences_scored_total"),
+            "cache_hits": self.metric("hoidistill_teacher_cache_hits_total"),
+        }
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()  # SIGTERM: drain and exit
@@ -210,7 +235,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from student.config import ConfigError, load_config
-    from student.train_cli import USER_ERRORS, build_model, evaluate_model, resolve_device, seed_everything, train
+    from student.train_cli import (
+        USER_ERRORS,
+        build_initial_model,
+        build_train_dataset,
+        evaluate_model,
+        resolve_device,
+        seed_everything,
+        train,
+    )
 
     started = time.perf_counter()
     progress = not args.no_progress
@@ -242,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
                 test=args.test,
                 image_size=args.image_size,
                 seed=args.seed,
+                max_people=args.max_people,
                 progress=progress,
             )
         )
@@ -260,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
 
         device = resolve_device(config.run.device)
         seed_everything(config.run.seed)  # the same initialisation train() starts from
-        untrained = build_model(config, device)
+        untrained = build_initial_model(config, device, build_train_dataset(config), say=lambda _: None)
         _, before = evaluate_model(untrained, config, device, progress=progress)
+        assert before is not None  # one process: always scored
         print(f"untrained student: mAP {before.headline:.2f}")
         del untrained
 
@@ -311,7 +346,7 @@ def _run_topology(
     progress: bool,
 ) -> tuple[str, Any]:
     """Redis + teacher service + prewarm + ``torchrun`` student; (teacher summary, evaluation)."""
-    from student.prewarm import plan_items, prewarm
+    from student.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
     from student.teacher_prefetch import EndpointPool
 
     ranks = args.ranks
@@ -336,8 +371,12 @@ def _run_topology(
                 endpoint = teacher.endpoint
             else:
                 endpoint = config.teacher.source
-            if config.teacher.enabled:
-                pool = EndpointPool(endpoint)
+            if not service and config.teacher.source == "local":
+                # Each rank loads its own in-process engine: nothing to prewarm.
+                per_rank.append(f"teacher.model={teacher_model}")
+                scored = "each rank scored with its own in-process teacher"
+            elif config.teacher.enabled:
+                pool = EndpointPool(endpoint, timeout_s=PREWARM_TIMEOUT_S)
                 try:
                     warmed = prewarm(plan_items(config), pool, progress=progress)
                 finally:
@@ -346,11 +385,14 @@ def _run_topology(
                 scored = f"prewarm scored {warmed.sentences} (image, sentence) pairs"
             else:
                 scored = "no teacher"
+            before = teacher.counters() if teacher is not None else {}
             run_student_ranks(ranks, args.config, [*overrides, *per_rank], progress)
             if teacher is not None:
+                during = {name: value - before[name] for name, value in teacher.counters().items()}
                 scored += (
-                    f"; during training the teacher's cache answered "
-                    f"{teacher.metric('hoidistill_teacher_cache_hits_total'):.0f} lookups"
+                    f"; during training the teacher service ran {during['sentences_scored']:.0f} pairs through "
+                    f"BLIP and answered {during['cache_hits']:.0f} from its cache"
+                    + (" (the ranks read the prewarmed scores from Redis themselves)" if redis_url else "")
                 )
         finally:
             if teacher is not None:

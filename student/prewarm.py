@@ -43,6 +43,12 @@ PROGRESS_HEADER = "# hoi-distill prewarm, teacher fingerprint "
 LOOKUP_BATCH = 256  # images per cache lookup round trip
 
 
+# Seconds per prewarm request: ``workers`` requests of ``images_per_request`` images queue in the
+# teacher's batcher together, so the last one waits for all of them (about 45 s for 4 x 8 images
+# on a CPU BLIP-base); a training step's short deadline would fail them.
+PREWARM_TIMEOUT_S = 120.0
+
+
 class PrewarmError(TeacherError):
     """Prewarm cannot run (no teacher endpoint, unreadable image, ...); the message says which."""
 
@@ -239,7 +245,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="finished images are recorded here (default <run.output_dir>/prewarm_done.txt)",
     )
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=PREWARM_TIMEOUT_S,
+        help=f"seconds per request (default {PREWARM_TIMEOUT_S:g})",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -25,23 +25,26 @@ TINY = [
 ]
 
 
-def test_demo_runs_end_to_end_and_ends_with_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_end_to_end_and_ends_with_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     # No real teacher anywhere: the demo must fall back to a tiny random BLIP and say so.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     work = tmp_path / "demo"
-    out, err = io.StringIO(), io.StringIO()
     argv = ["demo", "--work-dir", str(work), "--train", "12", "--test", "4", "--epochs", "2", "--image-size", "64"]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*argv, "--no-progress", *TINY])
-    text = out.getvalue()
-    assert code == 0, err.getvalue() + text
+    code = main([*argv, "--no-progress", *TINY])
+    # capfd: the torchrun ranks write to the file descriptors, not to this process's sys.stdout.
+    text, err = capfd.readouterr()
+    assert code == 0, err + text
     assert "tiny random BLIP" in text and "mean nothing" in text
     assert "untrained student: mAP" in text
     # The real topology: Redis, the teacher as its own gRPC process, prewarm, 2 torchrun ranks.
     assert "score cache: Redis at redis://127.0.0.1:" in text
     assert "teacher service: grpc://127.0.0.1:" in text and "(its own process)" in text
     assert "prewarm: 12 images;" in text and "0 failed" in text
+    assert "on 2 rank(s)" in text and "distributed: 2 ranks (gloo), 8 images per rank" in text
+    assert "teacher scores, all ranks:" in text and "read from the Redis cache" in text
     assert "HICO-DET mAP (%) on the synthetic test split" in text
     assert "trained (kl distillation)" in text
     lines = text.strip().splitlines()
@@ -51,8 +54,10 @@ def test_demo_runs_end_to_end_and_ends_with_json(tmp_path: Path, monkeypatch: py
     assert 0 <= result["map_untrained"] <= 100 and 0 <= result["map_trained"] <= 100
     assert result["seconds"] > 0
     assert (work / "train" / "checkpoint.pth").is_file() and (work / "train" / "preds.json").is_file()
-    scored = next(line for line in lines if "(image, sentence) pairs" in line)
+    scored = next(line for line in lines if line.startswith("teacher: tiny random BLIP (no real"))
     assert "scored 0 " not in scored  # the teacher really scored sentences
+    # Prewarmed: training asked the teacher service for nothing new.
+    assert "during training the teacher service ran 0 pairs through BLIP" in scored
 
 
 def test_demo_data_is_written_once(tmp_path: Path) -> None:
