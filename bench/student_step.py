@@ -6,9 +6,12 @@
     python bench/student_step.py --compare-single       # both decoders, interleaved, with their ratio
     python bench/student_step.py --tiny --steps 2       # the test-sized model, for a smoke run
 
-A step is forward + backward of a plain sum over every output (the real HOI losses add little
-next to the network) plus ``zero_grad``; the backbone trains ``layer2``-``layer4`` as in the
-recipe. The first ``--warmup`` steps are not timed. The last line printed is one JSON object:
+A step is the trainer's own: forward, Hungarian matching and the HOI losses of every decoder
+layer (``TrainingLoss``, the recipe's weights) on 3 random ground-truth pairs per image, backward,
+gradient clipping at 0.1 and fused AdamW (lr 1e-4, CNN 1e-5; the backbone trains
+``layer2``-``layer4`` as in the recipe). The distillation term is left out: its cost is the
+teacher's, which ``bench/train_overhead.py`` measures. The first ``--warmup`` steps are not
+timed. The last line printed is one JSON object:
 ``{"seconds_per_step": ..., "decoder": ..., ...}`` (with ``--compare-single`` also
 ``single_seconds_per_step`` and ``ratio_vs_single``). The machine's 1-minute load average is
 printed with it: on a shared machine, a load above the thread count inflates every figure.
@@ -28,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from student.engine import TrainingLoss, backward_and_update, outputs_to_float
+from student.losses import DistillSettings, HOICriterion
 from student.model import DecoderConfig, HOIDetector, StudentModelConfig
 
 
@@ -49,15 +54,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def step(model: HOIDetector, images: torch.Tensor, masks: torch.Tensor) -> float:
-    """One forward + backward; returns its wall time in seconds."""
-    start = time.perf_counter()
-    outputs = model(images, masks)
-    layers = [outputs, *outputs["aux_outputs"]]
-    loss = sum(value.float().sum() for layer in layers for key, value in layer.items() if key != "aux_outputs")
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+def random_targets(batch: int, pairs: int, num_verbs: int, generator: torch.Generator) -> list[dict]:
+    """``pairs`` ground-truth pairs per image: cxcywh boxes inside the image, a class, 1-2 verbs."""
+
+    def boxes() -> torch.Tensor:
+        centre = 0.3 + 0.4 * torch.rand(pairs, 2, generator=generator)
+        size = 0.1 + 0.3 * torch.rand(pairs, 2, generator=generator)
+        return torch.cat([centre, size], dim=1)
+
+    targets = []
+    for _ in range(batch):
+        verbs = torch.zeros(pairs, num_verbs)
+        verbs[torch.arange(pairs), torch.randint(num_verbs, (pairs,), generator=generator)] = 1
+        verbs[0, torch.randint(num_verbs, (1,), generator=generator)] = 1
+        labels = torch.randint(80, (pairs,), generator=generator)
+        targets.append({"obj_labels": labels, "verb_labels": verbs, "sub_boxes": boxes(), "obj_boxes": boxes()})
+    return targets
+
+
+class TrainingStep:
+    """One model with its loss and AdamW, stepping on a fixed batch."""
+
+    def __init__(self, model: HOIDetector, num_verbs: int) -> None:
+        self.model = model
+        self.loss = TrainingLoss(HOICriterion(num_verbs=num_verbs), DistillSettings())
+        self.optimizer = torch.optim.AdamW(
+            model.parameter_groups(1e-4, 1e-5, 1e-4), lr=1e-4, weight_decay=1e-4, fused=True
+        )
+
+    def __call__(self, images: torch.Tensor, masks: torch.Tensor, targets: list[dict]) -> float:
+        """One training step; returns its wall time in seconds."""
+        start = time.perf_counter()
+        outputs = self.model(images, masks)
+        result = self.loss(outputs_to_float(outputs), targets)
+        backward_and_update(result.total, self.model, self.optimizer, clip_max_norm=0.1)
+        return time.perf_counter() - start
 
 
 def build(decoder: str, args: argparse.Namespace) -> HOIDetector:
@@ -80,19 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_single and args.decoder != "single":
         decoders.append("single")
     models = {decoder: build(decoder, args) for decoder in decoders}
+    num_verbs = next(iter(models.values())).config.num_verbs
+    steps = {decoder: TrainingStep(model, num_verbs) for decoder, model in models.items()}
+    targets = random_targets(args.batch, min(3, args.queries), num_verbs, torch.Generator().manual_seed(0))
     images = torch.randn(args.batch, 3, args.size, args.size)
     masks = torch.zeros(args.batch, args.size, args.size, dtype=torch.bool)
     # A realistic batch is padded: the second image is 3/4 as wide as the first.
     masks[1:, :, (3 * args.size) // 4 :] = True
     images[masks[:, None].expand_as(images)] = 0.0
     for index in range(args.warmup):
-        for decoder, model in models.items():
-            print(f"warm-up step {index + 1} {decoder}: {step(model, images, masks):.2f} s", flush=True)
+        for decoder in models:
+            print(f"warm-up step {index + 1} {decoder}: {steps[decoder](images, masks, targets):.2f} s", flush=True)
     # Models alternate step by step, so a change in the machine's load hits both alike.
     times: dict[str, list[float]] = {decoder: [] for decoder in models}
     for index in range(args.steps):
-        for decoder, model in models.items():
-            times[decoder].append(step(model, images, masks))
+        for decoder in models:
+            times[decoder].append(steps[decoder](images, masks, targets))
             print(f"step {index + 1} {decoder}: {times[decoder][-1]:.2f} s", flush=True)
     main_times = times[args.decoder]
     result = {
