@@ -40,7 +40,7 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed: .ci/run installs Debian's redis-server")
+            raise RuntimeError("redis-server is not installed: `make test` installs Debian's redis-server")
         self.process = subprocess.Popen(
             [
                 binary,

@@ -76,7 +76,7 @@ def clean_env() -> dict[str, str]:
 
 def docker_compose() -> str:
     binary = shutil.which("docker-compose")
-    assert binary, "docker-compose is not installed: `apt-get install docker-compose` (.ci/run does)"
+    assert binary, "docker-compose is not installed: `apt-get install docker-compose` (`make test` does)"
     return binary
 
 

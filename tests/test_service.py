@@ -178,7 +178,10 @@ def test_a_corrupted_cache_value_is_a_miss_and_gets_rewritten(tiny_blip_dir: Pat
 
     first, repaired, again, key = run(scenario)
     assert repaired.cached == [True, False, True]
-    assert repaired.match_logit == first.match_logit
+    # The cached sentences come back bit for bit; the rescored one ran in a batch of one instead of
+    # three, and CPU matmul kernels block by batch size, so it agrees to float32 rounding only.
+    assert [repaired.match_logit[k] for k in (0, 2)] == [first.match_logit[k] for k in (0, 2)]
+    assert repaired.match_logit[1] == pytest.approx(first.match_logit[1], rel=1e-5, abs=1e-6)
     assert all(again.cached)
     assert len(client.hget(key, SENTENCES[1])) == 8
 
