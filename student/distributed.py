@@ -24,6 +24,7 @@ gathers the entries (``gather_entries``) and scores them.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -137,6 +138,9 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
 def shutdown(context: DistributedContext) -> None:
     """Leave the process group (a no-op for a single process)."""
     if context.is_distributed and dist.is_initialized():
+        # Free what may still hold the group (the DDP reducer, finished work handles) while the
+        # interpreter is fully alive: gloo threads that outlive it abort the process at exit.
+        gc.collect()
         dist.destroy_process_group()
 
 
