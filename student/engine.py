@@ -463,13 +463,12 @@ def predict(
     num_images: int,
     amp: AmpSettings | None = None,
     progress: bool = False,
-    fill_missing: bool = True,
 ) -> list[dict[str, Any] | None]:
     """preds.json entries of every image of the split, indexed by ``target["image_id"]``.
 
     ``num_images``: the annotation file's length. An image the loader did not yield (another
-    rank's shard, under DDP) is None when ``fill_missing`` is False, else an entry without
-    predictions.
+    rank's shard, under DDP) is None; ``fill_missing_entries`` turns the gathered list into
+    preds.json entries.
     """
     from student.evaluation.postprocess import TripletNms, postprocess
 
@@ -496,7 +495,7 @@ def predict(
                 entries[int(target["image_id"])] = entry
     finally:
         model.train(was_training)
-    return fill_missing_entries(entries) if fill_missing else entries
+    return entries
 
 
 def fill_missing_entries(entries: Sequence[dict[str, Any] | None]) -> list[dict[str, Any]]:

@@ -342,7 +342,6 @@ def evaluate_model(
         num_images=len(dataset.annotations),
         amp=amp,
         progress=progress,
-        fill_missing=False,
     )
     if distributed:
         assert context is not None
