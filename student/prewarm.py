@@ -100,9 +100,9 @@ def plan_items(config: Any) -> list[PrewarmItem]:
     The sentences are the ones ``TeacherScores.plan`` asks for during training (the same code
     builds them), over all the image's pairs (a superset when ``data.max_pairs`` truncates).
     """
-    from student.data.annotations import dataset_spec, load_annotations
     from student.teacher_scores import TeacherScores
     from student.train_cli import correspondence_of
+    from teacher_server.hoi.annotations import dataset_spec, load_annotations
 
     data = config.data
     image_root = data.path("train_images")

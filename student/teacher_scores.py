@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from student.data.classes import OBJECT_NAMES
 from student.losses import MarginTriplets, teacher_verb_margin
 from student.losses.distill import TEACHER_KEY
-from student.prompts import Variant, candidate_sentences, triplet_sentence
 from teacher_server.errors import TeacherError
+from teacher_server.hoi.classes import OBJECT_NAMES
+from teacher_server.hoi.prompts import Variant, candidate_sentences, triplet_sentence
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class TeacherScores:
         verbs: the dataset's verb names (V).
         correspondence: (V, 80) bool verb x object validity: the candidates of a pair's object.
         image_root: directory of the split's images (``target["file_name"]`` is relative to it).
-        prompt_variant: ``full`` / ``verb`` / ``object`` (``student.prompts``).
+        prompt_variant: ``full`` / ``verb`` / ``object`` (``teacher_server.hoi.prompts``).
         on_error: ``skip`` (a failed batch gets no teacher key: its ITM term is skipped, counted in
             ``stats.failed_batches``) or ``fail`` (raise ``TeacherError``).
         memo_entries: LRU bound of the (digest, sentence) -> margin memo (0 disables it).

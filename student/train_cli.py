@@ -39,8 +39,6 @@ from student.checkpoint import (
     save_checkpoint,
 )
 from student.config import ConfigError, TrainConfig, load_config
-from student.data.classes import NO_INTERACTION_INDEX
-from student.data.errors import DatasetError
 from student.distributed import (
     DistributedContext,
     DistributedEpochSampler,
@@ -77,6 +75,8 @@ from student.model import HOIDetector, ModelError, load_detr_checkpoint
 from student.teacher_prefetch import PrefetchingLoader, TeacherPrefetcher
 from student.teacher_scores import TeacherScores
 from teacher_server.errors import TeacherError
+from teacher_server.hoi.classes import NO_INTERACTION_INDEX
+from teacher_server.hoi.errors import DatasetError
 
 # The errors a user can cause with a config, data or checkpoint: reported in one line, exit 2.
 USER_ERRORS = (
@@ -114,7 +114,7 @@ def seed_everything(seed: int) -> None:
 
 def correspondence_of(config: TrainConfig) -> np.ndarray:
     """The (V, 80) verb x object validity matrix of the dataset."""
-    from student.data.annotations import load_correspondence
+    from teacher_server.hoi.annotations import load_correspondence
 
     return load_correspondence(config.data.path("correspondence"), config.data.dataset)
 
@@ -282,7 +282,7 @@ def build_amp(config: TrainConfig, device: torch.device) -> tuple[AmpSettings, t
 
 def build_teacher(config: TrainConfig, *, model: str | Path | None = None) -> TeacherScores:
     """The teacher adapter of ``config.teacher`` (``none`` gives a disabled one)."""
-    from student.data.annotations import dataset_spec
+    from teacher_server.hoi.annotations import dataset_spec
 
     return TeacherScores.from_config(
         config.teacher,

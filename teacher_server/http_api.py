@@ -4,7 +4,7 @@ Routes (``create_app``):
 
 - ``POST /v1/score``: an image (base64 in JSON, or a multipart file) and sentences -> scores.
 - ``POST /v1/score/triplets``: an image and (verb, object) triplets; the sentences are made by the
-  student's own prompt function ``student.prompts.triplet_sentence``, so people score exactly the
+  student's own prompt function ``teacher_server.hoi.prompts.triplet_sentence``, so people score exactly the
   text the distillation loss asks the teacher about.
 - ``GET /v1/model`` (model id, fingerprint, limits, readiness), ``GET /healthz`` (liveness: 200
   while the loop runs), ``GET /readyz`` (503 while starting or draining), ``GET /metrics``
@@ -53,10 +53,10 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from student.prompts import triplet_sentence
 from teacher_server.auth import bearer_token, read_pem
 from teacher_server.errors import InvalidInputError, TeacherError
 from teacher_server.grpc_api import Drain, ServiceUnavailableError, rpc_failure, unavailable_reason
+from teacher_server.hoi.prompts import triplet_sentence
 from teacher_server.service import ScoreItem
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class _Triplets(BaseModel):
         examples=[[{"verb": "ride", "object": "horse"}, "feed horse"]],
     )
     variant: Literal["full", "verb", "object"] = Field(
-        "full", description="prompt variant of student.prompts.triplet_sentence"
+        "full", description="prompt variant of teacher_server.hoi.prompts.triplet_sentence"
     )
 
 
@@ -494,7 +494,7 @@ class TripletSentence:
 
 
 def triplet_sentences(triplets: Sequence[Triplet | str], variant: str) -> list[TripletSentence]:
-    """Sentences of the triplets by ``student.prompts.triplet_sentence``; 422 naming ``triplets[i]``."""
+    """Sentences of the triplets by ``teacher_server.hoi.prompts.triplet_sentence``; 422 naming ``triplets[i]``."""
     made = []
     for index, triplet in enumerate(triplets):
         name = f"triplets[{index}]"

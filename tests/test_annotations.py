@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from student.data.annotations import (
+from teacher_server.hoi.annotations import (
     HOI,
     HOIPair,
     check_boxes_in_image,
@@ -19,8 +19,8 @@ from student.data.annotations import (
     load_correspondence,
     merge_pairs,
 )
-from student.data.classes import HICO_VERBS, OBJECT_NAMES, hico_correspondence
-from student.data.errors import DatasetError
+from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES, hico_correspondence
+from teacher_server.hoi.errors import DatasetError
 
 # Image 0: a person (COCO 1) riding (verb id 77) and straddling (99) a horse (COCO 19), and the
 # same person holding (37) a cup (COCO 47). Image 1: no HOI.

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from student.data.classes import (
+from teacher_server.hoi.classes import (
     COCO_OBJECT_IDS,
     HICO_HOIS,
     HICO_VERBS,
@@ -20,7 +20,7 @@ from student.data.classes import (
     hico_correspondence,
     hico_hoi_id,
 )
-from student.data.errors import DatasetError
+from teacher_server.hoi.errors import DatasetError
 
 COCO_GAPS = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
 
@@ -124,6 +124,9 @@ def test_hico_correspondence():
 
 
 def test_class_lists_and_prompts_import_without_torch():
-    code = "import sys, student.data, student.data.classes, student.prompts; print('torch' in sys.modules)"
+    code = (
+        "import sys, student.data, teacher_server.hoi.classes, teacher_server.hoi.prompts, "
+        "teacher_server.hoi.annotations; print('torch' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from student.data.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS, hico_correspondence
+from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS, hico_correspondence
 
 ROOT = Path(__file__).resolve().parents[1]
 HORSE = COCO_OBJECT_IDS[OBJECT_NAMES.index("horse")]

@@ -9,7 +9,6 @@ import random
 import numpy as np
 import pytest
 
-from student.data.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence
 from student.evaluation.hico import (
     RECALL_POINTS,
     count_triplets,
@@ -19,6 +18,7 @@ from student.evaluation.hico import (
     voc_ap_11_point,
 )
 from student.evaluation.predictions import EvaluationError, parse_hoi_entries, parse_predictions
+from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence
 
 COCO = {name: COCO_OBJECT_IDS[i] for i, name in enumerate(OBJECT_NAMES)}
 OBJ = {name: i for i, name in enumerate(OBJECT_NAMES)}

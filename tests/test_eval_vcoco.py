@@ -8,7 +8,6 @@ import random
 import numpy as np
 import pytest
 
-from student.data.classes import COCO_OBJECT_IDS, OBJECT_NAMES, VCOCO_VERBS
 from student.evaluation.predictions import parse_hoi_entries, parse_predictions
 from student.evaluation.vcoco import (
     evaluate_vcoco,
@@ -17,6 +16,7 @@ from student.evaluation.vcoco import (
     split_verb,
     voc_ap_all_points,
 )
+from teacher_server.hoi.classes import COCO_OBJECT_IDS, OBJECT_NAMES, VCOCO_VERBS
 
 COCO = {name: COCO_OBJECT_IDS[i] for i, name in enumerate(OBJECT_NAMES)}
 VERB = {name: i for i, name in enumerate(VCOCO_VERBS)}

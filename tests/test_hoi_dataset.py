@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from student.data.classes import HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS
 from student.data.collate import collate_fn
-from student.data.errors import DatasetError
 from student.data.hoi_dataset import HOIDataset
 from student.data.transforms import make_transforms
+from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS
+from teacher_server.hoi.errors import DatasetError
 
 torch.set_num_threads(1)
 

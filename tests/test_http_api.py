@@ -31,9 +31,9 @@ from teacher_fixtures import (
     teacher_settings,
 )
 
-from student.prompts import triplet_sentence
 from teacher_server.auth import AuthConfigError
 from teacher_server.grpc_api import Drain
+from teacher_server.hoi.prompts import triplet_sentence
 from teacher_server.http_api import HttpServer, HttpServerError, parse_triplet_text, serve_http
 from teacher_server.service import ScoringService
 from teacher_server.settings import ServerSettings

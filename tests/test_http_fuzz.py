@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 from teacher_fixtures import png_bytes, teacher_settings
 from test_http_api import RunningHttp, running_http
 
-from student.prompts import triplet_sentence
+from teacher_server.hoi.prompts import triplet_sentence
 from teacher_server.http_api import parse_triplet_text
 
 TOKEN = "fuzz-token"

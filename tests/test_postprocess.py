@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from student.box_ops import box_xyxy_to_cxcywh
-from student.data.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS, hico_correspondence
 from student.evaluation.hico import count_triplets, evaluate_hico
 from student.evaluation.postprocess import TripletNms, postprocess
 from student.evaluation.predictions import EvaluationError, parse_hoi_entries, parse_predictions
+from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS, hico_correspondence
 
 torch.set_num_threads(1)
 OBJ = {name: i for i, name in enumerate(OBJECT_NAMES)}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from student.data.classes import (
+from teacher_server.hoi.classes import (
     HICO_VERBS,
     NO_INTERACTION_INDEX,
     OBJECT_NAMES,
     VCOCO_VERBS,
     hico_correspondence,
 )
-from student.prompts import VARIANTS, candidate_sentences, readable_verb, triplet_sentence, with_article
+from teacher_server.hoi.prompts import VARIANTS, candidate_sentences, readable_verb, triplet_sentence, with_article
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from student.__main__ import main as student_main
-from student.data.annotations import load_annotations, load_correspondence
-from student.data.classes import HICO_HOIS, HICO_VERBS, OBJECT_NAMES, hico_correspondence
 from student.data.hoi_dataset import HOIDataset
 from student.data.synthetic import (
     INTERACTIONS,
@@ -22,6 +20,8 @@ from student.data.synthetic import (
     render_scene,
     write_synthetic_dataset,
 )
+from teacher_server.hoi.annotations import load_annotations, load_correspondence
+from teacher_server.hoi.classes import HICO_HOIS, HICO_VERBS, OBJECT_NAMES, hico_correspondence
 
 torch.set_num_threads(1)
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from student.data.classes import HICO_VERBS, NO_INTERACTION_INDEX, OBJECT_NAMES, hico_correspondence
 from student.losses import MarginTriplets
 from student.losses.distill import TEACHER_KEY
-from student.prompts import candidate_sentences, triplet_sentence
 from student.teacher_scores import GrpcTeacher, LocalTeacher, TeacherScores, build_backend
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, image_digest
 from teacher_server.errors import TeacherError
+from teacher_server.hoi.classes import HICO_VERBS, NO_INTERACTION_INDEX, OBJECT_NAMES, hico_correspondence
+from teacher_server.hoi.prompts import candidate_sentences, triplet_sentence
 
 HORSE = OBJECT_NAMES.index("horse")
 CUP = OBJECT_NAMES.index("cup")

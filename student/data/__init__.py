@@ -1,10 +1,6 @@
-"""Student data: class names, annotation loading, datasets, transforms, synthetic data.
+"""Student data: datasets, transforms, collation and the synthetic HOI world.
 
-Kept light on purpose: importing ``student.data`` pulls in no torch, so other modules (and the
-teacher's HTTP API via ``student.prompts``) can import the class lists cheaply. Import the heavy
-parts from their modules: ``student.data.hoi_dataset``, ``student.data.transforms``, ...
+The class names, the annotation reader and ``DatasetError`` live in ``teacher_server.hoi``, the
+vocabulary the teacher and the student share. Import the parts from their modules:
+``student.data.hoi_dataset``, ``student.data.transforms``, ``student.data.synthetic``, ...
 """
-
-from student.data.errors import DatasetError
-
-__all__ = ["DatasetError"]

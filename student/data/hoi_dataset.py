@@ -21,14 +21,14 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from student.data.annotations import (
+from teacher_server.hoi.annotations import (
     ImageAnnotation,
     check_boxes_in_image,
     dataset_spec,
     load_annotations,
 )
-from student.data.classes import NO_OBJECT_INDEX
-from student.data.errors import DatasetError
+from teacher_server.hoi.classes import NO_OBJECT_INDEX
+from teacher_server.hoi.errors import DatasetError
 from student.data.transforms import Transform, make_transforms
 
 TruncatePolicy = Literal["warn", "ignore", "error"]

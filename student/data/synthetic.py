@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from student.data.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence, hico_hoi_id
+from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence, hico_hoi_id
 
 Point = tuple[float, float]
 Color = tuple[int, int, int]

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from student.data.classes import HICO_VERBS, OBJECT_NAMES
 from student.evaluation.predictions import EvaluationError, HoiSet, join_on_keys, segment_starts
+from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES
 
 MAX_HOIS = 100
 IOU_THRESHOLD = 0.5

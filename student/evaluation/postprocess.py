@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from student.box_ops import denormalize_cxcywh
-from student.data.classes import OBJECT_NAMES
 from student.evaluation.predictions import (
     COCO_IDS,
     NO_OBJECT_ID,
@@ -29,6 +28,7 @@ from student.evaluation.predictions import (
     EvaluationError,
     verbs_of,
 )
+from teacher_server.hoi.classes import OBJECT_NAMES
 
 NUM_OBJECTS = len(OBJECT_NAMES)
 PERSON_COCO_ID = 1

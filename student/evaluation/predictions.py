@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from student.data.classes import COCO_OBJECT_IDS, HICO_VERBS, VCOCO_VERBS
+from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, VCOCO_VERBS
 
 Dataset = Literal["hico", "vcoco"]
 Kind = Literal["annotations", "predictions"]

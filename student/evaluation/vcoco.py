@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from student.data.classes import VCOCO_VERBS
 from student.evaluation.predictions import EvaluationError, HoiSet, join_on_keys, segment_starts
+from teacher_server.hoi.classes import VCOCO_VERBS
 
 IOU_THRESHOLD = 0.5
 ROLE_SUFFIXES = ("obj", "instr")

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from student.data.classes import COCO_OBJECT_IDS
 from student.model.config import ModelError
 from student.model.detector import HOIDetector
+from teacher_server.hoi.classes import COCO_OBJECT_IDS
 
 DETR_R50_FILE = "detr-r50-e632da11.pth"
 DETR_R50_URL = "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth"

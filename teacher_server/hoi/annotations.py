@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from student.data.classes import (
+from teacher_server.hoi.classes import (
     COCO_OBJECT_IDS,
     HICO_HOIS,
     HICO_VERBS,
@@ -34,7 +34,7 @@ from student.data.classes import (
     coco_id_to_index,
     hico_hoi_id,
 )
-from student.data.errors import DatasetError
+from teacher_server.hoi.errors import DatasetError
 
 DatasetName = Literal["hico", "vcoco"]
 

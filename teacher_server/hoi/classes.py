@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from student.data.errors import DatasetError
+from teacher_server.hoi.errors import DatasetError
 
 # The 80 valid COCO category ids; index in this tuple = object class index.
 COCO_OBJECT_IDS: tuple[int, ...] = (

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from student.data.classes import OBJECT_NAMES
+from teacher_server.hoi.classes import OBJECT_NAMES
 
 Variant = Literal["full", "verb", "object"]
 VARIANTS: tuple[Variant, ...] = ("full", "verb", "object")
