@@ -66,6 +66,23 @@ def test_good_hico_file(tmp_path):
     assert annotations[1].hois == () and annotations[1].boxes.shape == (0, 4)
 
 
+def test_pairs_without_verbs_are_pairs_whose_verbs_are_unknown(tmp_path):
+    # A second person (box 3) next to the horse, annotated as a pair but without any verb.
+    entries = copy.deepcopy(GOOD_HICO)
+    entries[0]["annotations"].append({"bbox": [60, 10, 80, 70], "category_id": 1})
+    entries[0]["pairs_without_verbs"] = [{"subject_id": 3, "object_id": 1}]
+    entries[1]["pairs_without_verbs"] = []
+    first, second = load_annotations(write(tmp_path, entries), "hico", image_root=tmp_path)
+    assert first.pairs_without_verbs == ((3, 1),)
+    assert first.pairs()[-1] == HOIPair(3, 1, (), verbs_known=False)
+    assert all(pair.verbs_known for pair in first.pairs()[:-1])
+    assert first.has_pairs and not second.has_pairs
+    # An image whose only pair has no verbs still has a pair (training keeps it).
+    entries[0]["hoi_annotation"] = []
+    (only,) = load_annotations(write(tmp_path, entries[:1]), "hico", image_root=tmp_path)
+    assert only.hois == () and only.has_pairs
+
+
 def test_merge_pairs_keeps_first_appearance_order_and_dedups_verbs():
     hois = [HOI(0, 2, 5, None), HOI(1, 2, 3, None), HOI(0, 2, 1, None), HOI(0, 2, 5, None)]
     assert merge_pairs(hois) == [HOIPair(0, 2, (1, 5)), HOIPair(1, 2, (3,))]
@@ -121,6 +138,27 @@ def broken(mutate) -> list:
         (lambda e: e.update(file_name="missing.jpg"), "file_name", "does not exist"),
         (lambda e: e.pop("hoi_annotation"), "hoi_annotation", "expected a list"),
         (lambda e: e.pop("annotations"), "annotations", "expected a list"),
+        (lambda e: e.update(pairs_without_verbs={"subject_id": 0}), "pairs_without_verbs", "expected a list"),
+        (
+            lambda e: e.update(pairs_without_verbs=[{"subject_id": 0, "object_id": 5}]),
+            "pairs_without_verbs[0].object_id",
+            "0..2",
+        ),
+        (
+            lambda e: e.update(pairs_without_verbs=[{"subject_id": 2, "object_id": 1}]),
+            "pairs_without_verbs[0].subject_id",
+            "expected a person",
+        ),
+        (
+            lambda e: e.update(pairs_without_verbs=[{"subject_id": 0, "object_id": 1}]),
+            "pairs_without_verbs[0] = (0, 1)",
+            "also has verbs in hoi_annotation",
+        ),
+        (
+            lambda e: e.update(pairs_without_verbs=[{"subject_id": 0, "object_id": 0}] * 2),
+            "pairs_without_verbs[1] = (0, 0)",
+            "listed twice",
+        ),
     ],
 )
 def test_bad_entries_are_named(tmp_path, mutate, field, hint):

@@ -74,6 +74,7 @@ def test_target_follows_the_contract(hico, tmp_path):
     assert set(target) == {
         "obj_labels",
         "verb_labels",
+        "verb_known",
         "sub_boxes",
         "obj_boxes",
         "size",
@@ -82,6 +83,7 @@ def test_target_follows_the_contract(hico, tmp_path):
         "file_name",
         "image_digest",
     }
+    assert target["verb_known"].tolist() == [True, True, True]
     # Three pairs: (0, horse) with ride+straddle merged, (0, cup), (3, cup), in order of appearance.
     assert target["obj_labels"].dtype == torch.long
     assert [OBJECT_NAMES[i] for i in target["obj_labels"]] == ["horse", "cup", "cup"]
@@ -228,3 +230,20 @@ def test_data_loader_batches(hico):
     images, masks, targets = next(iter(loader))
     assert images.shape == (3, 3, 80, 100) and masks.shape == (3, 80, 100)
     assert [t["image_id"] for t in targets] == [0, 1, 2]
+
+
+def test_pairs_without_verbs_are_kept_with_unknown_verbs(tmp_path):
+    # Image c gets a person and a ball linked as a pair whose verbs were never annotated: it is
+    # no longer empty, and its pair's verbs are unknown (verb_known False), not negative.
+    entries = hico_entries()
+    entries[2]["annotations"] = [
+        {"bbox": [2, 2, 15, 28], "category_id": 1},
+        {"bbox": [16, 20, 24, 28], "category_id": BALL},
+    ]
+    entries[2]["pairs_without_verbs"] = [{"subject_id": 0, "object_id": 1}]
+    dataset = HOIDataset(tmp_path / "images", make_files(tmp_path, entries), "hico", skip_empty=True)
+    assert dataset.indices == [0, 1, 2]
+    _, target = dataset[2]
+    assert target["verb_known"].tolist() == [False]
+    assert target["verb_labels"].sum() == 0
+    assert [OBJECT_NAMES[i] for i in target["obj_labels"]] == ["sports ball"]

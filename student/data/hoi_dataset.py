@@ -2,6 +2,7 @@
 
 A sample's target is the per-image dict of ``contracts.md``: ``obj_labels (P,)``,
 ``verb_labels (P, V)`` multi-hot (HOIs of the same (subject, object) boxes merged into one pair),
+``verb_known (P,)`` bool (False for a pair of ``pairs_without_verbs``: its verbs are unknown, not negative),
 ``sub_boxes``/``obj_boxes (P, 4)`` cxcywh normalised, ``size``/``orig_size (2,)`` (h, w),
 ``image_id`` (index into the annotation list), ``file_name`` and ``image_digest`` (SHA-256 of the
 original file bytes: the teacher scores the un-augmented original).
@@ -90,7 +91,7 @@ class HOIDataset(Dataset):
             image_root=self.root_images if check_images else None,
             box_tolerance=box_tolerance,
         )
-        self.indices = [a.index for a in self.annotations if a.hois or not skip_empty]
+        self.indices = [a.index for a in self.annotations if a.has_pairs or not skip_empty]
         self._report_truncation(on_truncate)
 
     # -- introspection ---------------------------------------------------------------------------
@@ -182,6 +183,7 @@ class HOIDataset(Dataset):
         has_object = torch.zeros(count, dtype=torch.bool)
         obj_labels = torch.full((count,), NO_OBJECT_INDEX, dtype=torch.long)
         verb_labels = torch.zeros(count, self.num_verbs)
+        verb_known = torch.ones(count, dtype=torch.bool)
         box_tensor = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32))
         for p, pair in enumerate(pairs):
             sub_boxes[p] = box_tensor[pair.subject]
@@ -190,6 +192,7 @@ class HOIDataset(Dataset):
                 has_object[p] = True
                 obj_labels[p] = int(annotation.labels[pair.object])
             verb_labels[p, list(pair.verbs)] = 1.0
+            verb_known[p] = pair.verbs_known
         size = torch.tensor(orig_size)
         return {
             "sub_boxes": sub_boxes,
@@ -197,6 +200,7 @@ class HOIDataset(Dataset):
             "has_object": has_object,
             "obj_labels": obj_labels,
             "verb_labels": verb_labels,
+            "verb_known": verb_known,
             "size": size,
             "orig_size": size.clone(),
         }

@@ -5,7 +5,8 @@ image is a PIL image and the target holds absolute-pixel ``xyxy`` boxes:
 
 - ``sub_boxes, obj_boxes: FloatTensor (P, 4)`` xyxy pixels (``obj_boxes`` row is zeros and
   ``has_object`` False for a V-COCO pair without object: geometric transforms leave it alone);
-- ``has_object: BoolTensor (P,)``, ``obj_labels: LongTensor (P,)``, ``verb_labels: FloatTensor (P, V)``;
+- ``has_object: BoolTensor (P,)``, ``obj_labels: LongTensor (P,)``, ``verb_labels: FloatTensor (P, V)``,
+  ``verb_known: BoolTensor (P,)`` (optional; False where a pair's verbs were never annotated);
 - ``size: LongTensor (2,)`` (h, w), updated by every geometric transform.
 
 ``ToTensor`` + ``Normalize`` turn the image into an ImageNet-normalised tensor and ``BoxesToCxcywh``
@@ -32,7 +33,7 @@ Target = dict[str, Any]
 Transform = Callable[[Any, Target], tuple[Any, Target]]
 
 #: Target entries with one row per HOI pair: filtered together when a crop drops pairs.
-PAIR_KEYS = ("sub_boxes", "obj_boxes", "has_object", "obj_labels", "verb_labels")
+PAIR_KEYS = ("sub_boxes", "obj_boxes", "has_object", "obj_labels", "verb_labels", "verb_known")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,7 +154,8 @@ def crop(image: Image.Image, target: Target, region: tuple[int, int, int, int]) 
 
     keep = non_empty(target["sub_boxes"]) & (non_empty(target["obj_boxes"]) | ~target["has_object"])
     for key in PAIR_KEYS:
-        target[key] = target[key][keep]
+        if key in target:  # verb_known is optional (targets built by hand may lack it)
+            target[key] = target[key][keep]
     target["size"] = torch.tensor([height, width])
     return image, target
 

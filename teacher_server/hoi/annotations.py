@@ -8,7 +8,13 @@ One entry per image::
                          "hoi_category_id": 153}, ...]}                        # HICO only, 1..600
 
 HICO-DET verb ids are 1..117 (``verb index = id - 1``); V-COCO's are 0..28 (already the index) and
-``object_id = -1`` marks an action without object. The whole file is validated up front and every
+``object_id = -1`` marks an action without object.
+
+One optional key extends the format for data whose pairs are known but whose verbs are not (boxes
+from a detector, verbs never annotated): ``"pairs_without_verbs": [{"subject_id": 0,
+"object_id": 1}, ...]``. Such a pair takes part in box and object-class training, and its verbs
+are *unknown*, not negative. Tools that do not know the key ignore it (then the pair's boxes are
+simply unlinked), so files stay readable by the DETR-line codebases. The whole file is validated up front and every
 problem is reported with the file, the entry index, the file name and the field.
 
 numpy and PIL only: no torch, so the evaluator and tools can use it cheaply.
@@ -83,11 +89,16 @@ class HOI:
 
 @dataclass(frozen=True)
 class HOIPair:
-    """All HOIs of one (subject, object) box pair, merged (QPIC style)."""
+    """All HOIs of one (subject, object) box pair, merged (QPIC style).
+
+    ``verbs_known`` False: a pair of ``pairs_without_verbs``, whose verbs were never annotated
+    (``verbs`` is empty, and that says nothing about which verbs are true).
+    """
 
     subject: int
     object: int  # -1 = no object
     verbs: tuple[int, ...]  # sorted, distinct verb indices
+    verbs_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,18 @@ class ImageAnnotation:
     hois: tuple[HOI, ...]
     raw: Mapping[str, Any]  # the entry exactly as read from the JSON (the evaluator works from it)
     image_size: tuple[int, int] | None = None  # (h, w) when the image was checked
+    pairs_without_verbs: tuple[tuple[int, int], ...] = ()  # (subject, object) box indices
 
     def pairs(self) -> list[HOIPair]:
-        """The HOIs merged by (subject, object), in order of first appearance."""
-        return merge_pairs(self.hois)
+        """The HOIs merged by (subject, object), in order of first appearance; then the pairs
+        without verbs (``verbs_known`` False), in file order."""
+        unknown = [HOIPair(sub, obj, (), verbs_known=False) for sub, obj in self.pairs_without_verbs]
+        return merge_pairs(self.hois) + unknown
+
+    @property
+    def has_pairs(self) -> bool:
+        """Whether the image has any HOI pair, with or without verbs."""
+        return bool(self.hois or self.pairs_without_verbs)
 
 
 def merge_pairs(hois: Sequence[HOI]) -> list[HOIPair]:
@@ -292,7 +311,10 @@ def _parse_entry(
             continue
         hois.append(HOI(subject, obj, verb_id - spec.verb_id_base, hoi_id))
 
-    if not ok:
+    pairs_without_verbs = _parse_pairs_without_verbs(
+        entry.get("pairs_without_verbs", []), where, problems, labels if ok else None, num_boxes, spec, hois
+    )
+    if pairs_without_verbs is None or not ok:
         return None
     return ImageAnnotation(
         index=index,
@@ -302,7 +324,63 @@ def _parse_entry(
         hois=tuple(hois),
         raw=entry,
         image_size=image_size,
+        pairs_without_verbs=pairs_without_verbs,
     )
+
+
+def _parse_pairs_without_verbs(
+    items: Any,
+    where: str,
+    problems: _Problems,
+    labels: list[int] | None,
+    num_boxes: int,
+    spec: DatasetSpec,
+    hois: Sequence[HOI],
+) -> tuple[tuple[int, int], ...] | None:
+    """Validate the optional ``pairs_without_verbs`` list; None (problems recorded) when malformed.
+
+    ``labels`` None: the boxes already had problems, so the person check is left out.
+    """
+    if not isinstance(items, list):
+        problems.add(where, f"pairs_without_verbs = {items!r:.80}, expected a list of {{subject_id, object_id}}")
+        return None
+    labelled = {(hoi.subject, hoi.object) for hoi in hois}
+    min_object = -1 if spec.allows_no_object else 0
+    result: list[tuple[int, int]] = []
+    ok = True
+    for k, item in enumerate(items):
+        field = f"pairs_without_verbs[{k}]"
+        if not isinstance(item, Mapping):
+            problems.add(where, f"{field} = {item!r:.80}, expected an object with subject_id and object_id")
+            ok = False
+            continue
+        subject, obj = item.get("subject_id"), item.get("object_id")
+        if not _is_int(subject) or not 0 <= subject < num_boxes:
+            problems.add(where, f"{field}.subject_id = {subject!r}, expected a box index {_index_range(num_boxes)}")
+            ok = False
+            continue
+        if not _is_int(obj) or not min_object <= obj < num_boxes:
+            problems.add(where, f"{field}.object_id = {obj!r}, expected a box index {_index_range(num_boxes)}")
+            ok = False
+            continue
+        if labels is not None and labels[subject] != 0:
+            problems.add(
+                where,
+                f"{field}.subject_id = {subject} points at a {OBJECT_NAMES[labels[subject]]!r} box, "
+                "expected a person (category_id 1)",
+            )
+            ok = False
+            continue
+        if (subject, obj) in labelled:
+            problems.add(where, f"{field} = ({subject}, {obj}) also has verbs in hoi_annotation: list it in one place")
+            ok = False
+            continue
+        if (subject, obj) in result:
+            problems.add(where, f"{field} = ({subject}, {obj}) is listed twice")
+            ok = False
+            continue
+        result.append((subject, obj))
+    return tuple(result) if ok else None
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
