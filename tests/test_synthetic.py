@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from student.data.synthetic import (
     INTERACTIONS,
     RARE_THRESHOLD,
     Recorder,
+    cooccurring_triplets,
     draw_person,
     make_group,
     render_scene,
@@ -168,3 +170,138 @@ def test_command_line(tmp_path, capsys):
     assert len(json.loads((tmp_path / "annotations" / "trainval_hico.json").read_text())) == 4
     assert student_main(["make-synthetic", "--out", str(tmp_path), "--train", "-1", "--test", "2"]) == 2
     assert "image counts must be >= 0" in capsys.readouterr().out
+
+
+# -- the world's weaknesses: the teacher corpus, dropped co-occurring labels, unlabelled pairs ----
+
+
+def entries_of(root, split="train"):
+    names = {"train": "trainval_hico.json", "test": "test_hico.json", "val": "val_hico.json"}
+    return json.loads((root / "annotations" / names.get(split, f"{split}_hico.json")).read_text())
+
+
+def secondary_labels(entries) -> int:
+    """Labels of co-occurring second verbs (sit_on/straddle beside ride, hold beside fly/drink_with)."""
+    second = {(HICO_VERBS.index(v), OBJECT_NAMES.index(o)) for v, o in cooccurring_triplets()}
+    count = 0
+    for entry in entries:
+        by_pair: dict = {}
+        for hoi in entry["hoi_annotation"]:
+            by_pair.setdefault((hoi["subject_id"], hoi["object_id"]), []).append(hoi)
+        for hois in by_pair.values():
+            count += sum(
+                1
+                for h in hois
+                if len(hois) > 1 and (h["category_id"] - 1, HICO_HOIS[h["hoi_category_id"] - 1][1]) in second
+            )
+    return count
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    """The same world written clean and with both kinds of label noise (same seed, same images)."""
+    clean = tmp_path_factory.mktemp("clean")
+    noisy = tmp_path_factory.mktemp("noisy")
+    args = {"train": 200, "test": 20, "seed": 11, "image_size": 64, "max_people": 1, "progress": False}
+    write_synthetic_dataset(clean, **args)
+    summary = write_synthetic_dataset(noisy, **args, drop_cooccurring=0.6, verb_label_fraction=0.7)
+    return clean, noisy, summary
+
+
+def test_cooccurring_triplets_are_the_second_verbs_of_two_verb_interactions():
+    assert cooccurring_triplets() == [("hold", "cup"), ("hold", "kite"), ("sit_on", "bicycle"), ("straddle", "horse")]
+
+
+def test_label_noise_leaves_the_images_and_the_test_split_alone(noisy):
+    clean, noisy_root, _ = noisy
+    clean_files, noisy_files = files_of(clean), files_of(noisy_root)
+    images = [name for name in clean_files if name.startswith("images/")]
+    assert images and all(clean_files[name] == noisy_files[name] for name in images)
+    assert clean_files["annotations/test_hico.json"] == noisy_files["annotations/test_hico.json"]
+    assert clean_files["annotations/trainval_hico.json"] != noisy_files["annotations/trainval_hico.json"]
+
+
+def test_label_noise_rates_and_what_is_recorded(noisy):
+    clean, noisy_root, summary = noisy
+    clean_entries, noisy_entries = entries_of(clean), entries_of(noisy_root)
+    pairs = sum(len({(h["subject_id"], h["object_id"]) for h in e["hoi_annotation"]}) for e in clean_entries)
+    unlabelled = sum(len(e.get("pairs_without_verbs", [])) for e in noisy_entries)
+    # Binomial(200 pairs, 0.3): mean 60, sd 6.5; [35, 85] is about 4 sd either side.
+    assert pairs == 200 and 35 <= unlabelled <= 85
+    assert summary.noise_counts.pairs_without_verbs == unlabelled
+    # Of the second-verb labels on pairs that kept their verbs, about 60 % are dropped.
+    kept_pairs = [e for e, n in zip(clean_entries, noisy_entries, strict=True) if not n.get("pairs_without_verbs")]
+    before, after = secondary_labels(kept_pairs), secondary_labels(noisy_entries)
+    assert summary.noise_counts.labels_dropped == before - after
+    assert before >= 30 and 0.4 <= (before - after) / before <= 0.8
+    # Every pair is still there: labelled, or listed without verbs; no other label was touched.
+    for clean_entry, noisy_entry in zip(clean_entries, noisy_entries, strict=True):
+        assert clean_entry["annotations"] == noisy_entry["annotations"]
+        kept = {json.dumps(h, sort_keys=True) for h in noisy_entry["hoi_annotation"]}
+        assert kept <= {json.dumps(h, sort_keys=True) for h in clean_entry["hoi_annotation"]}
+    recorded = json.loads((noisy_root / "synthetic.json").read_text())
+    assert recorded["arguments"]["drop_cooccurring"] == 0.6 and recorded["arguments"]["verb_label_fraction"] == 0.7
+    assert recorded["dropped_triplets"] == ["hold cup", "hold kite", "sit_on bicycle", "straddle horse"]
+    assert recorded["pairs_without_verbs"] == unlabelled
+    # The noisy training file still loads, pairs without verbs included.
+    dataset = HOIDataset(
+        noisy_root / "images" / "train", noisy_root / "annotations" / "trainval_hico.json", skip_empty=True
+    )
+    assert len(dataset) == 200
+
+
+def test_label_noise_is_deterministic_and_zero_noise_changes_nothing(noisy, tmp_path):
+    clean, noisy_root, _ = noisy
+    args = {"train": 200, "test": 20, "seed": 11, "image_size": 64, "max_people": 1, "progress": False}
+    write_synthetic_dataset(tmp_path / "again", **args, drop_cooccurring=0.6, verb_label_fraction=0.7)
+    assert files_of(tmp_path / "again") == files_of(noisy_root)
+    write_synthetic_dataset(tmp_path / "zero", **args, drop_cooccurring=0.0, verb_label_fraction=1.0)
+    assert files_of(tmp_path / "zero") == files_of(clean)
+
+
+@pytest.mark.parametrize(("name", "value"), [("drop_cooccurring", 1.5), ("verb_label_fraction", -0.1)])
+def test_label_noise_rates_are_checked(tmp_path, name, value):
+    with pytest.raises(ValueError, match=name):
+        write_synthetic_dataset(tmp_path, 2, 1, progress=False, **{name: value})
+
+
+def test_teacher_corpus_and_validation_splits(tmp_path):
+    summary = write_synthetic_dataset(
+        tmp_path, 10, 5, val=6, corpus=300, corpus_seed=99, seed=2, image_size=64, max_people=1, progress=False
+    )
+    assert summary.images == {"train": 10, "test": 5, "val": 6, "corpus": 300}
+    assert len(list((tmp_path / "images" / "corpus").glob("*.jpg"))) == 300
+    corpus = load_annotations(
+        tmp_path / "annotations" / "corpus_hico.json", "hico", image_root=tmp_path / "images" / "corpus"
+    )
+    assert len(entries_of(tmp_path, "val")) == 6
+    # Balanced: each of the 19 interactions is about 1/19 of 300 images (mean 15.8, sd 3.9).
+    names = Counter()
+    for annotation in corpus:
+        for pair in annotation.pairs():
+            names[
+                " ".join(sorted(HICO_VERBS[v] for v in pair.verbs))
+                + " "
+                + OBJECT_NAMES[int(annotation.labels[pair.object])]
+            ] += 1
+    assert len(names) == len(INTERACTIONS) and min(names.values()) >= 4, names
+    # Its own seed: another corpus seed draws other images; the train split is not affected.
+    other = tmp_path / "other"
+    write_synthetic_dataset(
+        other, 10, 5, corpus=3, corpus_seed=100, seed=2, image_size=64, max_people=1, progress=False
+    )
+    assert (other / "images" / "train" / "synth_train_000000.jpg").read_bytes() == (
+        tmp_path / "images" / "train" / "synth_train_000000.jpg"
+    ).read_bytes()
+    assert (other / "images" / "corpus" / "synth_corpus_000000.jpg").read_bytes() != (
+        tmp_path / "images" / "corpus" / "synth_corpus_000000.jpg"
+    ).read_bytes()
+
+
+def test_command_line_world_options(tmp_path, capsys):
+    argv = ["make-synthetic", "--out", str(tmp_path), "--train", "30", "--test", "2", "--val", "2", "--corpus", "3"]
+    argv += ["--drop-cooccurring", "1", "--verb-label-fraction", "0.5", "--image-size", "64", "--no-progress"]
+    assert student_main(argv) == 0
+    output = capsys.readouterr().out
+    assert "corpus: 3 images" in output and "val: 2 images" in output
+    assert "co-occurring verb labels dropped" in output and "pairs without verbs" in output

@@ -15,8 +15,22 @@ horse, red kite, cyan cup, grey tv); verbs are visible from geometry alone:
 Interactions are sampled with skewed weights, so with ~1000 training images a few triplets have
 fewer than 10 training instances: the HICO-DET rare / non-rare split is not trivial.
 
-Everything is drawn from ``numpy.random.default_rng([seed, split, image index])``: the same
-seed writes the same bytes, independently of order.
+The world also has HICO-DET's other weaknesses, on request, in the training split only (the
+validation and test splits stay fully labelled):
+
+- ``drop_cooccurring``: the co-occurring second verb of a two-verb interaction (``sit_on`` and
+  ``straddle`` beside ``ride``, ``hold`` beside ``fly`` and ``drink_with``) is left out of the
+  annotation at this rate: annotators who mark "fly kite" but forget "hold kite";
+- ``verb_label_fraction``: only this fraction of the pairs keeps its verb labels; the others are
+  written as ``pairs_without_verbs`` (boxes and object known, verbs unknown);
+- a ``corpus`` split with balanced interactions, fully labelled, drawn from its own seed: it
+  stands for the web-scale data a vision-language teacher learned from, and only the teacher's
+  fine-tuning reads it.
+
+Everything is drawn from ``numpy.random.default_rng([seed, split, image index])``; the label
+noise from a second stream ``[seed, split, image index, 1]``, so the images are the same bytes
+whatever the noise settings. The same arguments write the same bytes, independently of order.
+``synthetic.json`` at the root records the arguments and what the label noise did.
 """
 
 from __future__ import annotations
@@ -32,14 +46,28 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence, hico_hoi_id
+from teacher_server.hoi.classes import (
+    COCO_OBJECT_IDS,
+    HICO_HOIS,
+    HICO_VERBS,
+    OBJECT_NAMES,
+    hico_correspondence,
+    hico_hoi_id,
+)
 
 Point = tuple[float, float]
 Color = tuple[int, int, int]
 
-SPLITS = ("train", "test")
-ANNOTATION_FILES = {"train": "trainval_hico.json", "test": "test_hico.json"}
+# The order fixes each split's random stream (its index): new splits go at the end.
+SPLITS = ("train", "test", "val", "corpus")
+ANNOTATION_FILES = {
+    "train": "trainval_hico.json",
+    "test": "test_hico.json",
+    "val": "val_hico.json",
+    "corpus": "corpus_hico.json",
+}
 RARE_THRESHOLD = 10  # HICO-DET: a triplet with fewer training instances is "rare"
+SUMMARY_FILE = "synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -489,13 +517,24 @@ def _background(rng: np.random.Generator, width: int, height: int, ground: float
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
 
-def _sample_interaction(rng: np.random.Generator) -> Interaction:
-    weights = np.array([i.weight for i in INTERACTIONS])
+def _sample_interaction(rng: np.random.Generator, balanced: bool = False) -> Interaction:
+    weights = np.ones(len(INTERACTIONS)) if balanced else np.array([i.weight for i in INTERACTIONS])
     return INTERACTIONS[int(rng.choice(len(INTERACTIONS), p=weights / weights.sum()))]
 
 
-def render_scene(rng: np.random.Generator, image_size: int = 128, max_people: int = 2) -> RenderedImage:
-    """Draw one random scene: 1..max_people people, each with one object, side by side."""
+def cooccurring_triplets() -> list[tuple[str, str]]:
+    """(verb, object) of every co-occurring second verb (``drop_cooccurring`` removes these labels)."""
+    found = {(verb, i.object_name) for i in INTERACTIONS for verb in i.verbs[1:]}
+    return sorted(found)
+
+
+def render_scene(
+    rng: np.random.Generator, image_size: int = 128, max_people: int = 2, *, balanced: bool = False
+) -> RenderedImage:
+    """Draw one random scene: 1..max_people people, each with one object, side by side.
+
+    ``balanced``: every interaction equally likely (the teacher corpus), instead of the long tail.
+    """
     height = image_size
     width = int(image_size * float(rng.choice([1.0, 1.125, 1.25])))
     want = 1 if max_people < 2 or rng.random() < 0.55 else int(rng.integers(2, max_people + 1))
@@ -505,7 +544,7 @@ def render_scene(rng: np.random.Generator, image_size: int = 128, max_people: in
         scale = 1.0 - 0.12 * (attempt % 4)
         groups, extents = [], []
         for _ in range(count):
-            interaction = _sample_interaction(rng)
+            interaction = _sample_interaction(rng, balanced)
             person_h = float(rng.uniform(0.34, 0.46)) * height * scale / (1 + 0.25 * (count - 1))
             group = make_group(interaction, person_h, int(rng.choice([-1, 1])), rng)
             person_box, obj_box = _measure(group)
@@ -586,6 +625,70 @@ def _pixel_box(box: list[float], width: int, height: int) -> list[int]:
 # -- writing a dataset ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LabelNoise:
+    """What the training split's annotation leaves out, as HICO-DET's annotators did.
+
+    drop_cooccurring: probability that a co-occurring second verb (``cooccurring_triplets``) is
+        left out of its pair's labels, independently per label.
+    verb_label_fraction: probability that a pair keeps its verb labels at all; the others are
+        written as ``pairs_without_verbs`` (their verbs unknown).
+    """
+
+    drop_cooccurring: float = 0.0
+    verb_label_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_cooccurring <= 1.0:
+            raise ValueError(f"drop_cooccurring must be in [0, 1], got {self.drop_cooccurring}")
+        if not 0.0 <= self.verb_label_fraction <= 1.0:
+            raise ValueError(f"verb_label_fraction must be in [0, 1], got {self.verb_label_fraction}")
+
+    @property
+    def active(self) -> bool:
+        return self.drop_cooccurring > 0 or self.verb_label_fraction < 1
+
+
+@dataclass
+class NoiseCounts:
+    """What ``LabelNoise`` did to one split."""
+
+    labels_dropped: int = 0
+    pairs_without_verbs: int = 0
+
+
+def apply_label_noise(
+    hois: list[dict[str, Any]], rng: np.random.Generator, noise: LabelNoise, counts: NoiseCounts
+) -> tuple[list[dict[str, Any]], list[dict[str, int]]]:
+    """(kept hoi_annotation entries, pairs_without_verbs) of one image; ``counts`` is updated.
+
+    Pairs are visited in order of first appearance; each draws whether it keeps its verbs, then
+    each of its co-occurring second verbs whether it is dropped, so the draws of an image do not
+    depend on the rates.
+    """
+    second_verbs = {(HICO_VERBS.index(v), OBJECT_NAMES.index(o)) for v, o in cooccurring_triplets()}
+    pairs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for hoi in hois:
+        pairs.setdefault((hoi["subject_id"], hoi["object_id"]), []).append(hoi)
+    kept: list[dict[str, Any]] = []
+    unlabelled: list[dict[str, int]] = []
+    for (subject, obj), pair_hois in pairs.items():
+        keep_verbs = rng.random() < noise.verb_label_fraction
+        drops = rng.random(len(pair_hois)) < noise.drop_cooccurring
+        if not keep_verbs:
+            unlabelled.append({"subject_id": subject, "object_id": obj})
+            counts.pairs_without_verbs += 1
+            continue
+        for hoi, drop in zip(pair_hois, drops, strict=True):
+            verb = hoi["category_id"] - 1
+            object_index = HICO_HOIS[hoi["hoi_category_id"] - 1][1]
+            if drop and (verb, object_index) in second_verbs and len(pair_hois) > 1:
+                counts.labels_dropped += 1
+            else:
+                kept.append(hoi)
+    return kept, unlabelled
+
+
 @dataclass
 class SyntheticSummary:
     """What ``write_synthetic_dataset`` wrote."""
@@ -595,16 +698,44 @@ class SyntheticSummary:
     pairs: dict[str, int]
     triplets: dict[str, Counter]  # split -> Counter of "verb object" names
     rare_triplets: list[str]  # in training: fewer than RARE_THRESHOLD instances (and > 0)
+    noise: LabelNoise = field(default_factory=LabelNoise)
+    noise_counts: NoiseCounts = field(default_factory=NoiseCounts)
+
+    @property
+    def dropped_triplets(self) -> list[str]:
+        """ "verb object" names of the triplets whose training labels ``drop_cooccurring`` thins."""
+        if self.noise.drop_cooccurring <= 0:
+            return []
+        return [f"{verb} {obj}" for verb, obj in cooccurring_triplets()]
 
     def describe(self) -> str:
         lines = [f"wrote {self.root}"]
-        for split in SPLITS:
+        for split in self.images:
             lines.append(
                 f"  {split}: {self.images[split]} images, {self.pairs[split]} HOI pairs, "
                 f"{len(self.triplets[split])} distinct triplets"
             )
         lines.append(f"  rare triplets (< {RARE_THRESHOLD} training instances): {len(self.rare_triplets)}")
+        if self.noise.active:
+            lines.append(
+                f"  training labels: {self.noise_counts.labels_dropped} co-occurring verb labels dropped "
+                f"(rate {self.noise.drop_cooccurring:g}: {', '.join(self.dropped_triplets) or 'none'}), "
+                f"{self.noise_counts.pairs_without_verbs} pairs without verbs "
+                f"(verb labels kept on a fraction {self.noise.verb_label_fraction:g} of the pairs)"
+            )
         return "\n".join(lines)
+
+    def to_json(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``synthetic.json``: the arguments that wrote the data and what the label noise did."""
+        return {
+            "arguments": arguments,
+            "images": self.images,
+            "pairs": self.pairs,
+            "rare_triplets": self.rare_triplets,
+            "dropped_triplets": self.dropped_triplets,
+            "labels_dropped": self.noise_counts.labels_dropped,
+            "pairs_without_verbs": self.noise_counts.pairs_without_verbs,
+        }
 
 
 def _split_code(split: str) -> int:
@@ -621,8 +752,15 @@ def write_split(
     max_people: int = 2,
     jpeg_quality: int = 90,
     progress: bool | None = None,
+    balanced: bool = False,
+    noise: LabelNoise | None = None,
+    noise_counts: NoiseCounts | None = None,
 ) -> list[dict[str, Any]]:
-    """Render ``count`` images into ``root/images/<split>/`` and return their annotation entries."""
+    """Render ``count`` images into ``root/images/<split>/`` and return their annotation entries.
+
+    ``balanced``: interactions drawn uniformly (the teacher corpus). ``noise``: label noise applied
+    to the entries (the images are unchanged by it); ``noise_counts`` collects what it did.
+    """
     from tqdm import tqdm
 
     image_dir = root / "images" / split
@@ -631,12 +769,23 @@ def write_split(
     show = count >= 200 if progress is None else progress
     for index in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=not show):
         rng = np.random.default_rng([seed, _split_code(split), index])
-        scene = render_scene(rng, image_size=image_size, max_people=max_people)
+        scene = render_scene(rng, image_size=image_size, max_people=max_people, balanced=balanced)
         file_name = f"synth_{split}_{index:06d}.jpg"
         scene.image.save(image_dir / file_name, format="JPEG", quality=jpeg_quality)
-        entries.append(
-            {"file_name": file_name, "annotations": scene.annotations, "hoi_annotation": scene.hoi_annotation}
-        )
+        entry: dict[str, Any] = {
+            "file_name": file_name,
+            "annotations": scene.annotations,
+            "hoi_annotation": scene.hoi_annotation,
+        }
+        if noise is not None and noise.active:
+            noise_rng = np.random.default_rng([seed, _split_code(split), index, 1])
+            kept, unlabelled = apply_label_noise(
+                scene.hoi_annotation, noise_rng, noise, noise_counts if noise_counts is not None else NoiseCounts()
+            )
+            entry["hoi_annotation"] = kept
+            if unlabelled:
+                entry["pairs_without_verbs"] = unlabelled
+        entries.append(entry)
     return entries
 
 
@@ -649,6 +798,11 @@ def _triplets(entries: list[dict[str, Any]]) -> Counter:
     return counts
 
 
+def _pair_count(entry: dict[str, Any]) -> int:
+    labelled = {(h["subject_id"], h["object_id"]) for h in entry["hoi_annotation"]}
+    return len(labelled) + len(entry.get("pairs_without_verbs", ()))
+
+
 def write_synthetic_dataset(
     out: str | Path,
     train: int,
@@ -658,31 +812,66 @@ def write_synthetic_dataset(
     image_size: int = 128,
     max_people: int = 2,
     progress: bool | None = None,
+    val: int = 0,
+    corpus: int = 0,
+    corpus_seed: int | None = None,
+    drop_cooccurring: float = 0.0,
+    verb_label_fraction: float = 1.0,
 ) -> SyntheticSummary:
     """Write a HICO-format dataset: ``images/{train,test}/*.jpg``, ``annotations/trainval_hico.json``,
-    ``annotations/test_hico.json`` and ``annotations/corre_hico.npy`` (the real 117 x 80 table).
+    ``annotations/test_hico.json`` and ``annotations/corre_hico.npy`` (the real 117 x 80 table);
+    with ``val`` / ``corpus`` images also ``images/val``, ``annotations/val_hico.json`` (a
+    validation split for tuning, fully labelled) and ``images/corpus``,
+    ``annotations/corpus_hico.json`` (the teacher's corpus: balanced interactions, fully labelled,
+    drawn from ``corpus_seed``, default ``seed``). ``drop_cooccurring`` and ``verb_label_fraction``
+    thin the training split's labels (``LabelNoise``). ``synthetic.json`` records all of it.
 
     Same arguments, same bytes. ``progress``: tqdm bar (default: for splits of 200+ images).
     """
-    if train < 0 or test < 0:
-        raise ValueError(f"image counts must be >= 0, got train={train}, test={test}")
+    counts = {"train": train, "test": test, "val": val, "corpus": corpus}
+    for name, count in counts.items():
+        if count < 0:
+            raise ValueError(f"image counts must be >= 0, got {name}={count}")
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 px for the figures to fit, got {image_size}")
+    noise = LabelNoise(drop_cooccurring, verb_label_fraction)
+    noise_counts = NoiseCounts()
     root = Path(out)
     annotation_dir = root / "annotations"
     annotation_dir.mkdir(parents=True, exist_ok=True)
+    splits = [split for split in SPLITS if split in ("train", "test") or counts[split] > 0]
     entries = {}
-    for split, count in (("train", train), ("test", test)):
+    for split in splits:
         entries[split] = write_split(
-            root, split, count, seed=seed, image_size=image_size, max_people=max_people, progress=progress
+            root,
+            split,
+            counts[split],
+            seed=corpus_seed if split == "corpus" and corpus_seed is not None else seed,
+            image_size=image_size,
+            max_people=max_people,
+            progress=progress,
+            balanced=split == "corpus",
+            noise=noise if split == "train" else None,
+            noise_counts=noise_counts,
         )
         with (annotation_dir / ANNOTATION_FILES[split]).open("w") as handle:
             json.dump(entries[split], handle, separators=(",", ":"))
     np.save(annotation_dir / "corre_hico.npy", hico_correspondence())
-    triplets = {split: _triplets(entries[split]) for split in SPLITS}
-    pairs = {
-        split: sum(len({(h["subject_id"], h["object_id"]) for h in e["hoi_annotation"]}) for e in entries[split])
-        for split in SPLITS
-    }
+    triplets = {split: _triplets(entries[split]) for split in splits}
+    pairs = {split: sum(_pair_count(e) for e in entries[split]) for split in splits}
     rare = sorted(name for name, n in triplets["train"].items() if n < RARE_THRESHOLD)
-    return SyntheticSummary(root, {s: len(entries[s]) for s in SPLITS}, pairs, triplets, rare)
+    summary = SyntheticSummary(root, {s: len(entries[s]) for s in splits}, pairs, triplets, rare, noise, noise_counts)
+    arguments = {
+        "train": train,
+        "test": test,
+        "val": val,
+        "corpus": corpus,
+        "seed": seed,
+        "corpus_seed": corpus_seed,
+        "image_size": image_size,
+        "max_people": max_people,
+        "drop_cooccurring": drop_cooccurring,
+        "verb_label_fraction": verb_label_fraction,
+    }
+    (root / SUMMARY_FILE).write_text(json.dumps(summary.to_json(arguments), indent=1) + "\n")
+    return summary

@@ -18,6 +18,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="image height in pixels; widths vary up to 1.25x (default 128)",
     )
     parser.add_argument("--max-people", type=int, default=2, help="at most this many people per image (default 2)")
+    parser.add_argument("--val", type=int, default=0, help="validation images, fully labelled, for tuning (default 0)")
+    parser.add_argument(
+        "--corpus",
+        type=int,
+        default=0,
+        help="teacher-corpus images: balanced interactions, fully labelled, for the teacher's fine-tuning only "
+        "(default 0)",
+    )
+    parser.add_argument("--corpus-seed", type=int, help="seed of the teacher corpus (default: --seed)")
+    parser.add_argument(
+        "--drop-cooccurring",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="training split: leave out co-occurring second verbs (sit_on / straddle beside ride, hold beside "
+        "fly / drink_with) at this rate, as HICO-DET's missing labels (default 0)",
+    )
+    parser.add_argument(
+        "--verb-label-fraction",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="training split: keep verb labels on this fraction of the pairs; the rest become "
+        "pairs_without_verbs (default 1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             max_people=args.max_people,
             progress=False if args.no_progress else None,
+            val=args.val,
+            corpus=args.corpus,
+            corpus_seed=args.corpus_seed,
+            drop_cooccurring=args.drop_cooccurring,
+            verb_label_fraction=args.verb_label_fraction,
         )
     except ValueError as error:
         print(f"make-synthetic: {error}")
