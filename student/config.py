@@ -115,7 +115,7 @@ class LossConfig:
 class DistillConfig:
     """The ITM distillation term (``docs/distillation.md``); it is on when a teacher is configured."""
 
-    variant: Literal["kl", "margin"] = "kl"
+    variant: Literal["kl", "margin", "soft"] = "kl"
     lambda_itm: float = 1.0
     tau: float = 1.0
     alpha: float = 1.0

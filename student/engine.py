@@ -29,7 +29,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from student.losses import DistillSettings, HOICriterion, kl_distill_loss, margin_loss, select_margin_triplets
+from student.losses import (
+    GROUND_TRUTH_VARIANTS,
+    SOFT_TARGET_KEY,
+    DistillSettings,
+    HOICriterion,
+    kl_distill_loss,
+    margin_loss,
+    select_margin_triplets,
+    teacher_soft_targets,
+)
+from student.losses.distill import TEACHER_KEY
 from student.teacher_scores import TeacherScores
 
 # Loss terms of the last decoder layer shown in the progress bar and the CSV log.
@@ -139,9 +149,11 @@ class TrainingLoss:
     """L_total = L_HOI + lambda_itm * L_ITM (``docs/distillation.md``).
 
     The final layer is matched once; that matching serves both the HOI criterion and the
-    distillation term. ``teacher`` None (or disabled) leaves out L_ITM. For ``kl`` the targets must
-    already carry ``teacher_verb_margin`` (``TeacherScores.annotate``); for ``margin`` the teacher
-    is asked here, because the triplets depend on this step's predictions.
+    distillation term. ``teacher`` None (or disabled) leaves out L_ITM. For ``kl`` and ``soft`` the
+    targets must already carry ``teacher_verb_margin`` (``TeacherScores.annotate``); for
+    ``margin`` the teacher is asked here, because the triplets depend on this step's predictions.
+    For ``soft``, L_ITM is the criterion's ``loss_verb_soft`` terms (every decoder layer): the
+    verb entries the teacher completes, taken out of the focal loss of L_HOI.
     """
 
     def __init__(
@@ -162,14 +174,21 @@ class TrainingLoss:
     def __call__(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> LossResult:
         if not self.aux_loss:
             outputs = {key: value for key, value in outputs.items() if key != "aux_outputs"}
+        soft = self.teacher is not None and self.distill.variant == "soft"
+        if soft:
+            targets = [with_soft_targets(target, self.distill.tau) for target in targets]
         indices = self.criterion.matcher(outputs, targets)
         losses = self.criterion(outputs, targets, indices)
-        hoi = self.criterion.weighted_total(losses)
+        soft_terms = {key: value for key, value in losses.items() if key.startswith("loss_verb_soft")}
+        hoi = self.criterion.weighted_total({key: value for key, value in losses.items() if key not in soft_terms})
         terms = {key: float(losses[key].detach()) for key in (*MAIN_TERMS, "obj_class_error") if key in losses}
         terms["loss_hoi"] = float(hoi.detach())
         total = hoi
         if self.teacher is not None:
-            itm, stats = self.distillation(outputs, indices, targets)
+            if soft:
+                itm, stats = self.soft_term(soft_terms, outputs, indices, targets)
+            else:
+                itm, stats = self.distillation(outputs, indices, targets)
             total = hoi + self.distill.lambda_itm * itm
             terms["loss_itm"] = float(itm.detach())
             terms["itm_terms"] = float(stats["num_terms"])
@@ -194,6 +213,39 @@ class TrainingLoss:
         )
         margins = self.teacher.triplet_margins(targets, triplets)
         return margin_loss(outputs, triplets, margins, alpha=self.distill.alpha)
+
+    def soft_term(
+        self,
+        soft_terms: Mapping[str, Tensor],
+        outputs: Mapping[str, Any],
+        indices: Any,
+        targets: Sequence[Mapping[str, Any]],
+    ) -> tuple[Tensor, Mapping[str, int]]:
+        """The ``soft`` L_ITM: the weighted ``loss_verb_soft`` terms of every layer, and its stats.
+
+        num_terms: matched pairs with at least one teacher-completed verb; num_skipped: matched
+        pairs without (no scores, or every candidate asserted by the label).
+        """
+        completed = [
+            torch.isfinite(target[SOFT_TARGET_KEY][pair]).any(-1)
+            if SOFT_TARGET_KEY in target
+            else torch.zeros(len(pair), dtype=torch.bool)
+            for target, (_, pair) in zip(targets, indices, strict=True)
+        ]
+        num_terms = sum(int(rows.sum()) for rows in completed)
+        stats = {"num_terms": num_terms, "num_skipped": sum(len(rows) for rows in completed) - num_terms}
+        if not soft_terms:  # no target had scores: a zero that still reaches the logits
+            return 0.0 * outputs["pred_verb_logits"].sum(), stats
+        return self.criterion.weighted_total(soft_terms), stats
+
+
+def with_soft_targets(target: Mapping[str, Any], tau: float) -> Mapping[str, Any]:
+    """A shallow copy of ``target`` with ``verb_soft_target`` built from its teacher margins (if any)."""
+    margin = target.get(TEACHER_KEY)
+    if margin is None:
+        return target
+    soft = teacher_soft_targets(margin, target["verb_labels"], target.get("verb_known"), tau)
+    return {**target, SOFT_TARGET_KEY: soft.to(target["verb_labels"].device)}
 
 
 # -- one training step -------------------------------------------------------------------------
@@ -321,7 +373,7 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     steps, batch = 0, start_batch
     started = time.perf_counter()
-    annotate = teacher is not None and teacher.enabled and loss_fn.distill.variant == "kl"
+    annotate = teacher is not None and teacher.enabled and loss_fn.distill.variant in GROUND_TRUTH_VARIANTS
     bar = tqdm(
         loader,
         total=len(loader),

@@ -85,7 +85,7 @@ class HungarianMatcher(nn.Module):
       - object class: ``-softmax(obj_logits)[q, obj_label[p]]`` (label 80 = "no object" for V-COCO
         pairs without one, as QPIC);
       - verbs: ``-(t.sigmoid(s) / sum t + (1-t).(1-sigmoid(s)) / sum (1-t)) / 2``, a term is 0 when
-        its denominator is 0;
+        its denominator is 0; 0 for a pair whose ``verb_known`` is False (verbs never annotated);
       - L1: ``max(|h_q - h_p|_1, |o_q - o_p|_1)`` on cxcywh boxes;
       - GIoU: ``max(-GIoU(h_q, h_p), -GIoU(o_q, o_p))``;
     where pairs without an object box use the human terms only.
@@ -147,6 +147,8 @@ class HungarianMatcher(nn.Module):
 
         cost_obj = -obj_logits.softmax(-1)[:, obj_labels]  # (Q, P)
         cost_verb = verb_cost(prediction["pred_verb_logits"], verb_labels)
+        if "verb_known" in target:  # a pair whose verbs were never annotated: no verb cost
+            cost_verb = cost_verb * target["verb_known"].to(device=device, dtype=dtype)[None, :]
         with_object = has_object_box(obj_boxes)[None, :]  # (1, P)
 
         pred_sub, pred_obj = prediction["pred_sub_boxes"], prediction["pred_obj_boxes"]

@@ -70,7 +70,7 @@ from student.engine import (
     train_one_epoch,
 )
 from student.evaluation import save_predictions
-from student.losses import HOICriterion, LossError
+from student.losses import GROUND_TRUTH_VARIANTS, HOICriterion, LossError
 from student.model import HOIDetector, ModelError, load_detr_checkpoint
 from student.teacher_prefetch import PrefetchingLoader, TeacherPrefetcher
 from student.teacher_scores import TeacherScores
@@ -458,10 +458,11 @@ def train(
 
 
 def with_prefetch(teacher: TeacherScores, config: TrainConfig) -> TeacherScores | TeacherPrefetcher:
-    """A teacher service's scores fetched ``teacher.prefetch`` batches ahead (``kl`` only: for
-    ``margin`` the sentences depend on the step's own predictions)."""
+    """A teacher service's scores fetched ``teacher.prefetch`` batches ahead (``kl`` and ``soft``:
+    for ``margin`` the sentences depend on the step's own predictions)."""
     settings = config.teacher
-    if not (teacher.enabled and settings.is_service and settings.prefetch > 0 and config.distill.variant == "kl"):
+    ahead = config.distill.variant in GROUND_TRUTH_VARIANTS
+    if not (teacher.enabled and settings.is_service and settings.prefetch > 0 and ahead):
         return teacher
     return TeacherPrefetcher(teacher, deadline_s=settings.deadline_s, on_error=settings.on_error)
 

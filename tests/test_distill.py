@@ -17,6 +17,7 @@ from student.losses import (
     kl_distill_loss,
     margin_loss,
     select_margin_triplets,
+    teacher_soft_targets,
     teacher_verb_margin,
 )
 
@@ -392,3 +393,55 @@ def test_distill_settings_defaults_and_validation() -> None:
     ):
         with pytest.raises(LossError, match=rf"DistillSettings\.{field}"):
             DistillSettings(**bad)
+
+
+# -- soft: the teacher completes the verb labels -----------------------------------------------
+
+
+def test_teacher_soft_targets_complete_only_what_the_label_leaves_open() -> None:
+    margin = torch.tensor([[2.0, -1.0, NAN, 0.0, NAN, NAN], [1.0, 3.0, NAN, NAN, NAN, NAN]])
+    labels = torch.tensor([[1.0, 0, 0, 0, 0, 0], [1.0, 0, 0, 0, 0, 0]])
+    known = torch.tensor([True, False])
+    soft = teacher_soft_targets(margin, labels, known, tau=2.0)
+    # Pair 0: verb 0 is asserted (stays a hard positive); verbs 1 and 3 are completed with
+    # sigmoid(z / 2); verb 2 has no score. Pair 1's verbs are unknown: every scored verb is open,
+    # whatever its label row says (it means nothing for such a pair).
+    assert torch.isnan(soft[0, 0]) and torch.isnan(soft[0, 2])
+    assert torch.allclose(soft[0, [1, 3]], torch.sigmoid(torch.tensor([-0.5, 0.0])))
+    assert torch.allclose(soft[1, [0, 1]], torch.sigmoid(torch.tensor([0.5, 1.5])))
+    assert torch.isnan(soft[1, 2:]).all()
+    # Without verb_known every pair counts as annotated: pair 1's labelled verb 0 is then asserted.
+    all_known = teacher_soft_targets(margin, labels)
+    assert torch.isnan(all_known[1, 0]) and torch.isfinite(all_known[1, 1])
+    with pytest.raises(LossError, match="tau must be > 0"):
+        teacher_soft_targets(margin, labels, tau=0.0)
+    with pytest.raises(LossError, match="same shape"):
+        teacher_soft_targets(margin[:, :3], labels)
+
+
+def test_soft_variant_in_the_training_loss() -> None:
+    from student.engine import TrainingLoss
+    from student.losses import HOICriterion
+
+    class ScoredTeacher:  # TrainingLoss only asks whether a teacher is enabled for ``soft``
+        enabled = True
+
+    outputs = make_outputs(31, batch=1, queries=3)
+    target = make_target([5], [[1, 0, 0, 0, 0, 0]], [[2.0, 1.5, -2.0, NAN, NAN, NAN]])
+    criterion = HOICriterion(num_verbs=VERBS)
+    none = TrainingLoss(criterion, DistillSettings(variant="soft"), None, aux_loss=False)(outputs, [target])
+    soft = TrainingLoss(criterion, DistillSettings(variant="soft", lambda_itm=1.0), ScoredTeacher(), aux_loss=False)
+    result = soft(outputs, [target])
+    # Two entries are completed (verbs 1, 2); L_HOI loses them, L_ITM is their soft focal term.
+    assert result.terms["itm_terms"] == 1 and result.terms["itm_skipped"] == 0
+    assert result.terms["loss_itm"] > 0 and result.terms["loss_hoi"] < none.terms["loss_hoi"]
+    half = TrainingLoss(criterion, DistillSettings(variant="soft", lambda_itm=0.5), ScoredTeacher(), aux_loss=False)
+    halved = half(outputs, [target])
+    assert math.isclose(halved.terms["loss"], result.terms["loss_hoi"] + 0.5 * result.terms["loss_itm"], rel_tol=1e-6)
+    # The original targets are not modified (the soft targets live on shallow copies).
+    assert "verb_soft_target" not in target
+    # Without teacher margins, the soft term is a connected zero.
+    bare = make_target([5], [[1, 0, 0, 0, 0, 0]])
+    empty = soft(outputs, [bare])
+    assert empty.terms["loss_itm"] == 0 and empty.terms["itm_terms"] == 0
+    empty.total.backward()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import free_port
 
 from student.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from student.losses import HOICriterion, HungarianMatcher, LossError, LossWeights, verb_focal_loss
+from student.losses import HOICriterion, HungarianMatcher, LossError, LossWeights, soft_focal_sum, verb_focal_loss
 
 torch.set_num_threads(1)
 NUM_CLASSES = 80
@@ -358,3 +358,85 @@ def test_num_pairs_is_averaged_over_ranks_when_distributed() -> None:
     for rank, (got_rank, *values) in enumerate(results):
         assert got_rank == rank
         assert values == pytest.approx([2.0, 1.5, 2.0, 1.75])
+
+
+# -- pairs whose verbs are unknown, and teacher-completed soft targets ---------------------------
+
+
+def reference_focal_terms(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CornerNet/QPIC focal terms per entry: -(1-p)^2 log p (positive), -p^2 log(1-p) (negative)."""
+    p = logits.sigmoid()
+    return torch.where(targets > 0.5, -((1 - p) ** 2) * torch.log(p), -(p**2) * torch.log(1 - p))
+
+
+def test_soft_focal_sum_is_the_focal_loss_at_hard_targets_and_ignores_nan() -> None:
+    logits = torch.randn(3, VERBS, generator=torch.Generator().manual_seed(3))
+    hard = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+    assert torch.allclose(soft_focal_sum(logits, hard), reference_focal_terms(logits, hard).sum(), atol=1e-6)
+    # A soft target t: -|t - p|^2 (t log p + (1 - t) log(1 - p)); NaN entries take no part.
+    soft = torch.full((3, VERBS), float("nan"))
+    soft[0, 1] = 0.3
+    p = logits[0, 1].sigmoid()
+    expected = -((0.3 - p) ** 2) * (0.3 * torch.log(p) + 0.7 * torch.log(1 - p))
+    assert torch.allclose(soft_focal_sum(logits, soft), expected, atol=1e-6)
+    # The soft term is smallest where the student's probability equals the target.
+    grid = torch.linspace(-4, 4, 801)[:, None]
+    best = grid[soft_focal_sum_rows(grid, torch.full((801, 1), 0.3)).argmin()]
+    assert abs(float(best.sigmoid()) - 0.3) < 0.01
+
+
+def soft_focal_sum_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.stack([soft_focal_sum(logits[i : i + 1], targets[i : i + 1]) for i in range(len(logits))])
+
+
+def test_focal_loss_weight_masks_entries_and_their_positives() -> None:
+    logits = torch.randn(2, VERBS, generator=torch.Generator().manual_seed(4))
+    targets = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]])
+    weight = torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 0]])
+    # Masking row 1 equals the loss of row 0 alone (its 2 positives are the denominator).
+    assert torch.allclose(verb_focal_loss(logits, targets, weight=weight), verb_focal_loss(logits[:1], targets[:1]))
+
+
+def test_a_pair_with_unknown_verbs_has_no_verb_term_and_no_verb_cost() -> None:
+    outputs = random_outputs(21, batch=1, queries=3)
+    target = make_target([3], [[0, 0, 0, 0]], [box(0.4, 0.5, 0.2, 0.4)], [box(0.5, 0.5, 0.2, 0.2)])
+    target["verb_known"] = torch.tensor([False])
+    criterion = HOICriterion(num_verbs=VERBS)
+    indices = [(torch.tensor([1]), torch.tensor([0]))]
+    losses = criterion(outputs, [target], indices)
+    losses["loss_verb_ce"].backward()
+    grad = outputs["pred_verb_logits"].grad[0]
+    assert torch.all(grad[1] == 0), "the matched query of an unannotated pair gets no verb gradient"
+    assert torch.all(grad[0] != 0) and torch.all(grad[2] != 0), "unmatched queries still learn 'no verb'"
+    # The matcher ignores the verbs of such a pair: its cost is that of a pair with verb cost 0.
+    known = dict(target, verb_known=torch.tensor([True]))
+    single = {key: value[0] for key, value in outputs.items() if key != "aux_outputs"}
+    matcher = HungarianMatcher(cost_obj_class=0, cost_bbox=0, cost_giou=0, cost_verb_class=1)
+    assert torch.all(matcher.cost_matrix(single, target) == 0)
+    assert torch.any(matcher.cost_matrix(single, known) != 0)
+
+
+def test_soft_targets_leave_the_focal_loss_for_their_own_term() -> None:
+    outputs = random_outputs(22, batch=1, queries=3)
+    target = make_target([3], [[1, 0, 0, 0]], [box(0.4, 0.5, 0.2, 0.4)], [box(0.5, 0.5, 0.2, 0.2)])
+    nan = float("nan")
+    criterion = HOICriterion(num_verbs=VERBS)
+    indices = [(torch.tensor([2]), torch.tensor([0]))]
+    logits = outputs["pred_verb_logits"].detach()
+    # Soft targets equal to the hard labels: focal + soft = the plain focal loss (same denominator).
+    same = dict(target, verb_soft_target=torch.tensor([[nan, 0.0, 0.0, nan]]))
+    plain = criterion(outputs, [target], indices)["loss_verb_ce"]
+    split = criterion(outputs, [same], indices)
+    assert torch.allclose(split["loss_verb_ce"] + split["loss_verb_soft"], plain, atol=1e-6)
+    # A soft positive (t = 0.8 on verb 1) enlarges the denominator by 0.8 and pulls its logit up.
+    soft = dict(target, verb_soft_target=torch.tensor([[nan, 0.8, nan, nan]]))
+    losses = criterion(outputs, [soft], indices)
+    p = logits[0, 2, 1].sigmoid()
+    expected = -((0.8 - p) ** 2) * (0.8 * torch.log(p) + 0.2 * torch.log(1 - p)) / 1.8
+    assert torch.allclose(losses["loss_verb_soft"], expected, atol=1e-6)
+    verb_logits = outputs["pred_verb_logits"]
+    verb_logits.grad = None
+    losses["loss_verb_soft"].backward()
+    grad = verb_logits.grad[0]
+    assert torch.count_nonzero(grad) == 1 and (grad[2, 1] < 0) == bool(p < 0.8)
+    assert criterion.weighted_total(losses) > 0  # the soft term has a weight (verb_class)

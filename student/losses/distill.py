@@ -1,6 +1,6 @@
 """Distillation of the ITM teacher into the student's verb (and object) predictions.
 
-Two variants, both documented with their formulas in ``docs/distillation.md``:
+Three variants, all documented with their formulas in ``docs/distillation.md``:
 
 - ``kl`` (default): for each query matched to a ground-truth pair, the student's verb logits over
   the verbs valid with the pair's object are pulled toward the softmax of the teacher's margins.
@@ -8,6 +8,10 @@ Two variants, both documented with their formulas in ``docs/distillation.md``:
 - ``margin``: the VLM-HOI paper's hinge (its eq. 4), given a gradient path through the student's
   confidence of each predicted triplet. Two steps: ``select_margin_triplets`` (which triplets the
   teacher must score) and ``margin_loss`` (once the scores are back).
+- ``soft``: the teacher completes the verb labels. For each pair, every candidate verb the label
+  does not assert (and every candidate of a pair whose verbs were never annotated) gets the
+  teacher's probability sigmoid(z / tau) as a soft target of the verb focal loss
+  (``teacher_soft_targets``; the criterion's ``loss_verb_soft``). Prefetchable like ``kl``.
 
 The teacher margin is ``z = l_match - l_nomatch`` of a sentence against the original image; it is
 a constant here, NaN where a score is missing.
@@ -25,7 +29,10 @@ from torch import Tensor
 
 from student.matcher import LossError, MatchIndices, check_outputs
 
-DistillVariant = Literal["kl", "margin"]
+DistillVariant = Literal["kl", "margin", "soft"]
+DISTILL_VARIANTS: tuple[str, ...] = ("kl", "margin", "soft")
+# Variants whose sentences depend on the ground truth only: scored before the step, prefetchable.
+GROUND_TRUTH_VARIANTS: tuple[str, ...] = ("kl", "soft")
 TEACHER_KEY = "teacher_verb_margin"
 
 
@@ -35,14 +42,16 @@ class DistillSettings:
 
     variant: DistillVariant = "kl"
     lambda_itm: float = 1.0
-    tau: float = 1.0  # kl: temperature of both softmaxes; the term is scaled by tau^2
+    tau: float = 1.0  # kl: temperature of both softmaxes (the term is scaled by tau^2); soft: of sigmoid(z / tau)
     alpha: float = 1.0  # margin: the positive margin of the paper's hinge (1 was its best)
     top_k: int = 8  # margin: at most this many negatives per image, most confident first
     score_threshold: float = 0.2  # margin: a triplet is "predicted" from this confidence up
 
     def __post_init__(self) -> None:
-        if self.variant not in ("kl", "margin"):
-            raise LossError(f"DistillSettings.variant: {self.variant!r} is not one of 'kl', 'margin'")
+        if self.variant not in DISTILL_VARIANTS:
+            raise LossError(
+                f"DistillSettings.variant: {self.variant!r} is not one of {', '.join(map(repr, DISTILL_VARIANTS))}"
+            )
         if self.lambda_itm < 0:
             raise LossError(f"DistillSettings.lambda_itm: must be >= 0, got {self.lambda_itm}")
         if not self.tau > 0:
@@ -152,6 +161,35 @@ def candidate_kl(student_logits: Tensor, teacher_margins: Tensor, tau: float) ->
     student_logp = torch.where(candidate, student_logp, 0.0)
     kl = (teacher_logp.exp() * candidate * (teacher_logp - student_logp)).sum(-1)
     return tau**2 * kl
+
+
+# -- soft ----------------------------------------------------------------------------------------
+
+
+def teacher_soft_targets(
+    margin: Tensor, verb_labels: Tensor, verb_known: Tensor | None = None, tau: float = 1.0
+) -> Tensor:
+    """The ``soft`` variant's targets (P, V): sigmoid(z / tau) where the teacher completes a label, NaN elsewhere.
+
+    margin: (P, V) ``teacher_verb_margin`` (NaN for non-candidates and missing scores).
+    verb_labels: (P, V) multi-hot ground truth; verb_known: (P,) bool, False for a pair whose verbs
+        were never annotated (default: all known).
+    An entry is completed by the teacher when it has a score and the label does not assert it: an
+    annotated verb stays a hard positive (annotators omit, they rarely invent), and every scored
+    candidate of an unannotated pair is the teacher's to say.
+    """
+    if not tau > 0:
+        raise LossError(f"teacher_soft_targets: tau must be > 0, got {tau}")
+    if margin.shape != verb_labels.shape:
+        raise LossError(
+            f"teacher_soft_targets: {TEACHER_KEY} {tuple(margin.shape)} and verb_labels "
+            f"{tuple(verb_labels.shape)} must have the same shape (P, V)"
+        )
+    asserted = verb_labels > 0.5
+    if verb_known is not None:
+        asserted = asserted & verb_known.to(torch.bool)[:, None]
+    completed = torch.isfinite(margin) & ~asserted
+    return torch.where(completed, torch.sigmoid(margin.float() / tau), torch.nan)
 
 
 # -- margin ------------------------------------------------------------------------------------

@@ -3,6 +3,14 @@
 L_HOI = w_bbox * (L1_human + L1_object) + w_giou * (GIoU_human + GIoU_object)
         + w_obj * CE_object + w_verb * focal_verb,
 summed over the final decoder layer and every auxiliary layer (suffix ``_{i}``).
+
+Two optional target keys change which verb entries the focal loss sees:
+- ``verb_known (P,)`` bool: a pair whose verbs were never annotated (False) has no verb term at
+  all, neither positive nor negative (its boxes and object class still count);
+- ``verb_soft_target (P, V)``: teacher-completed targets in [0, 1] (the ``soft`` distillation,
+  ``docs/distillation.md``), NaN where the label decides. Those entries leave the focal loss and
+  form their own term ``loss_verb_soft``: the same focal loss with a soft target t (quality focal
+  loss, ``-|t - p|^2 (t log p + (1 - t) log(1 - p))``, which equals the focal loss at t in {0, 1}).
 """
 
 from __future__ import annotations
@@ -21,11 +29,14 @@ from student.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from student.matcher import HungarianMatcher, LossError, MatchIndices, check_outputs, has_object_box
 
 LOSS_NAMES = ("obj_labels", "verb_labels", "boxes")
+VERB_KNOWN_KEY = "verb_known"
+SOFT_TARGET_KEY = "verb_soft_target"
 
 # Loss term -> the LossWeights field that scales it. Aux layers add "_{i}" to the term name.
 TERM_WEIGHTS = {
     "loss_obj_ce": "obj_class",
     "loss_verb_ce": "verb_class",
+    "loss_verb_soft": "verb_class",
     "loss_sub_bbox": "bbox",
     "loss_obj_bbox": "bbox",
     "loss_sub_giou": "giou",
@@ -54,8 +65,8 @@ class PairCounts:
     """The loss denominators of a batch, averaged over ranks and at least 1.
 
     pairs / pairs_with_object: ground-truth pairs (box losses); verb_positives: positive verb
-    labels (the focal loss); obj_class_weight: the sum of the object cross-entropy's class
-    weights over every query (1 for a matched object class, ``eos_coef`` for "no object").
+    labels plus the sum of the soft targets (the focal losses); obj_class_weight: the sum of the
+    object cross-entropy's class weights over every query (1 for a matched object class, ``eos_coef`` for "no object").
     Each rank divides its sums by the same averaged numbers, so DDP's gradient mean equals the
     gradient of one process holding the whole global batch.
     """
@@ -66,23 +77,43 @@ class PairCounts:
     obj_class_weight: float | None = None  # None: the local weight sum (a weighted mean)
 
 
-def verb_focal_loss(logits: Tensor, targets: Tensor, num_positives: float | None = None) -> Tensor:
+def verb_focal_loss(
+    logits: Tensor, targets: Tensor, num_positives: float | None = None, weight: Tensor | None = None
+) -> Tensor:
     """QPIC's verb focal loss (CornerNet's form, gamma 2, no alpha), normalised by the positives.
 
     logits: (..., V) raw verb logits; targets: (..., V) multi-hot (1 = positive).
     Returns a scalar: -(sum_pos (1-p)^2 log p + sum_neg p^2 log(1-p)) / max(#positives, 1).
     ``num_positives``: the denominator to use instead of this batch's own count (the global
-    count under DDP, ``PairCounts.verb_positives``).
+    count under DDP, ``PairCounts.verb_positives``). ``weight``: (..., V) 0/1, the entries that
+    take part (default: all).
     log p and log(1-p) are taken as logsigmoid(+-x), which stays finite where sigmoid saturates.
     """
     prob = logits.sigmoid()
     positive = targets > 0.5
     pos_term = (1 - prob).pow(2) * F.logsigmoid(logits)
     neg_term = prob.pow(2) * F.logsigmoid(-logits)
-    total = torch.where(positive, pos_term, neg_term).sum()
+    terms = torch.where(positive, pos_term, neg_term)
+    if weight is not None:
+        terms = terms * weight
+        positive = positive & (weight > 0)
     if num_positives is None:
-        return -total / positive.sum().clamp(min=1)
-    return -total / max(num_positives, 1.0)
+        return -terms.sum() / positive.sum().clamp(min=1)
+    return -terms.sum() / max(num_positives, 1.0)
+
+
+def soft_focal_sum(logits: Tensor, soft_targets: Tensor) -> Tensor:
+    """Sum of the focal loss with soft targets t over the finite entries of ``soft_targets``.
+
+    Per entry ``-|t - p|^2 (t log p + (1 - t) log(1 - p))`` with p = sigmoid(logit): the quality
+    focal loss (Li et al., GFL) at gamma 2, which is exactly ``verb_focal_loss``'s term when t is 0
+    or 1. logits, soft_targets: (..., V); NaN targets take no part (value and gradient 0).
+    """
+    entries = torch.isfinite(soft_targets)
+    target = torch.where(entries, soft_targets, 0.0).to(logits.dtype)
+    prob = logits.sigmoid()
+    cross_entropy = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits))
+    return torch.where(entries, (target - prob).abs().pow(2) * cross_entropy, 0.0).sum()
 
 
 class HOICriterion(nn.Module):
@@ -180,6 +211,10 @@ class HOICriterion(nn.Module):
         pairs = sum(int(t["obj_labels"].shape[0]) for t in targets)
         with_object = sum(int(has_object_box(t["obj_boxes"]).sum()) for t in targets)
         positives = sum(float((t["verb_labels"] > 0.5).sum()) for t in targets)
+        # Soft targets count by their mass: a teacher-completed label is a (partial) positive.
+        positives += sum(
+            float(torch.nan_to_num(t[SOFT_TARGET_KEY], nan=0.0).sum()) for t in targets if SOFT_TARGET_KEY in t
+        )
         class_weight = 0.0
         if num_queries is not None:
             weight = self.class_weight.double().cpu()
@@ -234,13 +269,42 @@ class HOICriterion(nn.Module):
         counts: PairCounts,
         log: bool = True,
     ) -> dict[str, Tensor]:
-        """Verb focal loss over all queries; unmatched queries target no verb at all."""
+        """Verb focal loss over all queries; unmatched queries target no verb at all.
+
+        A matched pair with ``verb_known`` False takes no verb term; entries with a finite
+        ``verb_soft_target`` form ``loss_verb_soft`` instead (see the module docstring).
+        """
         logits = outputs["pred_verb_logits"]  # (B, Q, V)
         batch_idx, query_idx = _flat_query_index(indices, logits.device)
-        matched = torch.cat([t["verb_labels"][pair] for t, (_, pair) in zip(targets, indices, strict=True)])
+        pairs = [pair for _, pair in indices]
+        matched = torch.cat([t["verb_labels"][pair] for t, pair in zip(targets, pairs, strict=True)])
         verb_targets = torch.zeros_like(logits)
         verb_targets[batch_idx, query_idx] = matched.to(verb_targets)
-        return {"loss_verb_ce": verb_focal_loss(logits, verb_targets, counts.verb_positives)}
+        weight = None
+        if any(VERB_KNOWN_KEY in t for t in targets):
+            known = torch.cat(
+                [
+                    t[VERB_KNOWN_KEY][pair] if VERB_KNOWN_KEY in t else torch.ones(len(pair), dtype=torch.bool)
+                    for t, pair in zip(targets, pairs, strict=True)
+                ]
+            )
+            weight = torch.ones_like(logits)
+            weight[batch_idx, query_idx] = known.to(device=logits.device, dtype=logits.dtype)[:, None]
+        result: dict[str, Tensor] = {}
+        if any(SOFT_TARGET_KEY in t for t in targets):
+            soft = torch.full_like(logits, float("nan"))
+            rows = [
+                t[SOFT_TARGET_KEY][pair]
+                if SOFT_TARGET_KEY in t
+                else torch.full((len(pair), logits.shape[-1]), torch.nan)
+                for t, pair in zip(targets, pairs, strict=True)
+            ]
+            soft[batch_idx, query_idx] = torch.cat(rows).to(soft)
+            fixed = (~torch.isfinite(soft)).to(logits.dtype)
+            weight = fixed if weight is None else weight * fixed
+            result["loss_verb_soft"] = soft_focal_sum(logits, soft) / max(counts.verb_positives or 1.0, 1.0)
+        result["loss_verb_ce"] = verb_focal_loss(logits, verb_targets, counts.verb_positives, weight)
+        return result
 
     def loss_boxes(
         self,
