@@ -99,7 +99,7 @@ def test_round_trip_through_a_dict_and_yaml(tmp_path: Path) -> None:
         ("optim.lr=-1", "optim.lr: got -1.0, expected > 0"),
         ("optim.batch_size=2.5", "optim.batch_size: got 2.5, expected an integer"),
         ("run.progress=maybe", "run.progress: got 'maybe', expected true or false"),
-        ("distill.variant=cosine", "distill.variant: got 'cosine', expected one of ['kl', 'margin']"),
+        ("distill.variant=cosine", "distill.variant: got 'cosine', expected one of ['kl', 'margin', 'soft']"),
         ("distill.tau=0", "distill.tau: must be > 0"),
         ("model.backbone.depth=7", "model.backbone.depth"),
         ("model.transformer.nhead=5", "model.transformer.nhead"),
