@@ -235,6 +235,26 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
     return image.convert("RGB")
 
 
+def itm_start_token_id(tokenizer: object, policy: str) -> int | None:
+    """The id that replaces the first token of ITM text, or None to keep the tokenizer's ``[CLS]``.
+
+    ``cls``: keep ``[CLS]`` (as transformers' ``BlipForImageTextRetrieval`` examples do); ``enc``:
+    ``[ENC]`` (as the original BLIP). Scoring and fine-tuning both build ITM input ids through this
+    one function, so a model is trained on the same inputs it is later scored on.
+
+    Raises:
+        ModelLoadError: ``policy`` is neither, or ``enc`` with a tokenizer that has no ``[ENC]``.
+    """
+    if policy == "cls":
+        return None
+    if policy != "enc":
+        raise ModelLoadError(f"itm_start_token must be 'cls' or 'enc', not {policy!r}")
+    token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ModelLoadError("itm_start_token='enc' needs an [ENC] token, and this tokenizer has none")
+    return int(token_id)
+
+
 @dataclass(frozen=True)
 class _LoadedModel:
     model: torch.nn.Module
@@ -245,7 +265,13 @@ class _LoadedModel:
 
 def _weights_identity(model_dir: Path) -> str:
     """SHA-256 over the weight files of a local model directory (names and contents)."""
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".pth"})
+    # Only the model's own weight files (model.safetensors, model-00001-of-00002.safetensors,
+    # pytorch_model.bin): a training checkpoint left beside them must not change the identity.
+    files = sorted(
+        p
+        for p in model_dir.iterdir()
+        if p.suffix in {".safetensors", ".bin"} and p.name.startswith(("model", "pytorch_model"))
+    )
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -336,7 +362,7 @@ class ItmEngine:
         self.vision_cache = VisionCache(self.settings.vision_cache_mb)
         self._tokenizer_lock = threading.Lock()
         self._token_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._start_token_id = self._resolve_start_token()
+        self._start_token_id = itm_start_token_id(self.tokenizer, self.settings.itm_start_token)
         text_config = self.model.config.text_config
         self._num_heads = text_config.num_attention_heads
         self._head_dim = text_config.hidden_size // text_config.num_attention_heads
@@ -358,16 +384,6 @@ class ItmEngine:
             weights_identity=loaded.weights_identity,
             settings=settings,
         )
-
-    def _resolve_start_token(self) -> int | None:
-        if self.settings.itm_start_token == "cls":
-            return None  # keep the tokenizer's [CLS]
-        if self.settings.itm_start_token != "enc":
-            raise ModelLoadError(f"itm_start_token must be 'cls' or 'enc', not {self.settings.itm_start_token!r}")
-        token_id = self.tokenizer.convert_tokens_to_ids("[ENC]")
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ModelLoadError("itm_start_token='enc' needs an [ENC] token, and this tokenizer has none")
-        return int(token_id)
 
     def _compute_fingerprint(self) -> str:
         """Short hash of everything that changes a score: weights, preprocessing, policy, dtype."""

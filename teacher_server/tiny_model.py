@@ -149,20 +149,54 @@ def make_model_of_size(size: str, directory: str | Path, *, seed: int = 0) -> Pa
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``make-tiny-model``; the defaults make the test model."""
     parser.add_argument("directory", type=Path, help="where to write the model (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     parser.add_argument("--hidden-size", type=int, default=32, help="width of both towers (default 32)")
     parser.add_argument("--layers", type=int, default=2, help="layers per tower (default 2)")
+    parser.add_argument(
+        "--heads", type=int, default=2, help="attention heads per layer; must divide --hidden-size (default 2)"
+    )
     parser.add_argument("--image-size", type=int, default=32, help="input resolution (default 32)")
+    parser.add_argument("--patch-size", type=int, default=8, help="ViT patch size in pixels (default 8)")
+    parser.add_argument(
+        "--initializer-range",
+        type=float,
+        default=0.2,
+        help="std of the random weights: 0.2 (default) spreads a random model's scores for tests; "
+        "0.02 (BERT's) gives a model that fine-tuning can teach",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the model; exit code 2 with a message for sizes that do not fit together."""
+    problem = _size_problem(args)
+    if problem:
+        print(f"make-tiny-model: {problem}")
+        return 2
     path = make_tiny_model(
         args.directory,
         seed=args.seed,
         hidden_size=args.hidden_size,
         num_layers=args.layers,
+        num_heads=args.heads,
         image_size=args.image_size,
+        patch_size=args.patch_size,
+        initializer_range=args.initializer_range,
     )
     print(f"wrote a tiny random BLIP ITM model to {path} (random weights: scores are meaningless)")
     return 0
+
+
+def _size_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the sizes on the command line, or None."""
+    for name in ("hidden_size", "layers", "heads", "image_size", "patch_size"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.hidden_size % args.heads:
+        return f"--hidden-size {args.hidden_size} is not divisible by --heads {args.heads}"
+    if args.patch_size > args.image_size:
+        return f"--patch-size {args.patch_size} is larger than --image-size {args.image_size}"
+    if not args.initializer_range > 0:
+        return f"--initializer-range must be > 0, got {args.initializer_range}"
+    return None

@@ -154,6 +154,10 @@ def test_round_trip_through_save_pretrained(tmp_path: Path, tiny_blip_dir: Path,
     request = [ImageSentences(image_digest(data), engine.prepare_image(data), SENTENCES)]
     assert reloaded.score(request) == engine.score(request)
     assert reloaded.fingerprint == engine.fingerprint  # same weights, same settings
+    # Files beside the weights (a training checkpoint, notes) are not part of the model's identity.
+    (copy / "finetune_checkpoint.pt").write_bytes(b"optimizer state")
+    (copy / "notes.bin").write_bytes(b"x")
+    assert ItmEngine.from_pretrained(copy).fingerprint == engine.fingerprint
     described = reloaded.describe()
     assert described["fingerprint"] == reloaded.fingerprint
     assert described["limits"]["max_sentence_tokens"] == 64

@@ -1,0 +1,426 @@
+"""How well a teacher ranks the verbs of annotated pairs: ``python -m teacher_server eval-itm``.
+
+For every annotated (human, object) pair the teacher scores each candidate sentence of the pair's
+object (every verb valid with it, ``candidate_sentences``) against the whole image. The pair's
+annotated verbs are its positives; its negatives are the other candidates that no pair of the
+same object class in the image has. Whole-image scoring cannot tell two people apart, so a verb
+that another person does with another object of the same class is neither right nor wrong here.
+
+Metrics (pure numpy functions, testable on hand-made scores):
+
+- ``roc_auc``: all positive vs all negative sentences, pooled over pairs (Mann-Whitney U, ties
+  count 1/2): the chance that a true sentence outscores a false one;
+- ``average_precision``: per pair, non-interpolated AP of its verb ranking; ``verb_map`` is the
+  mean over pairs;
+- ``top1``: the share of pairs whose best-scored candidate is a positive.
+
+Each overall and split into HICO-DET's rare / non-rare: a triplet is rare with fewer than 10
+instances in the training annotations; a pair is rare when one of its positive triplets is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from teacher_server.errors import TeacherError
+from teacher_server.finetune import SentenceTable, pair_object, resolve_correspondence
+from teacher_server.hoi.annotations import ImageAnnotation, dataset_spec, load_annotations
+from teacher_server.hoi.errors import DatasetError
+from teacher_server.hoi.prompts import VARIANTS
+
+#: HICO-DET: a triplet with fewer training instances than this is rare.
+RARE_THRESHOLD = 10
+TRAIN_FILES = {"hico": "trainval_hico.json", "vcoco": "trainval_vcoco.json"}
+
+
+# ======================================================================================= metrics
+
+
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float | None:
+    """Area under the ROC curve: P(a positive outscores a negative), ties counting 1/2.
+
+    Mann-Whitney: with average ranks r (1 = lowest, tied scores share their mean rank),
+    AUC = (sum of positive ranks - n+(n+ + 1)/2) / (n+ n-). None without positives or negatives.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = _average_ranks(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ascending; equal values share the mean of the ranks they span."""
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    # Start of each run of equal values in sorted order, and the run each item belongs to.
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(values)]
+    mean_rank = (starts + 1 + ends) / 2.0  # ranks starts+1 .. ends
+    run_of = np.repeat(np.arange(len(starts)), ends - starts)
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = mean_rank[run_of]
+    return ranks
+
+
+def average_precision(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float | None:
+    """Non-interpolated average precision of ranking by ``scores`` (highest first).
+
+    AP = sum over score thresholds t of (recall(t) - recall(previous t)) * precision(t). Tied scores
+    form one threshold, so the result does not depend on the order of tied items. Without ties
+    this is the mean, over positives, of the precision at each positive's rank. None without positives.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    positives = int(labels.sum())
+    if positives == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    ordered, hits = scores[order], labels[order]
+    last_of_run = np.r_[ordered[1:] != ordered[:-1], True]  # one threshold per distinct score
+    true_positives = np.cumsum(hits)[last_of_run]
+    retrieved = np.flatnonzero(last_of_run) + 1
+    recall_steps = np.diff(np.r_[0, true_positives]) / positives
+    return float((recall_steps * true_positives / retrieved).sum())
+
+
+def top1(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float | None:
+    """1 when the best-scored item is a positive, 0 when not; the positive share of a tied top.
+
+    (A tie at the top counts as a random pick among the tied items.) None for no items.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if scores.size == 0:
+        return None
+    return float(labels[scores == scores.max()].mean())
+
+
+# ===================================================================================== per pair
+
+
+@dataclass(frozen=True)
+class PairRanking:
+    """One evaluated pair: the scores of its object's candidates and which are positives."""
+
+    image: str
+    object_index: int
+    verbs: tuple[int, ...]  # (K,) candidate verb indices
+    scores: np.ndarray  # (K,) match logits
+    labels: np.ndarray  # (K,) bool, True = an annotated verb of the pair
+    rare: bool | None  # None without training annotations
+
+
+@dataclass
+class ItmQuality:
+    """The evaluated pairs of an annotation file and their metrics."""
+
+    pairs: list[PairRanking]
+    images: int
+    skipped: dict[str, int]  # reason -> pairs: unknown_verbs, no_positive, no_negative
+    has_rare_split: bool
+    model: str = ""
+    fingerprint: str = ""
+    annotation_file: str = ""
+
+    def metrics(self, pairs: Sequence[PairRanking]) -> dict[str, float | int | None]:
+        """``auc`` (pooled), ``verb_map`` and ``top1`` (means over pairs), ``pairs``, ``sentences``."""
+        if not pairs:
+            return {"auc": None, "verb_map": None, "top1": None, "pairs": 0, "sentences": 0}
+        scores = np.concatenate([pair.scores for pair in pairs])
+        labels = np.concatenate([pair.labels for pair in pairs])
+        return {
+            "auc": roc_auc(scores, labels),
+            "verb_map": _mean(average_precision(pair.scores, pair.labels) for pair in pairs),
+            "top1": _mean(top1(pair.scores, pair.labels) for pair in pairs),
+            "pairs": len(pairs),
+            "sentences": int(scores.size),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON of ``eval-itm --json``: overall metrics, then ``rare`` / ``non_rare`` (or null)."""
+        result: dict[str, Any] = self.metrics(self.pairs)
+        for name, rare in (("rare", True), ("non_rare", False)):
+            if self.has_rare_split:
+                group = self.metrics([pair for pair in self.pairs if pair.rare is rare])
+                result[name] = {key: group[key] for key in ("auc", "verb_map", "top1", "pairs")}
+            else:
+                result[name] = None
+        result["images"] = self.images
+        result["skipped"] = dict(self.skipped)
+        return result
+
+    def table(self) -> str:
+        """A readable report: one row per split, metrics as fractions."""
+        summary = self.summary()
+        lines = [
+            f"model {self.model} (fingerprint {self.fingerprint}) on {self.annotation_file}: {self.images} images, "
+            f"{summary['pairs']} pairs, {summary['sentences']} sentences",
+            "skipped pairs: "
+            + ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in self.skipped.items()),
+            f"{'split':<10} {'pairs':>7} {'AUC':>7} {'verb mAP':>9} {'top-1':>7}",
+        ]
+        rows = [("all", summary)]
+        rows += [(name.replace("_", "-"), summary[name]) for name in ("rare", "non_rare") if summary[name] is not None]
+        for name, row in rows:
+            cells = " ".join(
+                f"{_fraction(row[key]):>{width}}" for key, width in (("auc", 7), ("verb_map", 9), ("top1", 7))
+            )
+            lines.append(f"{name:<10} {row['pairs']:>7} {cells}")
+        if not self.has_rare_split:
+            lines.append("no rare / non-rare split: no training annotations (give --train-annotations)")
+        return "\n".join(lines)
+
+
+def _mean(values: Any) -> float | None:
+    kept = [value for value in values if value is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@dataclass
+class PairPlan:
+    """A pair to score: its candidates, which are positive, which are left out."""
+
+    image: ImageAnnotation
+    object_index: int
+    candidates: list[tuple[int, str]] = field(default_factory=list)  # (verb, sentence), labelled ones
+    labels: list[bool] = field(default_factory=list)
+    rare: bool | None = None
+
+
+def plan_pairs(
+    annotation: ImageAnnotation,
+    table: SentenceTable,
+    rare_triplets: Callable[[int, int], bool] | None,
+    skipped: Counter,
+) -> list[PairPlan]:
+    """The evaluable pairs of one image, with labelled candidates; counts the skipped ones.
+
+    A candidate of a pair is positive when it is one of the pair's verbs, negative when no pair of
+    the same object class in the image is known to have it (and none has unknown verbs).
+    """
+    pairs = annotation.pairs()
+    positives_of: dict[int, set[str]] = {}  # object class -> sentences true of some pair with it
+    unknown_objects: set[int] = set()
+    for pair in pairs:
+        obj = pair_object(annotation, pair.object)
+        if not pair.verbs_known:
+            unknown_objects.add(obj)
+            continue
+        positives_of.setdefault(obj, set()).update(s for v in pair.verbs if (s := table.sentence(v, obj)) is not None)
+    plans = []
+    for pair in pairs:
+        if not pair.verbs_known:
+            skipped["unknown_verbs"] += 1
+            continue
+        obj = pair_object(annotation, pair.object)
+        plan = PairPlan(annotation, obj)
+        candidates = table.candidates(obj)
+        for verb, sentence in candidates:
+            if verb in pair.verbs:
+                plan.candidates.append((verb, sentence))
+                plan.labels.append(True)
+            elif sentence not in positives_of[obj] and obj not in unknown_objects:
+                plan.candidates.append((verb, sentence))
+                plan.labels.append(False)
+        # An annotated verb the correspondence table does not list is still true: score it too.
+        listed = {verb for verb, _ in candidates}
+        for verb in pair.verbs:
+            sentence = table.sentence(verb, obj)
+            if verb not in listed and sentence is not None:
+                plan.candidates.append((verb, sentence))
+                plan.labels.append(True)
+        if not any(plan.labels):
+            skipped["no_positive"] += 1
+            continue
+        if all(plan.labels):
+            skipped["no_negative"] += 1
+            continue
+        if rare_triplets is not None:
+            plan.rare = any(
+                rare_triplets(verb, obj) for (verb, _), label in zip(plan.candidates, plan.labels, strict=True) if label
+            )
+        plans.append(plan)
+    return plans
+
+
+def training_triplet_counts(train_annotations: str | Path, dataset: str = "hico") -> Counter:
+    """Instances of each (verb, object class) triplet in a training annotation file."""
+    counts: Counter = Counter()
+    for annotation in load_annotations(train_annotations, dataset):
+        for hoi in annotation.hois:
+            counts[(hoi.verb, pair_object(annotation, hoi.object))] += 1
+    return counts
+
+
+def rare_rule(counts: Counter) -> Callable[[int, int], bool]:
+    """(verb, object) -> rare: fewer than ``RARE_THRESHOLD`` training instances (unseen included)."""
+    return lambda verb, obj: counts[(verb, obj)] < RARE_THRESHOLD
+
+
+def default_train_annotations(annotation_file: str | Path, dataset: str) -> Path | None:
+    """``trainval_<dataset>.json`` beside the evaluated file, when it exists."""
+    candidate = Path(annotation_file).parent / TRAIN_FILES[dataset]
+    return candidate if candidate.is_file() else None
+
+
+# ==================================================================================== evaluation
+
+
+def evaluate_itm(
+    engine: Any,
+    annotation_file: str | Path,
+    image_root: str | Path,
+    *,
+    dataset: str = "hico",
+    correspondence: np.ndarray | str | Path | None = None,
+    train_annotations: str | Path | None = None,
+    prompt_variant: str = "full",
+    limit: int | None = None,
+    progress: bool | None = None,
+    batch_images: int = 16,
+) -> ItmQuality:
+    """Score every candidate sentence of every annotated pair with ``engine`` (an ``ItmEngine``).
+
+    ``train_annotations``: for the rare / non-rare split; None = ``trainval_<dataset>.json`` beside
+    ``annotation_file`` when it exists, else no split. ``limit``: the first N images only.
+    ``progress``: a tqdm bar; None = when stderr is a terminal.
+
+    Raises:
+        DatasetError: a malformed annotation, correspondence or training file, a missing image.
+        InvalidInputError (a TeacherError): an image the engine refuses (corrupt, over a limit).
+    """
+    from tqdm import tqdm
+
+    from teacher_server.engine import ImageSentences
+
+    if prompt_variant not in VARIANTS:
+        raise DatasetError(f"prompt_variant must be one of {list(VARIANTS)}, not {prompt_variant!r}")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit = {limit}, expected >= 1")
+    spec = dataset_spec(dataset)
+    annotations = load_annotations(annotation_file, dataset, image_root=image_root)[:limit]
+    table = SentenceTable(resolve_correspondence(annotation_file, dataset, correspondence), spec.verbs, prompt_variant)
+    train_file = train_annotations or default_train_annotations(annotation_file, dataset)
+    rare = rare_rule(training_triplet_counts(train_file, dataset)) if train_file is not None else None
+    skipped: Counter = Counter({"unknown_verbs": 0, "no_positive": 0, "no_negative": 0})
+    planned = [(annotation, plan_pairs(annotation, table, rare, skipped)) for annotation in annotations]
+    planned = [(annotation, plans) for annotation, plans in planned if plans]
+    show = sys.stderr.isatty() if progress is None else progress
+    results: list[PairRanking] = []
+    with tqdm(total=len(annotations), desc="eval-itm", unit="img", disable=not show) as bar:
+        bar.update(len(annotations) - len(planned))  # images without an evaluable pair
+        for start in range(0, len(planned), batch_images):
+            chunk = planned[start : start + batch_images]
+            requests = []
+            for annotation, plans in chunk:
+                image = _prepare(engine, Path(image_root) / annotation.file_name, annotation.index)
+                sentences = list(dict.fromkeys(s for plan in plans for _, s in plan.candidates))
+                requests.append(ImageSentences(image.digest, image, sentences))
+            scored = engine.score(requests)
+            for request, scores, (_, plans) in zip(requests, scored, chunk, strict=True):
+                logit = {s: score.match_logit for s, score in zip(request.sentences, scores, strict=True)}
+                results += [_ranking(plan, logit) for plan in plans]
+            bar.update(len(chunk))
+    return ItmQuality(
+        pairs=results,
+        images=len(annotations),
+        skipped=dict(skipped),
+        has_rare_split=rare is not None,
+        model=getattr(engine, "model_id", ""),
+        fingerprint=getattr(engine, "fingerprint", ""),
+        annotation_file=str(annotation_file),
+    )
+
+
+def _prepare(engine: Any, path: Path, index: int) -> Any:
+    """The engine's ``PreparedImage`` of one annotated image; errors name the entry and file."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"entry {index}: cannot read image {path}: {error.strerror or error}") from None
+    return engine.prepare_image(data, field=f"entry {index} ({path})")
+
+
+def _ranking(plan: PairPlan, logit: dict[str, float]) -> PairRanking:
+    return PairRanking(
+        image=plan.image.file_name,
+        object_index=plan.object_index,
+        verbs=tuple(verb for verb, _ in plan.candidates),
+        scores=np.array([logit[sentence] for _, sentence in plan.candidates], dtype=np.float64),
+        labels=np.array(plan.labels, dtype=bool),
+        rare=plan.rare,
+    )
+
+
+# =========================================================================================== CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``eval-itm``."""
+    from teacher_server.engine import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"hub id or save_pretrained directory (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--annotations", type=Path, required=True, help="annotation file to evaluate (test_hico.json)")
+    parser.add_argument("--images", type=Path, required=True, help="directory of its images")
+    parser.add_argument("--dataset", choices=["hico", "vcoco"], default="hico", help="annotation format (default hico)")
+    parser.add_argument(
+        "--correspondence",
+        type=Path,
+        help="verb x object validity .npy (default: corre_<dataset>.npy beside --annotations; hico: built in)",
+    )
+    parser.add_argument(
+        "--train-annotations",
+        type=Path,
+        help="training annotations for the rare / non-rare split (default: trainval_<dataset>.json beside "
+        "--annotations when it exists)",
+    )
+    parser.add_argument("--prompt-variant", choices=list(VARIANTS), default="full", help="(default full)")
+    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--itm-start-token", default="cls", choices=["cls", "enc"], help="as the model was trained")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``eval-itm``: load the teacher, evaluate, print the table (and JSON); 2 on bad input."""
+    from teacher_server.engine import EngineSettings, ItmEngine
+
+    try:
+        engine = ItmEngine.from_pretrained(
+            args.model, EngineSettings(device=args.device, dtype=args.dtype, itm_start_token=args.itm_start_token)
+        )
+        quality = evaluate_itm(
+            engine,
+            args.annotations,
+            args.images,
+            dataset=args.dataset,
+            correspondence=args.correspondence,
+            train_annotations=args.train_annotations,
+            prompt_variant=args.prompt_variant,
+            limit=args.limit,
+            progress=False if args.no_progress else None,
+        )
+    except (TeacherError, DatasetError) as error:
+        print(f"eval-itm: {error}", file=sys.stderr)
+        return 2
+    print(quality.table())
+    if args.json:
+        print(json.dumps(quality.summary(), allow_nan=False))
+    return 0
