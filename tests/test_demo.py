@@ -28,16 +28,20 @@ TINY = [
 def test_demo_runs_end_to_end_and_ends_with_json(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # No real teacher anywhere: the demo must fall back to a tiny random BLIP and say so.
+    # No real teacher anywhere: the demo teaches a tiny BLIP on the synthetic teacher corpus.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     work = tmp_path / "demo"
     argv = ["demo", "--work-dir", str(work), "--train", "12", "--test", "4", "--epochs", "2", "--image-size", "64"]
+    argv += ["--corpus", "16", "--teacher-epochs", "1"]
     code = main([*argv, "--no-progress", *TINY])
     # capfd: the torchrun ranks write to the file descriptors, not to this process's sys.stdout.
     text, err = capfd.readouterr()
     assert code == 0, err + text
-    assert "tiny random BLIP" in text and "mean nothing" in text
+    assert "co-occurring verb labels dropped (rate 0.7" in text, "HICO-DET's missing labels, by default"
+    assert "teacher: a tiny BLIP fine-tuned on the 16 teacher-corpus images" in text
+    assert "teacher: fine-tuned in" in text and (work / "teacher-finetuned" / "finetune.json").is_file()
+    assert "random (its starting point)" in text and "fine-tuned on the corpus" in text
     assert "untrained student: mAP" in text
     # The real topology: Redis, the teacher as its own gRPC process, prewarm, 2 torchrun ranks.
     assert "score cache: Redis at redis://127.0.0.1:" in text
@@ -49,24 +53,44 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     assert "trained (kl distillation)" in text
     lines = text.strip().splitlines()
     result = json.loads(lines[-1])
-    assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher"}
-    assert result["teacher"] == "tiny random BLIP (no real weights offline)"
+    assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc"}
+    assert result["teacher"] == "tiny BLIP fine-tuned on the synthetic teacher corpus"
+    # The AUC printed in the quality table is the one the JSON reports.
+    tuned_row = next(line for line in lines if line.startswith("fine-tuned on the corpus"))
+    assert float(tuned_row.split()[4]) == pytest.approx(result["teacher_auc"], abs=1e-3)
     assert 0 <= result["map_untrained"] <= 100 and 0 <= result["map_trained"] <= 100
     assert result["seconds"] > 0
     assert (work / "train" / "checkpoint.pth").is_file() and (work / "train" / "preds.json").is_file()
-    scored = next(line for line in lines if line.startswith("teacher: tiny random BLIP (no real"))
+    scored = next(line for line in lines if line.startswith("teacher: tiny BLIP fine-tuned"))
     assert "scored 0 " not in scored  # the teacher really scored sentences
     # Prewarmed: training asked the teacher service for nothing new.
     assert "during training the teacher service ran 0 pairs through BLIP" in scored
 
 
 def test_demo_data_is_written_once(tmp_path: Path) -> None:
-    first = prepare_data(tmp_path, train=3, test=2, image_size=64, seed=0, progress=False)
+    first = prepare_data(tmp_path, train=3, test=2, image_size=64, seed=0, corpus=2, progress=False)
     assert first.startswith(f"wrote {tmp_path}")
-    again = prepare_data(tmp_path, train=3, test=2, image_size=64, seed=0, progress=False)
+    again = prepare_data(tmp_path, train=3, test=2, image_size=64, seed=0, corpus=2, progress=False)
     assert again.startswith("synthetic data: reusing")
-    changed = prepare_data(tmp_path, train=4, test=2, image_size=64, seed=0, progress=False)
+    changed = prepare_data(tmp_path, train=4, test=2, image_size=64, seed=0, corpus=2, progress=False)
     assert changed.startswith("wrote")
+    noisier = prepare_data(tmp_path, train=4, test=2, image_size=64, seed=0, corpus=2, drop_cooccurring=0.5)
+    assert noisier.startswith("wrote")
+
+
+def test_demo_reuses_its_fine_tuned_teacher(tmp_path: Path) -> None:
+    from teacher_server.demo import taught_tiny_teacher
+
+    prepare_data(tmp_path / "data", train=2, test=2, image_size=64, seed=0, corpus=8, progress=False)
+    corpus = (tmp_path / "data" / "annotations" / "corpus_hico.json", tmp_path / "data" / "images" / "corpus")
+    first = taught_tiny_teacher(tmp_path, *corpus, epochs=1, say=lambda _: None)
+    weights = (first.path / "model.safetensors").read_bytes()
+    again = taught_tiny_teacher(tmp_path, *corpus, epochs=1, say=lambda _: None)
+    assert not first.reused and again.reused
+    assert (again.path / "model.safetensors").read_bytes() == weights
+    # Other settings: the old teacher is replaced, not silently reused.
+    other = taught_tiny_teacher(tmp_path, *corpus, epochs=2, say=lambda _: None)
+    assert not other.reused and (other.path / "model.safetensors").read_bytes() != weights
 
 
 def test_demo_reports_bad_overrides(tmp_path: Path) -> None:

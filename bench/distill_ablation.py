@@ -1,0 +1,449 @@
+"""Does the teacher's knowledge reach the student? An ablation over seeds, with a control.
+
+    python bench/distill_ablation.py                                    # finetuned,random x none,default, 3 seeds
+    python bench/distill_ablation.py --variants none,kl,soft,margin --seeds 5
+    python bench/distill_ablation.py --eval-split val --override distill.lambda_itm=2   # tuning: val only
+
+For every seed s in ``--first-seed`` .. ``--first-seed + --seeds - 1`` (the seed of the data, the
+teacher and the student alike):
+
+1. the synthetic world of seed s (``student.data.synthetic``): a training split with HICO-DET's
+   weaknesses (the long tail; co-occurring labels dropped at ``--drop-cooccurring``; verb labels
+   on only ``--verb-label-fraction`` of the pairs), fully labelled validation and test splits,
+   and the teacher's own corpus (balanced, fully labelled, seen by the teacher only);
+2. two teachers: ``random``, a tiny BLIP with random weights (seed s), and ``finetuned``, that
+   same model fine-tuned on the corpus (``teacher_server finetune``); ``eval-itm`` measures how
+   well each ranks the verbs of the test pairs;
+3. the same student recipe (``--config``, default the demo's) trained once per cell: ``none``
+   (no teacher; once per seed whatever the teachers), and ``<teacher>/<variant>`` for every
+   teacher and distillation variant (``default`` = the config's own ``distill.variant``);
+4. every run evaluated on the test split (``--eval-split val`` for tuning): HICO-DET Default mAP
+   Full, Rare, Non-rare, and ``dropped``: the mean AP of the triplet classes whose training
+   labels were thinned (``sit_on bicycle``, ``straddle horse``, ``hold kite``, ``hold cup``).
+
+A distilled cell's gains are paired: gain_s = metric(cell, s) - metric(none, s) on the same data
+and initialisation, reported as the mean over seeds and its standard error (sample standard
+deviation / sqrt(seeds)). The random teacher is the control: a gain that also appears with it is
+regularisation, not knowledge. The table shows every cell, whatever it says; the last line is one
+JSON object ``{"cells": {"none": {...}, "finetuned/default": {...}, ...}, "teachers": {...}, ...}``.
+
+Runs go to ``--work-dir`` (default ``runs/ablation``); data, teachers and finished runs with the
+same settings are reused, so an interrupted ablation continues where it stopped. ``--jobs``
+student runs go in parallel, one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from student.demo import DEMO_CONFIG  # noqa: E402
+
+TEACHERS = ("finetuned", "random")
+METRICS = ("full", "rare", "non_rare", "dropped")
+
+
+@dataclass(frozen=True)
+class World:
+    """Sizes and label noise of the synthetic world (one per seed)."""
+
+    train: int = 1000
+    val: int = 500
+    test: int = 1000
+    corpus: int = 1500
+    drop_cooccurring: float = 0.7
+    verb_label_fraction: float = 1.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One student configuration: no teacher, or a teacher and a distillation variant."""
+
+    teacher: str | None  # None, "finetuned" or "random"
+    variant: str | None  # None (no teacher) or a variant name / "default"
+
+    @property
+    def name(self) -> str:
+        return "none" if self.teacher is None else f"{self.teacher}/{self.variant}"
+
+    @property
+    def directory(self) -> str:
+        return self.name.replace("/", "-")
+
+
+@dataclass
+class RunResult:
+    """The metrics of one (cell, seed) student run, in percent (None where undefined)."""
+
+    cell: str
+    seed: int
+    metrics: dict[str, float | None]
+    seconds: float
+    reused: bool = False
+    per_triplet: dict[str, float] = field(default_factory=dict)
+
+
+# -- arguments ---------------------------------------------------------------------------------
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teachers", default="finetuned,random", help="finetuned, random (default both)")
+    parser.add_argument(
+        "--variants",
+        default="none,default",
+        help="none, kl, margin, soft, default (the config's own variant); default: none,default",
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds S..S+N-1 (default 0)")
+    parser.add_argument("--epochs", type=int, default=40, help="student epochs (default 40)")
+    parser.add_argument("--teacher-epochs", type=int, default=10, help="teacher fine-tuning epochs (default 10)")
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="student recipe (default: demo.yaml)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="student config override")
+    parser.add_argument("--train", type=int, default=World.train, help=f"training images (default {World.train})")
+    parser.add_argument("--val", type=int, default=World.val, help=f"validation images (default {World.val})")
+    parser.add_argument("--test", type=int, default=World.test, help=f"test images (default {World.test})")
+    parser.add_argument("--corpus", type=int, default=World.corpus, help=f"teacher corpus (default {World.corpus})")
+    parser.add_argument("--drop-cooccurring", type=float, default=World.drop_cooccurring, metavar="RATE")
+    parser.add_argument("--verb-label-fraction", type=float, default=World.verb_label_fraction, metavar="F")
+    parser.add_argument("--image-size", type=int, default=128, help="synthetic image height (default 128)")
+    parser.add_argument("--eval-split", choices=("test", "val"), default="test", help="test (report) or val (tune)")
+    parser.add_argument("--jobs", type=int, default=2, help="student runs in parallel, one thread each (default 2)")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/ablation"), help="default runs/ablation")
+    parser.add_argument("--no-reuse", action="store_true", help="redo runs whose results are already there")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    args.teachers = _split(args.teachers, TEACHERS, "--teachers")
+    args.variants = _split(args.variants, ("none", "kl", "margin", "soft", "default"), "--variants")
+    if args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    return args
+
+
+def _split(text: str, allowed: Sequence[str], flag: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"{flag}: {unknown or text!r} not in {', '.join(allowed)}")
+    return list(dict.fromkeys(items))
+
+
+def cells_of(teachers: Sequence[str], variants: Sequence[str]) -> list[Cell]:
+    """``none`` once (when asked for), then every teacher x distillation variant."""
+    cells = [Cell(None, None)] if "none" in variants else []
+    cells += [Cell(t, v) for t in teachers for v in variants if v != "none"]
+    return cells
+
+
+# -- world and teachers ------------------------------------------------------------------------
+
+
+def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[str, Any]:
+    """Write the synthetic world of ``seed`` (reused when ``synthetic.json`` has the same arguments)."""
+    from student.data.synthetic import SUMMARY_FILE, write_synthetic_dataset
+
+    arguments = {
+        "train": world.train,
+        "test": world.test,
+        "val": world.val,
+        "corpus": world.corpus,
+        "seed": seed,
+        "corpus_seed": None,
+        "image_size": image_size,
+        "max_people": 1,
+        "drop_cooccurring": world.drop_cooccurring,
+        "verb_label_fraction": world.verb_label_fraction,
+    }
+    summary_file = root / SUMMARY_FILE
+    if summary_file.is_file() and json.loads(summary_file.read_text()).get("arguments") == arguments:
+        return json.loads(summary_file.read_text())
+    write_synthetic_dataset(
+        root,
+        world.train,
+        world.test,
+        val=world.val,
+        corpus=world.corpus,
+        seed=seed,
+        image_size=image_size,
+        max_people=1,
+        drop_cooccurring=world.drop_cooccurring,
+        verb_label_fraction=world.verb_label_fraction,
+        progress=False,
+    )
+    return json.loads(summary_file.read_text())
+
+
+def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, say: Any) -> dict[str, Path]:
+    """The random tiny BLIP of ``seed`` and its fine-tuning on the corpus (both reused when present)."""
+    from teacher_server.demo import taught_tiny_teacher
+
+    taught = taught_tiny_teacher(
+        seed_dir,
+        data / "annotations" / "corpus_hico.json",
+        data / "images" / "corpus",
+        seed=seed,
+        epochs=epochs,
+        num_threads=2,
+        say=lambda _: None,
+    )
+    if not taught.reused:
+        say(f"seed {seed}: teacher fine-tuned in {taught.seconds:.0f} s")
+    return {"random": taught.random, "finetuned": taught.path}
+
+
+def teacher_quality(model: Path, data: Path, split: str) -> dict[str, Any]:
+    """``eval-itm`` of one teacher on the evaluation split (whole images, every candidate verb)."""
+    from teacher_server.engine import EngineSettings, ItmEngine
+    from teacher_server.itm_eval import evaluate_itm
+
+    engine = ItmEngine.from_pretrained(model, EngineSettings(device="cpu", dtype="fp32"))
+    names = {"test": "test_hico.json", "val": "val_hico.json"}
+    quality = evaluate_itm(
+        engine,
+        data / "annotations" / names[split],
+        data / "images" / split,
+        train_annotations=data / "annotations" / "trainval_hico.json",
+        progress=False,
+    )
+    return quality.summary()
+
+
+# -- student runs ------------------------------------------------------------------------------
+
+
+def student_overrides(
+    cell: Cell, seed: int, data: Path, teachers: dict[str, Path], args: argparse.Namespace
+) -> list[str]:
+    """The ``student train`` overrides of one run."""
+    overrides = [
+        f"data.root={data}",
+        f"run.seed={seed}",
+        f"schedule.epochs={args.epochs}",
+        "run.num_threads=1",
+        "run.eval_every=0",
+        "run.eval_at_end=true",
+        "run.progress=false",
+        "data.num_workers=0",
+    ]
+    if args.eval_split == "val":
+        overrides += ["data.test_images=images/val", "data.test_annotations=annotations/val_hico.json"]
+    if cell.teacher is None:
+        overrides.append("teacher.source=none")
+    else:
+        overrides += ["teacher.source=local", f"teacher.model={teachers[cell.teacher]}"]
+        overrides += ["teacher.device=cpu", "teacher.dtype=fp32"]
+        if cell.variant != "default":
+            overrides.append(f"distill.variant={cell.variant}")
+    return [*overrides, *args.override]
+
+
+def run_student(
+    cell: Cell, seed: int, run_dir: Path, overrides: list[str], config: Path, reuse: bool, dropped: list[str]
+) -> RunResult:
+    """Train (or reuse) one student run and score its test predictions."""
+    stamp = run_dir / "ablation.json"
+    wanted = {"config": str(config), "overrides": overrides}
+    started = time.perf_counter()
+    reused = reuse and stamp.is_file() and json.loads(stamp.read_text()).get("run") == wanted
+    if not reused:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "student", "train", "--config", str(config), *overrides]
+        command += ["--output-dir", str(run_dir)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        with (run_dir / "train.log").open("w") as log:
+            done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        if done.returncode != 0:
+            tail = (run_dir / "train.log").read_text()[-2000:]
+            raise RuntimeError(f"{cell.name} seed {seed}: student train exited {done.returncode}\n{tail}")
+        stamp.write_text(json.dumps({"run": wanted, "seconds": time.perf_counter() - started}))
+    metrics, per_triplet = score_run(run_dir, dropped)
+    seconds = json.loads(stamp.read_text())["seconds"]
+    return RunResult(cell.name, seed, metrics, seconds, reused, per_triplet)
+
+
+def score_run(run_dir: Path, dropped: Sequence[str]) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Full / Rare / Non-rare and the mean AP of the ``dropped`` triplet classes, from preds.json."""
+    from student.config import load_config
+    from student.engine import score_predictions
+    from student.evaluation import load_json
+    from student.train_cli import correspondence_of
+    from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES
+
+    config = load_config(run_dir / "config.yaml")
+    evaluation = score_predictions(
+        load_json(run_dir / "preds.json"),
+        dataset="hico",
+        test_annotations=config.data.path("test_annotations"),
+        train_annotations=config.data.path("train_annotations"),
+        correspondence=correspondence_of(config),
+    )
+    result = evaluation.result
+    per_triplet = {
+        f"{HICO_VERBS[verb]} {OBJECT_NAMES[obj]}": 100 * float(ap)
+        for (_, obj, verb), ap in zip(result.triplets, result.ap, strict=True)
+    }
+    default = evaluation.summary["default"]
+    chosen = [per_triplet[name] for name in dropped if name in per_triplet]
+    metrics = {
+        "full": default["full"],
+        "rare": default["rare"],
+        "non_rare": default["non_rare"],
+        "dropped": statistics.fmean(chosen) if chosen else None,
+    }
+    return metrics, per_triplet
+
+
+# -- statistics and the table ------------------------------------------------------------------
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error (sample sd / sqrt(n)); the SE is None for a single value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarise(results: Sequence[RunResult], cells: Sequence[Cell]) -> dict[str, dict[str, Any]]:
+    """Per cell: means and sds of each metric over seeds, per-seed values, paired gains over ``none``."""
+    by_cell: dict[str, dict[int, RunResult]] = {}
+    for result in results:
+        by_cell.setdefault(result.cell, {})[result.seed] = result
+    baseline = by_cell.get("none", {})
+    summary: dict[str, dict[str, Any]] = {}
+    for cell in cells:
+        runs = by_cell.get(cell.name, {})
+        entry: dict[str, Any] = {"seeds": sorted(runs)}
+        for metric in METRICS:
+            values = [runs[s].metrics[metric] for s in sorted(runs) if runs[s].metrics[metric] is not None]
+            entry[f"{metric}_per_seed"] = [_round(v) for v in values]
+            entry[metric] = _round(statistics.fmean(values)) if values else None
+            entry[f"{metric}_sd"] = _round(statistics.stdev(values)) if len(values) > 1 else None
+            if cell.teacher is None:
+                continue
+            paired = [
+                runs[s].metrics[metric] - baseline[s].metrics[metric]  # type: ignore[operator]
+                for s in sorted(runs)
+                if s in baseline and runs[s].metrics[metric] is not None and baseline[s].metrics[metric] is not None
+            ]
+            gain, se = mean_and_se(paired) if paired else (None, None)
+            entry[f"gain_{metric}"] = _round(gain)
+            entry[f"gain_{metric}_se"] = _round(se)
+        summary[cell.name] = entry
+    return summary
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 2)
+
+
+def format_table(summary: dict[str, dict[str, Any]]) -> str:
+    """mean ± sd per metric, and for distilled cells the paired gain ± its standard error."""
+
+    def cell_text(entry: dict[str, Any], metric: str) -> str:
+        mean, sd = entry.get(metric), entry.get(f"{metric}_sd")
+        if mean is None:
+            return "-"
+        return f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+    def gain_text(entry: dict[str, Any], metric: str) -> str:
+        gain, se = entry.get(f"gain_{metric}"), entry.get(f"gain_{metric}_se")
+        if gain is None:
+            return ""
+        return f"{gain:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+    header = f"{'cell':22}" + "".join(f"{m:>16}" for m in METRICS)
+    lines = ["HICO-DET Default mAP (%), mean ± sd over seeds; paired gain over none ± SE", header, "-" * len(header)]
+    for name, entry in summary.items():
+        lines.append(f"{name:22}" + "".join(f"{cell_text(entry, m):>16}" for m in METRICS))
+        if "gain_full" in entry:
+            lines.append(f"{'  gain vs none':22}" + "".join(f"{gain_text(entry, m):>16}" for m in METRICS))
+    return "\n".join(lines)
+
+
+# -- the whole ablation --------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from teacher_server.__main__ import quiet_library_chatter
+
+    args = parse_arguments(argv)
+    quiet_library_chatter()
+    started = time.perf_counter()
+    say = (lambda _: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    world = World(args.train, args.val, args.test, args.corpus, args.drop_cooccurring, args.verb_label_fraction)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    cells = cells_of(args.teachers, args.variants)
+    needs_teacher = any(cell.teacher is not None for cell in cells)
+    jobs: list[tuple[Cell, int, Path, list[str], list[str]]] = []
+    quality: dict[str, dict[str, Any]] = {}
+    for seed in seeds:
+        seed_dir = args.work_dir / f"seed{seed}"
+        data = seed_dir / "data"
+        world_summary = prepare_world(data, seed, world, args.image_size)
+        teachers = prepare_teachers(seed_dir, data, seed, args.teacher_epochs, say) if needs_teacher else {}
+        for name in args.teachers if needs_teacher else ():
+            quality.setdefault(name, {})[seed] = teacher_quality(teachers[name], data, args.eval_split)
+            say(
+                f"seed {seed}: teacher {name}: eval-itm AUC {quality[name][seed]['auc']:.3f}, "
+                f"top-1 {quality[name][seed]['top1']:.3f}"
+            )
+        dropped = list(world_summary.get("dropped_triplets", []))
+        for cell in cells:
+            overrides = student_overrides(cell, seed, data.resolve(), teachers, args)
+            jobs.append((cell, seed, seed_dir / cell.directory, overrides, dropped))
+
+    def work(job: tuple[Cell, int, Path, list[str], list[str]]) -> RunResult:
+        cell, seed, run_dir, overrides, dropped = job
+        result = run_student(cell, seed, run_dir, overrides, args.config, not args.no_reuse, dropped)
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if v is not None)
+        say(f"seed {seed} {cell.name}: {shown} ({'reused' if result.reused else f'{result.seconds:.0f} s'})")
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(work, jobs))
+    summary = summarise(results, cells)
+    print(format_table(summary))
+    teachers_summary = {
+        name: {
+            "auc": _round(100 * statistics.fmean(q[s]["auc"] for s in q)) if q else None,
+            "top1": _round(100 * statistics.fmean(q[s]["top1"] for s in q)) if q else None,
+            "per_seed": {str(s): {"auc": q[s]["auc"], "top1": q[s]["top1"]} for s in q},
+        }
+        for name, q in quality.items()
+    }
+    for name, entry in teachers_summary.items():
+        print(f"teacher {name}: eval-itm AUC {entry['auc']} %, top-1 {entry['top1']} % (mean over seeds)")
+    print(
+        json.dumps(
+            {
+                "cells": summary,
+                "teachers": teachers_summary,
+                "seeds": seeds,
+                "eval_split": args.eval_split,
+                "world": asdict(world),
+                "epochs": args.epochs,
+                "overrides": args.override,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
