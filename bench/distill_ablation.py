@@ -11,9 +11,11 @@ teacher and the student alike):
    weaknesses (the long tail; co-occurring labels dropped at ``--drop-cooccurring``; verb labels
    on only ``--verb-label-fraction`` of the pairs), fully labelled validation and test splits,
    and the teacher's own corpus (balanced, fully labelled, seen by the teacher only);
-2. two teachers: ``random``, a tiny BLIP with random weights (seed s), and ``finetuned``, that
-   same model fine-tuned on the corpus (``teacher_server finetune``); ``eval-itm`` measures how
-   well each ranks the verbs of the test pairs;
+2. the teachers: ``finetuned``, a tiny BLIP fine-tuned on the corpus (``teacher_server
+   finetune``, from random weights of seed s); ``random``, the same architecture with random
+   weights whose scores spread over (0, 1) (initializer range 0.2): confident and uninformed, the
+   control; ``base``, the fine-tuning's own starting point, whose scores all sit near one value
+   (an inert control). ``eval-itm`` measures how well each ranks the verbs of the test pairs;
 3. the same student recipe (``--config``, default the demo's) trained once per cell: ``none``
    (no teacher; once per seed whatever the teachers), and ``<teacher>/<variant>`` for every
    teacher and distillation variant (``default`` = the config's own ``distill.variant``);
@@ -53,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from student.demo import DEMO_CONFIG  # noqa: E402
 
-TEACHERS = ("finetuned", "random")
+TEACHERS = ("finetuned", "random", "base")
 METRICS = ("full", "rare", "non_rare", "dropped")
 
 
@@ -62,8 +64,8 @@ class World:
     """Sizes and label noise of the synthetic world (one per seed)."""
 
     train: int = 1000
-    val: int = 500
-    test: int = 1000
+    val: int = 1000
+    test: int = 2000
     corpus: int = 1500
     drop_cooccurring: float = 0.7
     verb_label_fraction: float = 1.0
@@ -102,7 +104,9 @@ class RunResult:
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teachers", default="finetuned,random", help="finetuned, random (default both)")
+    parser.add_argument(
+        "--teachers", default="finetuned,random", help="finetuned, random, base (default finetuned,random)"
+    )
     parser.add_argument(
         "--variants",
         default="none,default",
@@ -110,7 +114,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds S..S+N-1 (default 0)")
-    parser.add_argument("--epochs", type=int, default=40, help="student epochs (default 40)")
+    parser.add_argument("--epochs", type=int, default=50, help="student epochs (default 50, lr x0.1 for the last 20%%)")
     parser.add_argument("--teacher-epochs", type=int, default=10, help="teacher fine-tuning epochs (default 10)")
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="student recipe (default: demo.yaml)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="student config override")
@@ -190,6 +194,7 @@ def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[
 def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, say: Any) -> dict[str, Path]:
     """The random tiny BLIP of ``seed`` and its fine-tuning on the corpus (both reused when present)."""
     from teacher_server.demo import taught_tiny_teacher
+    from teacher_server.tiny_model import LEARNABLE_TINY_SHAPES, make_tiny_model
 
     taught = taught_tiny_teacher(
         seed_dir,
@@ -202,7 +207,12 @@ def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, say: An
     )
     if not taught.reused:
         say(f"seed {seed}: teacher fine-tuned in {taught.seconds:.0f} s")
-    return {"random": taught.random, "finetuned": taught.path}
+    spread = seed_dir / "teacher-random-spread"
+    if not (spread / "model.safetensors").is_file():
+        # Random weights at the tests' initializer range: scores spread over (0, 1) like a
+        # teacher's, with no knowledge behind them.
+        make_tiny_model(spread, seed=seed + 7919, **{**LEARNABLE_TINY_SHAPES, "initializer_range": 0.2})
+    return {"finetuned": taught.path, "random": spread, "base": taught.random}
 
 
 def teacher_quality(model: Path, data: Path, split: str) -> dict[str, Any]:
@@ -233,6 +243,8 @@ def student_overrides(
         f"data.root={data}",
         f"run.seed={seed}",
         f"schedule.epochs={args.epochs}",
+        # The learning rate drops for the last fifth: a steadier end point than a constant rate.
+        f"schedule.lr_drop=[{max(1, round(0.8 * args.epochs))}]",
         "run.num_threads=1",
         "run.eval_every=0",
         "run.eval_at_end=true",

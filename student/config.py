@@ -121,6 +121,7 @@ class DistillConfig:
     alpha: float = 1.0
     top_k: int = 8
     score_threshold: float = 0.2
+    confidence: float = 0.7
     prompt_variant: PromptVariant = "full"
 
     def __post_init__(self) -> None:
@@ -137,6 +138,7 @@ class DistillConfig:
             alpha=self.alpha,
             top_k=self.top_k,
             score_threshold=self.score_threshold,
+            confidence=self.confidence,
         )
 
 

@@ -176,7 +176,7 @@ class TrainingLoss:
             outputs = {key: value for key, value in outputs.items() if key != "aux_outputs"}
         soft = self.teacher is not None and self.distill.variant == "soft"
         if soft:
-            targets = [with_soft_targets(target, self.distill.tau) for target in targets]
+            targets = [with_soft_targets(target, self.distill.tau, self.distill.confidence) for target in targets]
         indices = self.criterion.matcher(outputs, targets)
         losses = self.criterion(outputs, targets, indices)
         soft_terms = {key: value for key, value in losses.items() if key.startswith("loss_verb_soft")}
@@ -239,12 +239,12 @@ class TrainingLoss:
         return self.criterion.weighted_total(soft_terms), stats
 
 
-def with_soft_targets(target: Mapping[str, Any], tau: float) -> Mapping[str, Any]:
+def with_soft_targets(target: Mapping[str, Any], tau: float, confidence: float) -> Mapping[str, Any]:
     """A shallow copy of ``target`` with ``verb_soft_target`` built from its teacher margins (if any)."""
     margin = target.get(TEACHER_KEY)
     if margin is None:
         return target
-    soft = teacher_soft_targets(margin, target["verb_labels"], target.get("verb_known"), tau)
+    soft = teacher_soft_targets(margin, target["verb_labels"], target.get("verb_known"), tau, confidence)
     return {**target, SOFT_TARGET_KEY: soft.to(target["verb_labels"].device)}
 
 

@@ -390,6 +390,7 @@ def test_distill_settings_defaults_and_validation() -> None:
         ({"alpha": -0.5}, "alpha"),
         ({"top_k": -1}, "top_k"),
         ({"score_threshold": 1.5}, "score_threshold"),
+        ({"confidence": 1.0}, "confidence"),
     ):
         with pytest.raises(LossError, match=rf"DistillSettings\.{field}"):
             DistillSettings(**bad)
@@ -413,6 +414,13 @@ def test_teacher_soft_targets_complete_only_what_the_label_leaves_open() -> None
     # Without verb_known every pair counts as annotated: pair 1's labelled verb 0 is then asserted.
     all_known = teacher_soft_targets(margin, labels)
     assert torch.isnan(all_known[1, 0]) and torch.isfinite(all_known[1, 1])
+    # With a confidence, only the verbs the teacher believes are completed: sigmoid(z / 2) of
+    # -0.5, 0.0, 0.5, 1.5 is 0.38, 0.5, 0.62, 0.82, so 0.6 keeps pair 1's two entries and no other.
+    believed = teacher_soft_targets(margin, labels, known, tau=2.0, confidence=0.6)
+    assert torch.isfinite(believed).nonzero().tolist() == [[1, 0], [1, 1]]
+    # A teacher whose scores sit in the middle (an uninformed one) completes nothing.
+    flat = torch.where(torch.isfinite(margin), torch.full_like(margin, -0.43), margin)
+    assert torch.isnan(teacher_soft_targets(flat, labels, known, confidence=0.7)).all()
     with pytest.raises(LossError, match="tau must be > 0"):
         teacher_soft_targets(margin, labels, tau=0.0)
     with pytest.raises(LossError, match="same shape"):
@@ -432,7 +440,8 @@ def test_soft_variant_in_the_training_loss() -> None:
     none = TrainingLoss(criterion, DistillSettings(variant="soft"), None, aux_loss=False)(outputs, [target])
     soft = TrainingLoss(criterion, DistillSettings(variant="soft", lambda_itm=1.0), ScoredTeacher(), aux_loss=False)
     result = soft(outputs, [target])
-    # Two entries are completed (verbs 1, 2); L_HOI loses them, L_ITM is their soft focal term.
+    # sigmoid(z) of verbs 1 and 2 is 0.82 and 0.12: at the default confidence 0.7 only verb 1 is
+    # completed; L_HOI loses that entry, L_ITM is its soft focal term.
     assert result.terms["itm_terms"] == 1 and result.terms["itm_skipped"] == 0
     assert result.terms["loss_itm"] > 0 and result.terms["loss_hoi"] < none.terms["loss_hoi"]
     half = TrainingLoss(criterion, DistillSettings(variant="soft", lambda_itm=0.5), ScoredTeacher(), aux_loss=False)

@@ -8,10 +8,11 @@ Three variants, all documented with their formulas in ``docs/distillation.md``:
 - ``margin``: the VLM-HOI paper's hinge (its eq. 4), given a gradient path through the student's
   confidence of each predicted triplet. Two steps: ``select_margin_triplets`` (which triplets the
   teacher must score) and ``margin_loss`` (once the scores are back).
-- ``soft``: the teacher completes the verb labels. For each pair, every candidate verb the label
-  does not assert (and every candidate of a pair whose verbs were never annotated) gets the
-  teacher's probability sigmoid(z / tau) as a soft target of the verb focal loss
-  (``teacher_soft_targets``; the criterion's ``loss_verb_soft``). Prefetchable like ``kl``.
+- ``soft``: the teacher completes the verb labels. A candidate verb that the label does not
+  assert (or any candidate of a pair whose verbs were never annotated) and that the teacher
+  believes, sigmoid(z / tau) >= ``confidence``, becomes a soft positive of the verb focal loss
+  with that probability as its target (``teacher_soft_targets``; the criterion's
+  ``loss_verb_soft``). Everything else stays with the label. Prefetchable like ``kl``.
 
 The teacher margin is ``z = l_match - l_nomatch`` of a sentence against the original image; it is
 a constant here, NaN where a score is missing.
@@ -46,6 +47,7 @@ class DistillSettings:
     alpha: float = 1.0  # margin: the positive margin of the paper's hinge (1 was its best)
     top_k: int = 8  # margin: at most this many negatives per image, most confident first
     score_threshold: float = 0.2  # margin: a triplet is "predicted" from this confidence up
+    confidence: float = 0.7  # soft: the teacher completes a verb it believes with sigmoid(z / tau) >= this
 
     def __post_init__(self) -> None:
         if self.variant not in DISTILL_VARIANTS:
@@ -62,6 +64,8 @@ class DistillSettings:
             raise LossError(f"DistillSettings.top_k: must be >= 0, got {self.top_k}")
         if not 0 <= self.score_threshold <= 1:
             raise LossError(f"DistillSettings.score_threshold: must be in [0, 1], got {self.score_threshold}")
+        if not 0 <= self.confidence < 1:
+            raise LossError(f"DistillSettings.confidence: must be in [0, 1), got {self.confidence}")
 
 
 class KLStats(TypedDict):
@@ -167,16 +171,22 @@ def candidate_kl(student_logits: Tensor, teacher_margins: Tensor, tau: float) ->
 
 
 def teacher_soft_targets(
-    margin: Tensor, verb_labels: Tensor, verb_known: Tensor | None = None, tau: float = 1.0
+    margin: Tensor,
+    verb_labels: Tensor,
+    verb_known: Tensor | None = None,
+    tau: float = 1.0,
+    confidence: float = 0.0,
 ) -> Tensor:
     """The ``soft`` variant's targets (P, V): sigmoid(z / tau) where the teacher completes a label, NaN elsewhere.
 
     margin: (P, V) ``teacher_verb_margin`` (NaN for non-candidates and missing scores).
     verb_labels: (P, V) multi-hot ground truth; verb_known: (P,) bool, False for a pair whose verbs
         were never annotated (default: all known).
-    An entry is completed by the teacher when it has a score and the label does not assert it: an
-    annotated verb stays a hard positive (annotators omit, they rarely invent), and every scored
-    candidate of an unannotated pair is the teacher's to say.
+    An entry is completed when it has a score, the label does not assert it, and the teacher
+    believes it: sigmoid(z / tau) >= ``confidence``. An annotated verb stays a hard positive
+    (annotators omit, they rarely invent), and a verb the teacher doubts stays with the label
+    (a negative, or no term at all for a pair without verbs): an uninformed teacher, whose
+    scores sit in the middle, then changes nothing.
     """
     if not tau > 0:
         raise LossError(f"teacher_soft_targets: tau must be > 0, got {tau}")
@@ -188,8 +198,9 @@ def teacher_soft_targets(
     asserted = verb_labels > 0.5
     if verb_known is not None:
         asserted = asserted & verb_known.to(torch.bool)[:, None]
-    completed = torch.isfinite(margin) & ~asserted
-    return torch.where(completed, torch.sigmoid(margin.float() / tau), torch.nan)
+    belief = torch.sigmoid(margin.float() / tau)  # NaN where there is no score
+    completed = torch.isfinite(margin) & ~asserted & (belief >= confidence)
+    return torch.where(completed, belief, torch.nan)
 
 
 # -- margin ------------------------------------------------------------------------------------
