@@ -33,6 +33,7 @@ from student.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     TrainingPosition,
+    capture_rng_state,
     load_checkpoint,
     resolve_resume,
     restore_training,
@@ -44,6 +45,7 @@ from student.distributed import (
     DistributedEpochSampler,
     DistributedError,
     gather_entries,
+    gather_objects,
     init_distributed,
     main_only,
     on_main,
@@ -106,7 +108,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (all devices). Under DDP each rank passes ``seed + rank``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -399,11 +401,16 @@ def _start_run(
     teacher_model: str | Path | None,
     say: Say,
     device: torch.device | None = None,
+    rank: int = 0,
 ) -> _RunParts:
-    """Seed, build the parts, and load the checkpoint to resume from (if any)."""
+    """Seed, build the parts, and load the checkpoint to resume from (if any).
+
+    Rank r seeds with ``run.seed + r``: its dropout masks differ from the other ranks' (DDP
+    copies rank 0's initial weights to every rank, so the model starts the same everywhere).
+    """
     device = device if device is not None else resolve_device(config.run.device)
     checkpoint_path = resolve_resume(resume, config.run.output_dir)
-    seed_everything(config.run.seed)
+    seed_everything(config.run.seed + rank)
     train_set = build_train_dataset(config)
     model = build_initial_model(config, device, train_set, say)
     optimizer = build_optimizer(model, config)
@@ -418,7 +425,7 @@ def _start_run(
         try:
             checkpoint = load_checkpoint(checkpoint_path, map_location=device)
             position = restore_training(
-                checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+                checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, rank=rank
             )
         except BaseException:
             teacher.close()
@@ -484,7 +491,7 @@ def _train(
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
-    parts = _start_run(config, resume, teacher_model, say, device=context.device)
+    parts = _start_run(config, resume, teacher_model, say, device=context.device, rank=context.rank)
     teacher = with_prefetch(parts.teacher, config)
     model, device, position = wrap_model(parts.model, context), parts.device, parts.position
     say(f"teacher: {teacher.description}")
@@ -539,6 +546,8 @@ def _train(
                 position = TrainingPosition(epoch + 1, 0, epoch_result.global_step)
             else:
                 position = TrainingPosition(epoch, epoch_result.batches_done, epoch_result.global_step)
+            # Every rank's RNG states, so that each continues its own stream on resume.
+            rank_rng = gather_objects(capture_rng_state(), context) if context.is_distributed else None
             on_main(
                 context,
                 functools.partial(
@@ -551,6 +560,7 @@ def _train(
                     position=position,
                     config=config.to_dict(),
                     extra={"epoch_means": epoch_result.means},
+                    rank_rng=rank_rng,
                 ),
             )
             evaluation = None
