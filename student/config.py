@@ -150,7 +150,8 @@ class OptimConfig:
     batch_size: int = 4  # per process
     clip_max_norm: float = 0.1  # 0 disables clipping
     amp: bool = True  # autocast + (for fp16) a grad scaler; only ever used on CUDA
-    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    # auto: bf16 where the GPU has bf16 tensor cores (compute capability >= 8.0), else fp16.
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", f"got {self.lr}, expected > 0")

@@ -253,10 +253,15 @@ def with_soft_targets(target: Mapping[str, Any], tau: float) -> Mapping[str, Any
 
 @dataclass(frozen=True)
 class AmpSettings:
-    """Mixed precision: used only when the device is CUDA and ``enabled``."""
+    """Mixed precision: used only when the device is CUDA and ``enabled``.
+
+    ``grad_scaler``: the run needs a gradient scaler (fp16, whose range underflows small
+    gradients; bf16 has fp32's range and needs none).
+    """
 
     enabled: bool = False
     dtype: torch.dtype = torch.bfloat16
+    grad_scaler: bool = False
 
     def context(self, device: torch.device) -> Any:
         if self.enabled and device.type == "cuda":

@@ -79,6 +79,7 @@ from student.teacher_scores import TeacherScores
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.classes import NO_INTERACTION_INDEX
 from teacher_server.hoi.errors import DatasetError
+from teacher_server.precision import Capability, PrecisionError, choose_dtype, device_capability
 
 # The errors a user can cause with a config, data or checkpoint: reported in one line, exit 2.
 USER_ERRORS = (
@@ -98,12 +99,19 @@ Say = Callable[[str], None]
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (``cpu``, ``cuda:1``)."""
+    """``auto`` -> CUDA when available, else CPU; anything else as given (``cpu``, ``cuda:1``).
+
+    A CUDA device always carries its index (``cuda`` -> the current device, ``cuda:0`` unless
+    changed), so the capability check and the logs name one device.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {name!r} requested but CUDA is not available here")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device: {name!r} requested but CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -274,12 +282,30 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> to
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, config.schedule.lr_drop, config.schedule.lr_gamma)
 
 
+def amp_settings(config: TrainConfig, device: torch.device, *, capability: Capability | None = None) -> AmpSettings:
+    """Autocast on CUDA only, in ``optim.amp_dtype`` for ``device``'s compute ``capability``.
+
+    ``auto``: bf16 from capability 8.0 (bf16 tensor cores), else fp16 with a gradient scaler;
+    ``bf16`` below 8.0 is a ``ConfigError``. ``capability`` defaults to ``device``'s own.
+    """
+    if not (config.optim.amp and device.type == "cuda"):
+        return AmpSettings(enabled=False)
+    if capability is None:
+        capability = device_capability(device)
+    try:
+        dtype = choose_dtype(config.optim.amp_dtype, capability, name="optim.amp_dtype")
+    except PrecisionError as error:
+        raise ConfigError(str(error)) from None
+    if dtype is None:
+        return AmpSettings(enabled=False)
+    return AmpSettings(enabled=True, dtype=dtype, grad_scaler=dtype == torch.float16)
+
+
 def build_amp(config: TrainConfig, device: torch.device) -> tuple[AmpSettings, torch.amp.GradScaler | None]:
-    """Autocast (CUDA only) and, for fp16, a gradient scaler."""
-    enabled = config.optim.amp and device.type == "cuda"
-    dtype = torch.float16 if config.optim.amp_dtype == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16) if enabled else None
-    return AmpSettings(enabled=enabled, dtype=dtype), scaler
+    """``amp_settings`` and, for fp16, its gradient scaler."""
+    amp = amp_settings(config, device)
+    scaler = torch.amp.GradScaler("cuda") if amp.grad_scaler else None
+    return amp, scaler
 
 
 def build_teacher(config: TrainConfig, *, model: str | Path | None = None) -> TeacherScores:

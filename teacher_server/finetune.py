@@ -57,6 +57,7 @@ from teacher_server.hoi.annotations import ImageAnnotation, dataset_spec, load_a
 from teacher_server.hoi.classes import NO_OBJECT_INDEX, OBJECT_NAMES, hico_correspondence
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import VARIANTS, candidate_sentences, triplet_sentence
+from teacher_server.precision import PrecisionError, choose_dtype, device_capability, fp32_linear
 
 CHECKPOINT_NAME = "finetune_checkpoint.pt"
 SUMMARY_NAME = "finetune.json"
@@ -588,7 +589,8 @@ def itm_logits(
         encoder_hidden_states=pair_embeds,
         encoder_attention_mask=image_mask,
     ).last_hidden_state  # (P, L, D)
-    return model.itm_head(hidden[:, 0])
+    # The head in fp32 even under autocast: the loss and P(match) read the difference of two logits.
+    return fp32_linear(model.itm_head, hidden[:, 0])
 
 
 def balanced_itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -920,11 +922,11 @@ def _autocast_dtype(settings: FinetuneSettings, device: torch.device) -> torch.d
         if settings.precision in ("bf16", "fp16"):
             raise FinetuneError(f"precision = {settings.precision!r} needs a CUDA device; this run is on {device}")
         return None
-    if settings.precision == "fp32":
-        return None
-    if settings.precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if settings.precision == "bf16" else torch.float16
+    try:
+        # bf16 only where this device has bf16 tensor cores (compute capability >= 8.0).
+        return choose_dtype(settings.precision, device_capability(device), name="precision")
+    except PrecisionError as error:
+        raise FinetuneError(str(error)) from None
 
 
 def _start_run(model: str | Path, examples: FinetuneExamples, settings: FinetuneSettings) -> _Run:

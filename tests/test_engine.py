@@ -215,6 +215,24 @@ def test_bf16_runs_and_stays_close_to_fp32(tiny_blip_dir: Path, engine: ItmEngin
     assert half.fingerprint != engine.fingerprint
 
 
+def test_a_bf16_engine_computes_its_itm_head_in_fp32(tiny_blip_dir: Path) -> None:
+    # The two ITM logits are close; their difference (the margin the student learns from) would
+    # lose most of its digits if each logit were rounded to bf16 (8 significant bits) first.
+    half = ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu", dtype="bf16"))
+    first_tokens: list[torch.Tensor] = []
+    last_layer = half.model.text_encoder.encoder.layer[-1]
+    handle = last_layer.output.register_forward_hook(lambda module, args, output: first_tokens.append(output))
+    data = png_bytes(8)
+    try:
+        (scores,) = half.score([ImageSentences(image_digest(data), half.prepare_image(data), SENTENCES[:1])])
+    finally:
+        handle.remove()
+    head = half.model.itm_head
+    assert head.weight.dtype == torch.bfloat16
+    logits = torch.nn.functional.linear(first_tokens[0][:, 0].float(), head.weight.float(), head.bias.float())
+    assert scores[0].match_logit == pytest.approx(float(logits[0, 1] - logits[0, 0]), abs=1e-6)
+
+
 # ------------------------------------------------------------------------------- bad images
 def test_empty_image_bytes(engine: ItmEngine) -> None:
     with pytest.raises(InvalidInputError, match=r"image: image is empty \(0 bytes\)") as caught:

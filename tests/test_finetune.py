@@ -203,6 +203,23 @@ def test_training_forward_equals_stock_and_engine(base_model: Path, synthetic: P
     torch.testing.assert_close(margins, (ours[:, 1] - ours[:, 0]).float(), atol=1e-4, rtol=0)
 
 
+def test_the_itm_head_computes_in_fp32_under_autocast(base_model: Path, synthetic: Path) -> None:
+    loaded = load_blip_itm(base_model, revision=None, dtype=torch.float32)
+    examples = train_examples(synthetic)
+    pixels = ImageStore(examples, loaded.processor.image_processor, 64).pixels([0])
+    input_ids, mask = ItmTokens(loaded.processor.tokenizer, "cls", 64).batch(["a person ride a horse", "a person"])
+    first: list[torch.Tensor] = []
+    last_layer = loaded.model.text_encoder.encoder.layer[-1]
+    last_layer.register_forward_hook(
+        lambda module, args, output: first.append((output[0] if isinstance(output, tuple) else output)[:, 0])
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = itm_logits(loaded.model.eval(), pixels, torch.tensor([0, 0]), input_ids, mask)
+    head = loaded.model.itm_head
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(first[0].float(), head.weight, head.bias))
+
+
 # -- learning -----------------------------------------------------------------------------------
 
 
