@@ -253,6 +253,7 @@ class RunConfig:
     eval_every: int = 0  # evaluate on the test split every this many epochs; 0 = only at the end
     eval_at_end: bool = True
     progress: bool = True  # tqdm bar
+    tf32: bool = True  # CUDA only: fp32 matrix products and convolutions on TF32 tensor cores
 
     def __post_init__(self) -> None:
         _require(

@@ -153,11 +153,16 @@ def barrier(context: DistributedContext) -> None:
 
 
 def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
-    """``DistributedDataParallel`` around ``model`` when distributed, else ``model`` itself."""
+    """``DistributedDataParallel`` around ``model`` when distributed, else ``model`` itself.
+
+    ``broadcast_buffers=False``: the detector's only buffers are frozen batch-norm statistics,
+    equal on every rank (DDP copies rank 0's at construction), so re-sending them before every
+    forward would be wasted traffic.
+    """
     if not context.is_distributed:
         return model
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

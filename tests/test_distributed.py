@@ -142,6 +142,8 @@ def rank_main(rank: int, world: int, port: int, root: str, output: str) -> None:
     context = init_distributed("cpu", timeout_s=120)
     try:
         assert context.is_distributed and context.backend == "gloo"
+        # The only buffers are frozen batch-norm statistics, equal everywhere: no re-broadcast per step.
+        assert wrap_model(torch.nn.Linear(2, 2), context).broadcast_buffers is False
         losses, parameters = run_training(Path(root), Path(output), context)
         # The ranks' step losses and parameters, each rank filling its own slot, merged on every rank.
         mine: list[dict[str, Any] | None] = [None] * world

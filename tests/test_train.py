@@ -265,6 +265,37 @@ def test_loader_workers_do_not_change_the_batches(data_root: Path) -> None:
         assert ids0 == ids1 and torch.equal(images0, images1)
 
 
+def test_cuda_loaders_pin_host_memory(data_root: Path) -> None:
+    # Without pinned pages a non_blocking copy to the GPU is a synchronous one.
+    from student.distributed import DistributedContext
+
+    config = load_config(DEMO_CONFIG, tiny(data_root, data_root / "unused"))
+    dataset = build_train_dataset(config)
+    cuda = torch.device("cuda", 0)  # only a name here: nothing is copied
+    assert build_train_loader(dataset, config, DistributedContext(device=cuda))[0].pin_memory
+    assert not build_train_loader(dataset, config, DistributedContext())[0].pin_memory
+    test_set = build_test_dataset(config)
+    assert build_test_loader(test_set, config, device=cuda).pin_memory
+    assert not build_test_loader(test_set, config).pin_memory
+
+
+def test_tf32_is_allowed_on_cuda_only() -> None:
+    from student.train_cli import configure_cuda_math
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        configure_cuda_math(torch.device("cpu"), tf32=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        configure_cuda_math(torch.device("cuda", 0), tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        configure_cuda_math(torch.device("cuda", 0), tf32=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert load_config(None).run.tf32
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 
