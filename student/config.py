@@ -66,6 +66,10 @@ class DataConfig:
     color_jitter: float = 0.0
     max_pairs: int | None = None  # pairs kept per image; None = the number of queries
     num_workers: int = 2
+    # A box outside its image (beyond 1 px) or inverted: error | clamp (clipped into the image, as
+    # the reference codebases' loaders do; dropped when that cannot mend it) | drop. A dropped box
+    # takes its HOIs along; a warning counts what was fixed in each file.
+    box_policy: Literal["error", "clamp", "drop"] = "clamp"
 
     def __post_init__(self) -> None:
         _require(bool(self.scales), "data.scales", "needs at least one size")
@@ -232,6 +236,9 @@ class EvalConfig:
 
     top_k: int = 100  # triplets kept per image (the HICO-DET protocol's 100)
     nms_threshold: float | None = None  # triplet NMS; None = off
+    # top_k_first: keep top_k, then triplet NMS among them (the reference codebases' order);
+    # nms_first: NMS over all candidates, then top_k.
+    nms_order: Literal["top_k_first", "nms_first"] = "top_k_first"
     vcoco_no_object_role: bool = True  # V-COCO: emit object-less roles when "no object" wins
     batch_size: int = 8
 

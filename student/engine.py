@@ -507,6 +507,7 @@ class EvalSettings:
     correspondence: np.ndarray | None = None  # (V, 80) bool; drops invalid triplets (HICO-DET)
     top_k: int = 100
     nms_threshold: float | None = None
+    nms_order: str = "top_k_first"  # the reference order: top_k, then triplet NMS among them
     vcoco_no_object_role: bool = True
 
 
@@ -545,6 +546,7 @@ def predict(
                 correspondence=settings.correspondence,
                 top_k=settings.top_k,
                 nms=nms,
+                nms_order=settings.nms_order,
                 file_names=[t["file_name"] for t in targets],
                 vcoco_no_object_role=settings.vcoco_no_object_role,
             )

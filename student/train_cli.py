@@ -143,6 +143,7 @@ def build_train_dataset(config: TrainConfig) -> Any:
         transforms,
         max_pairs=data.max_pairs or config.model.decoder.num_queries,
         skip_empty=True,
+        box_policy=data.box_policy,
     )
 
 
@@ -159,6 +160,9 @@ def build_test_dataset(config: TrainConfig) -> Any:
         data.dataset,
         make_transforms("test", [scale], data.max_size),
         on_truncate="ignore",  # evaluation reads the annotation file itself, not these targets
+        # Nor are its boxes scored from here: the evaluator reads the ground truth as the protocol
+        # does (as written), so one odd box must not stop the test images from being predicted.
+        box_policy=data.box_policy,
     )
 
 
@@ -375,6 +379,7 @@ def evaluate_model(
         correspondence=correspondence,
         top_k=config.eval.top_k,
         nms_threshold=config.eval.nms_threshold,
+        nms_order=config.eval.nms_order,
         vcoco_no_object_role=config.eval.vcoco_no_object_role,
     )
     amp, _ = build_amp(config, device)

@@ -279,6 +279,32 @@ def test_cuda_loaders_pin_host_memory(data_root: Path) -> None:
     assert not build_test_loader(test_set, config).pin_memory
 
 
+def test_the_box_policy_comes_from_the_config(data_root: Path, tmp_path: Path) -> None:
+    # One box of a real-size file 5 px past its image's right edge: clamp (the default) trains on
+    # and says so; error stops with the entry named.
+    import shutil
+
+    from PIL import Image
+
+    from teacher_server.hoi.errors import DatasetError
+
+    shutil.copytree(data_root / "annotations", tmp_path / "annotations")
+    (tmp_path / "images").symlink_to(data_root / "images")
+    path = tmp_path / "annotations" / "trainval_hico.json"
+    entries = json.loads(path.read_text())
+    width = Image.open(data_root / "images" / "train" / entries[0]["file_name"]).width
+    entries[0]["annotations"][0]["bbox"][2] = width + 5
+    path.write_text(json.dumps(entries))
+    config = load_config(DEMO_CONFIG, tiny(tmp_path, tmp_path / "run"))
+    assert config.data.box_policy == "clamp"
+    with pytest.warns(UserWarning, match="box_policy=clamp: 1 box clamped into its image"):
+        dataset = build_train_dataset(config)
+    assert dataset.box_fixes.boxes_clamped == 1
+    strict = load_config(DEMO_CONFIG, [*tiny(tmp_path, tmp_path / "run"), "data.box_policy=error"])
+    with pytest.raises(DatasetError, match=r"entry 0 .*annotations\[0\]\.bbox .* lies outside"):
+        build_train_dataset(strict)
+
+
 def test_tf32_is_allowed_on_cuda_only() -> None:
     from student.train_cli import configure_cuda_math
 
