@@ -14,7 +14,7 @@ TORCH_INDEX_URL ?=
 TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(TORCH_INDEX_URL), from $(TORCH_INDEX_URL))
 TRITON_VENV ?= .venv-triton
 
-.PHONY: setup test demo lint format protos bench clean triton-env system-packages FORCE
+.PHONY: setup test demo lint format protos bench gpu-check clean triton-env system-packages FORCE
 
 setup: $(STAMP)
 
@@ -63,6 +63,11 @@ protos: setup
 
 bench: setup
 	$(BIN)/python bench/teacher_engine.py --size tiny
+
+# What only real GPUs show (docs/gpu-check.md): every check on a CUDA host (under 10 minutes on one
+# GPU), the CPU parts and a list of the skipped CUDA ones elsewhere. Last line: one JSON object.
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache build *.egg-info
