@@ -6,6 +6,8 @@ write, the real engine to load and score the result.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import re
 import shutil
@@ -28,6 +30,7 @@ from teacher_server.finetune import (
     FinetuneSettings,
     ImageStore,
     ItmTokens,
+    add_arguments,
     examples_from_annotations,
     examples_from_jsonl,
     finetune,
@@ -380,6 +383,21 @@ def test_bad_annotations_are_named(tmp_path: Path) -> None:
     unknown = write_annotations(tmp_path / "v", bad_verb)
     with pytest.raises(DatasetError, match=r"hoi_annotation\[0\]\.category_id = 999 is outside 1\.\.117"):
         examples_from_annotations(unknown, tmp_path / "v")
+
+
+def test_the_box_policy_reaches_the_annotation_reader(tmp_path: Path) -> None:
+    # A horse box 6 px past the right edge of its 64 px image: error names it, clamp trains on.
+    entries = copy.deepcopy(HAND_MADE[:2])
+    entries[0]["annotations"][1]["bbox"] = [30, 10, 70, 40]
+    path = write_annotations(tmp_path, entries)
+    with pytest.raises(DatasetError, match=r"annotations\[1\]\.bbox .* lies outside the 64x64"):
+        examples_from_annotations(path, tmp_path)
+    with pytest.warns(UserWarning, match="box_policy=clamp: 1 box clamped into its image"):
+        examples = examples_from_annotations(path, tmp_path, box_policy="clamp")
+    assert len(examples.images) == 2
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # finetune's flags: --box-policy, clamp by default as in training
+    assert parser.get_default("box_policy") == "clamp"
 
 
 def test_cli_errors_exit_2_with_the_cause(base_model: Path, tmp_path: Path, capsys) -> None:
