@@ -453,8 +453,9 @@ def _start_run(
 ) -> _RunParts:
     """Seed, build the parts, and load the checkpoint to resume from (if any).
 
-    Rank r seeds with ``run.seed + r``: its dropout masks differ from the other ranks' (DDP
-    copies rank 0's initial weights to every rank, so the model starts the same everywhere).
+    Rank r seeds with ``run.seed + r``: its dropout masks differ from the other ranks' (its
+    initial weights and batch-norm statistics do too, until ``wrap_model`` copies rank 0's to
+    every rank, so the model starts the same everywhere).
     """
     device = device if device is not None else resolve_device(config.run.device)
     configure_cuda_math(device, tf32=config.run.tf32)
