@@ -3,16 +3,20 @@
 A checkpoint holds everything a run needs to continue exactly where it stopped: model,
 optimizer, LR scheduler and grad-scaler states, the position in training (epoch, batches done in
 that epoch, optimiser steps in total), the random-number-generator states of Python, NumPy and
-torch (CPU and every CUDA device), and the run's config as a plain dict. RNG states are stored as
-tensors and plain numbers so that the safe ``weights_only`` unpickler reads them: loading a
-checkpoint never executes pickled code.
+torch (CPU and every CUDA device) of every rank, and the run's config as a plain dict. RNG states
+are stored as tensors and plain numbers so that the safe ``weights_only`` unpickler reads them:
+loading a checkpoint never executes pickled code.
+
+Under DDP every rank draws its own random numbers (seeded ``seed + rank``: different dropout
+masks per rank); rank 0 writes the checkpoint with the gathered states of all ranks
+(``rank_rng``), and on resume rank r restores state r.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,20 +73,25 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``. CUDA states are restored when CUDA is present."""
+    """Inverse of ``capture_rng_state``. CUDA states are restored when CUDA is present.
+
+    ``torch.set_rng_state``, ``torch.cuda.set_rng_state_all`` and ``.numpy()`` take CPU tensors
+    only: ``load_checkpoint`` keeps RNG states on the CPU, and states from elsewhere are copied
+    there first.
+    """
     python = state["python"]
     random.setstate((python["version"], tuple(int(w) for w in python["words"].tolist()), python["gauss"]))
     numpy_state = state["numpy"]
     np.random.set_state(
         (
             numpy_state["kind"],
-            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["keys"].cpu().numpy().astype(np.uint32),
             numpy_state["pos"],
             numpy_state["has_gauss"],
             numpy_state["cached_gaussian"],
         )
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) != torch.cuda.device_count():
@@ -90,7 +99,21 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
                 f"checkpoint has RNG states of {len(cuda_states)} CUDA devices, this process sees "
                 f"{torch.cuda.device_count()}"
             )
-        torch.cuda.set_rng_state_all(cuda_states)
+        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in cuda_states])
+
+
+def rank_rng_state(checkpoint: Mapping[str, Any], rank: int = 0) -> Mapping[str, Any] | None:
+    """The RNG states rank ``rank`` saved in ``checkpoint``; None when it saved none.
+
+    A checkpoint of a single process (or written before per-rank states) holds one state, which
+    every rank gets. Resumed with more ranks than it was written by, the extra ranks get None
+    (they keep their ``seed + rank`` streams: the resume is then not exact, and neither is the
+    data split, which depends on the number of ranks).
+    """
+    states = checkpoint.get("rank_rng")
+    if not states:
+        return checkpoint["rng"]
+    return states[rank] if rank < len(states) else None
 
 
 # -- save / load -------------------------------------------------------------------------------
@@ -106,11 +129,14 @@ def save_checkpoint(
     config: Mapping[str, Any],
     scaler: torch.amp.GradScaler | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_rng: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint atomically: to ``<path>.tmp`` first, fsync'd, then ``os.replace``.
 
     A reader (or a crash) therefore sees either the previous complete file or the new one.
-    ``extra``: small plain values to keep alongside (e.g. the last metrics).
+    ``extra``: small plain values to keep alongside (e.g. the last metrics). ``rank_rng``: under
+    DDP, ``capture_rng_state()`` of every rank in rank order (``gather_objects``); None for a
+    single process (its own state is ``rng``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +148,7 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "position": position.to_dict(),
         "rng": capture_rng_state(),
+        "rank_rng": list(rank_rng) if rank_rng is not None else None,
         "config": dict(config),
         "extra": dict(extra or {}),
     }
@@ -138,12 +165,17 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler; raises ``CheckpointError`` naming what is wrong."""
+    """Read a checkpoint with the safe unpickler; raises ``CheckpointError`` naming what is wrong.
+
+    Everything is read to the CPU; then the model weights (only) move to ``map_location``. RNG
+    states must stay on the CPU (``torch.set_rng_state`` refuses CUDA tensors), and the
+    optimizer's ``load_state_dict`` moves its state to each parameter's device by itself.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses anything but tensors and plain containers
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict):
@@ -155,6 +187,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{path}: format_version {checkpoint['format_version']}, this code reads {FORMAT_VERSION}"
         )
+    if torch.device(map_location).type != "cpu":
+        checkpoint["model"] = {name: tensor.to(map_location) for name, tensor in checkpoint["model"].items()}
     return checkpoint
 
 
@@ -166,8 +200,12 @@ def restore_training(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None = None,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> TrainingPosition:
-    """Load every state of ``checkpoint`` into the run's objects; returns where to continue."""
+    """Load every state of ``checkpoint`` into the run's objects; returns where to continue.
+
+    ``rank``: under DDP, this process's rank: it restores the RNG states that rank saved.
+    """
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:
@@ -180,7 +218,9 @@ def restore_training(
     if scaler is not None and checkpoint.get("scaler") is not None:
         scaler.load_state_dict(checkpoint["scaler"])
     if restore_rng:
-        restore_rng_state(checkpoint["rng"])
+        state = rank_rng_state(checkpoint, rank)
+        if state is not None:
+            restore_rng_state(state)
     return TrainingPosition(**checkpoint["position"])
 
 

@@ -66,6 +66,10 @@ class DataConfig:
     color_jitter: float = 0.0
     max_pairs: int | None = None  # pairs kept per image; None = the number of queries
     num_workers: int = 2
+    # A box outside its image (beyond 1 px) or inverted: error | clamp (clipped into the image, as
+    # the reference codebases' loaders do; dropped when that cannot mend it) | drop. A dropped box
+    # takes its HOIs along; a warning counts what was fixed in each file.
+    box_policy: Literal["error", "clamp", "drop"] = "clamp"
 
     def __post_init__(self) -> None:
         _require(bool(self.scales), "data.scales", "needs at least one size")
@@ -152,7 +156,8 @@ class OptimConfig:
     batch_size: int = 4  # per process
     clip_max_norm: float = 0.1  # 0 disables clipping
     amp: bool = True  # autocast + (for fp16) a grad scaler; only ever used on CUDA
-    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    # auto: bf16 where the GPU has bf16 tensor cores (compute capability >= 8.0), else fp16.
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", f"got {self.lr}, expected > 0")
@@ -233,6 +238,9 @@ class EvalConfig:
 
     top_k: int = 100  # triplets kept per image (the HICO-DET protocol's 100)
     nms_threshold: float | None = None  # triplet NMS; None = off
+    # top_k_first: keep top_k, then triplet NMS among them (the reference codebases' order);
+    # nms_first: NMS over all candidates, then top_k.
+    nms_order: Literal["top_k_first", "nms_first"] = "top_k_first"
     vcoco_no_object_role: bool = True  # V-COCO: emit object-less roles when "no object" wins
     batch_size: int = 8
 
@@ -254,6 +262,7 @@ class RunConfig:
     eval_every: int = 0  # evaluate on the test split every this many epochs; 0 = only at the end
     eval_at_end: bool = True
     progress: bool = True  # tqdm bar
+    tf32: bool = True  # CUDA only: fp32 matrix products and convolutions on TF32 tensor cores
 
     def __post_init__(self) -> None:
         _require(

@@ -153,11 +153,21 @@ def barrier(context: DistributedContext) -> None:
 
 
 def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
-    """``DistributedDataParallel`` around ``model`` when distributed, else ``model`` itself."""
+    """``DistributedDataParallel`` around ``model`` when distributed, else ``model`` itself.
+
+    ``broadcast_buffers=False``: the detector's only buffers are frozen batch-norm statistics,
+    which never change, so re-sending them before every forward would be wasted traffic. With it
+    DDP's initial copy of rank 0's state leaves the buffers out, so they are sent here once: each
+    rank seeds with ``seed + rank``, and batch-norm statistics calibrated on its own random CNN
+    would otherwise differ from rank to rank for the whole run.
+    """
     if not context.is_distributed:
         return model
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return wrapped
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -253,10 +253,15 @@ def with_soft_targets(target: Mapping[str, Any], tau: float, confidence: float) 
 
 @dataclass(frozen=True)
 class AmpSettings:
-    """Mixed precision: used only when the device is CUDA and ``enabled``."""
+    """Mixed precision: used only when the device is CUDA and ``enabled``.
+
+    ``grad_scaler``: the run needs a gradient scaler (fp16, whose range underflows small
+    gradients; bf16 has fp32's range and needs none).
+    """
 
     enabled: bool = False
     dtype: torch.dtype = torch.bfloat16
+    grad_scaler: bool = False
 
     def context(self, device: torch.device) -> Any:
         if self.enabled and device.type == "cuda":
@@ -502,6 +507,7 @@ class EvalSettings:
     correspondence: np.ndarray | None = None  # (V, 80) bool; drops invalid triplets (HICO-DET)
     top_k: int = 100
     nms_threshold: float | None = None
+    nms_order: str = "top_k_first"  # the reference order: top_k, then triplet NMS among them
     vcoco_no_object_role: bool = True
 
 
@@ -540,6 +546,7 @@ def predict(
                 correspondence=settings.correspondence,
                 top_k=settings.top_k,
                 nms=nms,
+                nms_order=settings.nms_order,
                 file_names=[t["file_name"] for t in targets],
                 vcoco_no_object_role=settings.vcoco_no_object_role,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -122,22 +123,48 @@ class HungarianMatcher(nn.Module):
         Returns per image ``(query_idx, pair_idx)``: CPU int64 tensors of length min(Q, P), sorted by
         query index; both empty for an image with no pairs.
         """
-        batch, _, num_verbs = check_outputs(outputs)
-        check_targets(targets, batch, num_verbs)
         indices: MatchIndices = []
-        for b, target in enumerate(targets):
-            cost = self.cost_matrix({key: outputs[key][b] for key in OUTPUT_KEYS}, target)
-            if not torch.isfinite(cost).all():
+        for b, cost in enumerate(self.batch_costs(outputs, targets)):
+            if not np.isfinite(cost).all():
                 raise LossError(f"matcher: image {b} has a non-finite cost (NaN or inf in the model outputs)")
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            rows, cols = linear_sum_assignment(cost)
             query_idx = torch.as_tensor(rows, dtype=torch.int64)
             pair_idx = torch.as_tensor(cols, dtype=torch.int64)
             order = torch.argsort(query_idx)
             indices.append((query_idx[order], pair_idx[order]))
         return indices
 
+    @torch.no_grad()
+    def batch_costs(self, outputs: Mapping[str, Tensor], targets: Sequence[Mapping[str, Tensor]]) -> list[np.ndarray]:
+        """Per image b, its (Q, P_b) cost as a float numpy array on the host.
+
+        As DETR: one (B*Q, sum P) cost of every query against every pair of the batch on the
+        model's device, one copy to the host (a GPU synchronises once per decoder layer, not once
+        per image), then each image keeps its own columns. Every cost term is computed row by
+        row and column by column, so each image's block equals ``cost_matrix`` of that image alone.
+        """
+        batch, queries, num_verbs = check_outputs(outputs)
+        check_targets(targets, batch, num_verbs)
+        sizes = [int(target["obj_labels"].shape[0]) for target in targets]
+        flat = {key: outputs[key].flatten(0, 1) for key in OUTPUT_KEYS}  # (B*Q, k)
+        device = flat["pred_obj_logits"].device
+        joined = {key: torch.cat([target[key].to(device) for target in targets]) for key in TARGET_KEYS}
+        if any("verb_known" in target for target in targets):
+            joined["verb_known"] = torch.cat(
+                [
+                    target["verb_known"].to(device)
+                    if "verb_known" in target
+                    else torch.ones(size, dtype=torch.bool, device=device)
+                    for target, size in zip(targets, sizes, strict=True)
+                ]
+            )
+        cost = self.cost_matrix(flat, joined).view(batch, queries, -1).cpu().numpy()  # the one host copy
+        starts = np.cumsum([0, *sizes])
+        return [cost[b, :, starts[b] : starts[b + 1]] for b in range(batch)]
+
     def cost_matrix(self, prediction: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
-        """The (Q, P) cost of one image; ``prediction`` holds the four output keys without the batch dim."""
+        """The (N, P) cost of N query predictions (the four output keys, (N, k) each: one image's
+        queries, or a whole batch's flattened) against P ground-truth pairs."""
         obj_logits = prediction["pred_obj_logits"]
         device, dtype = obj_logits.device, obj_logits.dtype
         obj_labels = target["obj_labels"].to(device)
@@ -145,7 +172,7 @@ class HungarianMatcher(nn.Module):
         sub_boxes = target["sub_boxes"].to(device=device, dtype=dtype)
         obj_boxes = target["obj_boxes"].to(device=device, dtype=dtype)
 
-        cost_obj = -obj_logits.softmax(-1)[:, obj_labels]  # (Q, P)
+        cost_obj = -obj_logits.softmax(-1)[:, obj_labels]  # (N, P)
         cost_verb = verb_cost(prediction["pred_verb_logits"], verb_labels)
         if "verb_known" in target:  # a pair whose verbs were never annotated: no verb cost
             cost_verb = cost_verb * target["verb_known"].to(device=device, dtype=dtype)[None, :]
@@ -175,9 +202,13 @@ def verb_cost(verb_logits: Tensor, verb_labels: Tensor) -> Tensor:
     over its negative verbs, negated and halved. A pair with no positive (or no negative) verb has
     a zero sum there, and so a zero term rather than a division by zero.
     """
-    prob = verb_logits.sigmoid()
-    positives = verb_labels.sum(-1).clamp(min=1e-6)  # the numerator is 0 too when the sum is 0
-    negatives = (1 - verb_labels).sum(-1).clamp(min=1e-6)
-    match_pos = prob @ verb_labels.T / positives[None, :]
-    match_neg = (1 - prob) @ (1 - verb_labels).T / negatives[None, :]
-    return -(match_pos + match_neg) / 2
+    # The products accumulate in float64 and round once: BLAS picks its summation order by the
+    # matrix shapes, and in fp32 a batch's (B*Q, sum P) product would differ in the last bit from
+    # one image's (Q, P) one; in float64 that difference vanishes in the final rounding.
+    prob = verb_logits.double().sigmoid()
+    labels = verb_labels.double()
+    positives = labels.sum(-1).clamp(min=1e-6)  # the numerator is 0 too when the sum is 0
+    negatives = (1 - labels).sum(-1).clamp(min=1e-6)
+    match_pos = prob @ labels.T / positives[None, :]
+    match_neg = (1 - prob) @ (1 - labels).T / negatives[None, :]
+    return (-(match_pos + match_neg) / 2).to(verb_logits.dtype)

@@ -114,7 +114,9 @@ def plan_items(config: Any) -> list[PrewarmItem]:
         prompt_variant=config.distill.prompt_variant,
     ).sentences_of_object
     items = []
-    for annotation in load_annotations(data.path("train_annotations"), data.dataset):
+    # Images are not opened here, so boxes outside them are not seen: under clamp / drop training
+    # may drop a few more pairs, and prewarm then scores a few sentences more, never fewer.
+    for annotation in load_annotations(data.path("train_annotations"), data.dataset, box_policy=data.box_policy):
         objects = dict.fromkeys(int(annotation.labels[p.object]) for p in annotation.pairs() if p.object >= 0)
         sentences = tuple(dict.fromkeys(s for obj in objects for s in sentences_of(obj).values()))
         if sentences:

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import re
 import threading
 import warnings
@@ -31,16 +30,25 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
+from teacher_server.precision import (
+    DTYPE_NAMES,
+    Capability,
+    PrecisionError,
+    choose_dtype,
+    device_capability,
+    fp32_linear,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "Salesforce/blip-itm-base-coco"
 ItmStartToken = Literal["cls", "enc"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = DTYPE_NAMES
 
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -121,25 +129,34 @@ class EngineStats:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when present, else CPU; anything else as torch reads it."""
+    """``auto`` -> the first CUDA device when present, else CPU; anything else as torch reads it.
+
+    A CUDA device always gets its index (``cuda`` -> ``cuda:0`` in a process that never changed
+    its current device), so ``cuda`` and ``cuda:0`` are one device, not two.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> fp32 on CPU, bf16 on CUDA when supported, else fp16."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def resolve_dtype(name: str, device: torch.device, *, capability: Capability | None = None) -> torch.dtype:
+    """``auto`` -> fp32 off CUDA; on CUDA bf16 where ``device`` has compute capability >= 8.0, else fp16.
+
+    ``capability``: the device's (major, minor); default: read from ``device`` itself.
+    """
+    if capability is None:
+        capability = device_capability(device)
     try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ModelLoadError(f"dtype {name!r} is not one of {', '.join(_DTYPES)} or auto") from None
+        dtype = choose_dtype(name, capability, name="dtype")
+    except PrecisionError as error:
+        raise ModelLoadError(str(error)) from None
+    return torch.float32 if dtype is None else dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -562,7 +579,9 @@ class ItmEngine:
             hidden = self._text_layer(
                 layer, hidden, self_mask, keys_values[index], groups, first_token_only=index == len(layers) - 1
             )
-        return self.model.itm_head(hidden[:, 0]).float()
+        # In fp32 whatever the engine's dtype: the margin l_match - l_nomatch of two close logits
+        # would keep few significant digits if each were rounded to bf16 first.
+        return fp32_linear(self.model.itm_head, hidden[:, 0])
 
     def _text_layer(
         self,
@@ -614,14 +633,13 @@ class ItmEngine:
         return states.view(batch, length, self._num_heads, self._head_dim).transpose(1, 2)
 
     def _attend(self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None) -> Tensor:
-        """Scaled dot-product attention, eager like the stock layer.
+        """Scaled dot-product attention: (..., H, Lq, d) x (..., H, Lk, d) -> (..., Lq, H*d).
 
-        (..., H, Lq, d) x (..., H, Lk, d) -> (..., Lq, H*d).
+        ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU) computes the
+        stock layer's eager ``softmax(q k^T / sqrt(d) + mask) v``, scale and additive mask
+        included; the tests hold the two to 1e-5 and the engine to the stock forward to 1e-4.
         """
-        scores = torch.matmul(queries, keys.transpose(-1, -2)) / math.sqrt(self._head_dim)
-        if mask is not None:
-            scores = scores + mask
-        context = torch.matmul(scores.softmax(dim=-1), values)
+        context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         return context.transpose(-3, -2).flatten(-2)
 
 

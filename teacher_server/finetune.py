@@ -32,6 +32,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -53,10 +54,17 @@ from teacher_server.engine import (
     resolve_device,
 )
 from teacher_server.errors import InvalidInputError, TeacherError
-from teacher_server.hoi.annotations import ImageAnnotation, dataset_spec, load_annotations, load_correspondence
+from teacher_server.hoi.annotations import (
+    BOX_POLICIES,
+    ImageAnnotation,
+    dataset_spec,
+    load_correspondence,
+    read_annotations,
+)
 from teacher_server.hoi.classes import NO_OBJECT_INDEX, OBJECT_NAMES, hico_correspondence
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import VARIANTS, candidate_sentences, triplet_sentence
+from teacher_server.precision import PrecisionError, choose_dtype, device_capability, fp32_linear
 
 CHECKPOINT_NAME = "finetune_checkpoint.pt"
 SUMMARY_NAME = "finetune.json"
@@ -205,15 +213,22 @@ def examples_from_annotations(
     dataset: str = "hico",
     correspondence: np.ndarray | str | Path | None = None,
     prompt_variant: str = "full",
+    box_policy: str = "error",
 ) -> FinetuneExamples:
     """Training images from a HICO-DET / V-COCO annotation file (every image must exist).
+
+    ``box_policy``: a box outside its image or inverted is an ``error``, or ``clamp``-ed / ``drop``-ped
+    with its pairs (``teacher_server.hoi.annotations.read_annotations``; one warning counts the fixes).
 
     Raises:
         DatasetError: the file is malformed (unknown verb id, missing image, ...), as the reader says.
         FinetuneError: the file has no image, or no image with a usable pair.
     """
     spec = dataset_spec(dataset)
-    annotations = load_annotations(annotation_file, dataset, image_root=image_root)
+    loaded = read_annotations(annotation_file, dataset, image_root=image_root, box_policy=box_policy)
+    if loaded.fixes.any:
+        warnings.warn(loaded.fixes.summary(), stacklevel=2)
+    annotations = loaded.images
     if not annotations:
         raise FinetuneError(f"{annotation_file}: the annotation file lists no images")
     table = SentenceTable(resolve_correspondence(annotation_file, dataset, correspondence), spec.verbs, prompt_variant)
@@ -588,7 +603,8 @@ def itm_logits(
         encoder_hidden_states=pair_embeds,
         encoder_attention_mask=image_mask,
     ).last_hidden_state  # (P, L, D)
-    return model.itm_head(hidden[:, 0])
+    # The head in fp32 even under autocast: the loss and P(match) read the difference of two logits.
+    return fp32_linear(model.itm_head, hidden[:, 0])
 
 
 def balanced_itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -920,11 +936,11 @@ def _autocast_dtype(settings: FinetuneSettings, device: torch.device) -> torch.d
         if settings.precision in ("bf16", "fp16"):
             raise FinetuneError(f"precision = {settings.precision!r} needs a CUDA device; this run is on {device}")
         return None
-    if settings.precision == "fp32":
-        return None
-    if settings.precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if settings.precision == "bf16" else torch.float16
+    try:
+        # bf16 only where this device has bf16 tensor cores (compute capability >= 8.0).
+        return choose_dtype(settings.precision, device_capability(device), name="precision")
+    except PrecisionError as error:
+        raise FinetuneError(str(error)) from None
 
 
 def _start_run(model: str | Path, examples: FinetuneExamples, settings: FinetuneSettings) -> _Run:
@@ -1201,6 +1217,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="verb x object validity .npy (default: corre_<dataset>.npy beside --annotations; hico: built in)",
     )
     data.add_argument(
+        "--box-policy",
+        choices=BOX_POLICIES,
+        default="clamp",
+        help="--annotations: a box outside its image or inverted is an error, clamped into the image "
+        "(dropped when that cannot mend it) or dropped, with its pairs (default clamp, as training)",
+    )
+    data.add_argument(
         "--prompt-variant",
         choices=list(VARIANTS),
         default=defaults.prompt_variant,
@@ -1331,6 +1354,7 @@ def run(args: argparse.Namespace) -> int:
                 dataset=args.dataset,
                 correspondence=args.correspondence,
                 prompt_variant=args.prompt_variant,
+                box_policy=args.box_policy,
             )
         finetune(
             args.model, args.out, examples, settings, resume=args.resume, progress=False if args.no_progress else None

@@ -33,7 +33,7 @@ import numpy as np
 
 from teacher_server.errors import TeacherError
 from teacher_server.finetune import SentenceTable, pair_object, resolve_correspondence
-from teacher_server.hoi.annotations import ImageAnnotation, dataset_spec, load_annotations
+from teacher_server.hoi.annotations import BOX_POLICIES, ImageAnnotation, dataset_spec, load_annotations
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import VARIANTS
 
@@ -256,10 +256,10 @@ def plan_pairs(
     return plans
 
 
-def training_triplet_counts(train_annotations: str | Path, dataset: str = "hico") -> Counter:
+def training_triplet_counts(train_annotations: str | Path, dataset: str = "hico", box_policy: str = "error") -> Counter:
     """Instances of each (verb, object class) triplet in a training annotation file."""
     counts: Counter = Counter()
-    for annotation in load_annotations(train_annotations, dataset):
+    for annotation in load_annotations(train_annotations, dataset, box_policy=box_policy):
         for hoi in annotation.hois:
             counts[(hoi.verb, pair_object(annotation, hoi.object))] += 1
     return counts
@@ -291,12 +291,14 @@ def evaluate_itm(
     limit: int | None = None,
     progress: bool | None = None,
     batch_images: int = 16,
+    box_policy: str = "error",
 ) -> ItmQuality:
     """Score every candidate sentence of every annotated pair with ``engine`` (an ``ItmEngine``).
 
     ``train_annotations``: for the rare / non-rare split; None = ``trainval_<dataset>.json`` beside
     ``annotation_file`` when it exists, else no split. ``limit``: the first N images only.
-    ``progress``: a tqdm bar; None = when stderr is a terminal.
+    ``progress``: a tqdm bar; None = when stderr is a terminal. ``box_policy``: boxes outside
+    their image or inverted are an ``error``, or ``clamp``-ed / ``drop``-ped with their pairs.
 
     Raises:
         DatasetError: a malformed annotation, correspondence or training file, a missing image.
@@ -311,10 +313,10 @@ def evaluate_itm(
     if limit is not None and limit < 1:
         raise DatasetError(f"limit = {limit}, expected >= 1")
     spec = dataset_spec(dataset)
-    annotations = load_annotations(annotation_file, dataset, image_root=image_root)[:limit]
+    annotations = load_annotations(annotation_file, dataset, image_root=image_root, box_policy=box_policy)[:limit]
     table = SentenceTable(resolve_correspondence(annotation_file, dataset, correspondence), spec.verbs, prompt_variant)
     train_file = train_annotations or default_train_annotations(annotation_file, dataset)
-    rare = rare_rule(training_triplet_counts(train_file, dataset)) if train_file is not None else None
+    rare = rare_rule(training_triplet_counts(train_file, dataset, box_policy)) if train_file is not None else None
     skipped: Counter = Counter({"unknown_verbs": 0, "no_positive": 0, "no_negative": 0})
     planned = [(annotation, plan_pairs(annotation, table, rare, skipped)) for annotation in annotations]
     planned = [(annotation, plans) for annotation, plans in planned if plans]
@@ -391,6 +393,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-variant", choices=list(VARIANTS), default="full", help="(default full)")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument(
+        "--box-policy",
+        choices=BOX_POLICIES,
+        default="clamp",
+        help="a box outside its image or inverted: error, clamp into the image, or drop (default clamp)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--itm-start-token", default="cls", choices=["cls", "enc"], help="as the model was trained")
@@ -416,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
             prompt_variant=args.prompt_variant,
             limit=args.limit,
             progress=False if args.no_progress else None,
+            box_policy=args.box_policy,
         )
     except (TeacherError, DatasetError) as error:
         print(f"eval-itm: {error}", file=sys.stderr)

@@ -80,6 +80,15 @@ def _parse_devices(text: str) -> tuple[str, ...]:
     return devices
 
 
+def canonical_device(name: str) -> str:
+    """``cuda`` -> ``cuda:0`` and ``xpu`` -> ``xpu:0``; every other name as it is.
+
+    torch's bare ``cuda`` is the process's current device, which the service never changes:
+    device 0. Without this, ``cuda,cuda:0`` would load two engine copies onto one GPU.
+    """
+    return f"{name}:0" if name in ("cuda", "xpu") else name
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks: typed value -> None or the reason it is invalid.
 
@@ -109,8 +118,10 @@ def _devices(value: tuple[str, ...]) -> str | None:
     bad = [device for device in value if not _DEVICE_PATTERN.match(device)]
     if bad:
         return f"unknown device {bad[0]!r}: use auto, cpu, mps, cuda, cuda:N or xpu:N"
-    if len(set(value)) != len(value):
-        return f"lists a device twice: {','.join(value)}"
+    canonical = [canonical_device(device) for device in value]
+    if len(set(canonical)) != len(canonical):
+        aliases = sorted({f"{d} is {c}" for d, c in zip(value, canonical, strict=True) if d != c})
+        return f"lists a device twice: {','.join(value)}" + (f" ({', '.join(aliases)})" if aliases else "")
     if "auto" in value and len(value) > 1:
         return "'auto' picks one device by itself and cannot be combined with others"
     return None
@@ -307,6 +318,8 @@ class ServerSettings:
                 reason = check(value)
                 if reason is not None:
                     raise SettingsError(f"setting {spec.name} ({_names(spec.name)}): {reason}")
+        # One name per device (cuda -> cuda:0): the engines, metrics and model info agree on it.
+        object.__setattr__(self, "device", tuple(canonical_device(device) for device in self.device))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SettingsError(
                 f"TLS needs both tls_cert ({_names('tls_cert')}) and tls_key ({_names('tls_key')}); "

@@ -18,6 +18,7 @@ from teacher_server.hoi.annotations import (
     load_annotations,
     load_correspondence,
     merge_pairs,
+    read_annotations,
 )
 from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES, hico_correspondence
 from teacher_server.hoi.errors import DatasetError
@@ -210,6 +211,71 @@ def test_box_tolerance_clips_small_overshoot(tmp_path):
     np.testing.assert_allclose(annotations[0].boxes[2], [0, 20, 100, 30])
     with pytest.raises(DatasetError, match="outside"):
         load_annotations(path, "hico", image_root=tmp_path, box_tolerance=0.0)
+
+
+def _out_of_image_and_inverted() -> list:
+    """GOOD_HICO's image a.jpg (100 x 80) with a horse box 4 px past the right edge (beyond the
+    1 px tolerance), an inverted cup box, a second person paired with that cup (verbs unknown),
+    and a second cup the first person holds."""
+    entries = copy.deepcopy(GOOD_HICO)
+    boxes = entries[0]["annotations"]
+    boxes[1]["bbox"] = [5, 30, 104, 79]  # horse: x2 = 104 > 100 + 1
+    boxes[2]["bbox"] = [50, 20, 40, 30]  # cup: x1 > x2
+    boxes.append({"bbox": [60, 10, 80, 70], "category_id": 1})  # box 3: a person
+    boxes.append({"bbox": [0, 0, 5, 5], "category_id": 47})  # box 4: another cup
+    entries[0]["hoi_annotation"].append({"subject_id": 0, "object_id": 4, "category_id": 37})
+    entries[0]["pairs_without_verbs"] = [{"subject_id": 3, "object_id": 2}]
+    return entries
+
+
+def test_box_policy_error_clamp_or_drop(tmp_path):
+    path = write(tmp_path, _out_of_image_and_inverted())
+    with pytest.raises(DatasetError, match=r"2 problem\(s\)(.|\n)*outside the 100x80(.|\n)*inverted"):
+        load_annotations(path, "hico", image_root=tmp_path)  # box_policy="error", the default
+    ride, straddle, hold = (HICO_VERBS.index(v) for v in ("ride", "straddle", "hold"))
+
+    # clamp: the horse is clipped to the image; the inverted cup cannot be, so it goes with the
+    # HOI and the verb-less pair that use it; box 4 becomes box 3.
+    clamped = read_annotations(path, "hico", image_root=tmp_path, box_policy="clamp")
+    first = clamped.images[0]
+    np.testing.assert_array_equal(first.boxes, [[10, 5, 40, 60], [5, 30, 100, 79], [60, 10, 80, 70], [0, 0, 5, 5]])
+    assert first.pairs() == [HOIPair(0, 1, (ride, straddle)), HOIPair(0, 3, (hold,))]
+    assert first.pairs_without_verbs == ()
+    assert first.raw == _out_of_image_and_inverted()[0]  # the entry as read, for the record
+    fixes = clamped.fixes
+    assert (fixes.boxes_clamped, fixes.boxes_dropped, fixes.hois_dropped, fixes.pairs_without_verbs_dropped) == (
+        1,
+        1,
+        1,
+        1,
+    )
+    assert (fixes.images_changed, fixes.images_left_without_pairs) == (1, 0)
+    assert fixes.summary().startswith(f"{path}: box_policy=clamp: 1 box clamped into its image, 1 box dropped")
+    assert "entry 0 (a.jpg): annotations[1].bbox [5, 30, 104, 79] clamped to [5, 30, 100, 79]" in fixes.summary()
+
+    # drop: both bad boxes go, and every HOI that uses one of them.
+    dropped = read_annotations(path, "hico", image_root=tmp_path, box_policy="drop")
+    first = dropped.images[0]
+    np.testing.assert_array_equal(first.boxes, [[10, 5, 40, 60], [60, 10, 80, 70], [0, 0, 5, 5]])
+    assert first.pairs() == [HOIPair(0, 2, (hold,))]
+    fixes = dropped.fixes
+    assert (fixes.boxes_clamped, fixes.boxes_dropped, fixes.hois_dropped, fixes.pairs_without_verbs_dropped) == (
+        0,
+        2,
+        3,
+        1,
+    )
+    # An image that loses every pair is counted (training then leaves it out).
+    only_horse = copy.deepcopy(GOOD_HICO)
+    only_horse[0]["annotations"][1]["bbox"] = [5, 30, 104, 79]
+    only_horse[0]["hoi_annotation"] = only_horse[0]["hoi_annotation"][:1]
+    lost = read_annotations(write(tmp_path, only_horse), "hico", image_root=tmp_path, box_policy="drop")
+    assert lost.fixes.images_left_without_pairs == 1 and not lost.images[0].has_pairs
+    # Nothing to fix: nothing counted, an empty summary.
+    clean = read_annotations(write(tmp_path, GOOD_HICO), "hico", image_root=tmp_path, box_policy="clamp")
+    assert not clean.fixes.any and clean.fixes.summary() == ""
+    with pytest.raises(DatasetError, match="box_policy = 'fix': expected one of error, clamp, drop"):
+        read_annotations(path, "hico", box_policy="fix")
 
 
 def test_without_image_root_boxes_are_checked_later(tmp_path):

@@ -96,6 +96,24 @@ def test_frozen_batch_norm_equals_batch_norm_in_eval_and_has_nothing_to_train() 
         assert torch.equal(buffer, before[name]), name
 
 
+def test_frozen_batch_norm_keeps_the_input_dtype_under_autocast() -> None:
+    # fp32 buffers times a bf16 input promote to fp32: every frozen batch norm of the ResNet would
+    # hand the next convolution fp32 activations (twice the memory traffic) under autocast.
+    generator = torch.Generator().manual_seed(0)
+    frozen = FrozenBatchNorm2d(4)
+    frozen.running_var.copy_(torch.rand(4, generator=generator) + 0.5)
+    frozen.weight.copy_(torch.randn(4, generator=generator))
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = conv(x)
+        out = frozen(features)
+    assert features.dtype == out.dtype == torch.bfloat16
+    # The scale and shift are still computed in fp32 and rounded once.
+    torch.testing.assert_close(out.float(), frozen(features.float()), atol=0.05, rtol=0.02)
+    assert frozen(torch.ones(1, 4, 2, 2, dtype=torch.float16)).dtype == torch.float16
+
+
 def test_frozen_batch_norm_starts_as_identity_so_zeros_stay_zero() -> None:
     out = FrozenBatchNorm2d(3)(torch.zeros(1, 3, 2, 2))
     assert torch.equal(out, torch.zeros(1, 3, 2, 2))

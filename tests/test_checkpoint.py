@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
+from conftest import free_port
 from torch import nn
 
 from student.checkpoint import (
@@ -83,6 +87,27 @@ def test_save_is_loadable_with_weights_only_and_restores_everything(tmp_path: Pa
     assert torch.equal(
         fresh_optimizer.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
     )
+    assert _draws() == expected
+
+
+def test_rng_states_stay_on_the_cpu_whatever_the_map_location(tmp_path: Path) -> None:
+    # A GPU run loads its checkpoint with map_location=cuda:N; torch.set_rng_state and .numpy()
+    # only take CPU tensors, so RNG states must never follow map_location. 'meta' stands in
+    # for a device that is not the CPU (there is no GPU here); weights do follow it.
+    model, optimizer, scheduler = _parts()
+    path = save_checkpoint(
+        tmp_path / CHECKPOINT_NAME,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        position=TrainingPosition(),
+        config={},
+    )
+    expected = _draws()
+    _draws()
+    checkpoint = load_checkpoint(path, map_location="meta")
+    assert {tensor.device.type for tensor in checkpoint["model"].values()} == {"meta"}
+    restore_rng_state(checkpoint["rng"])
     assert _draws() == expected
 
 
@@ -220,3 +245,47 @@ def test_resume_is_bit_exact(six_images: Path, tmp_path: Path, stop_at: int) -> 
     assert straight_ckpt["scheduler"] == resumed_ckpt["scheduler"]
     for index, state in straight_ckpt["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg_sq"], resumed_ckpt["optimizer"]["state"][index]["exp_avg_sq"])
+
+
+# -- per-rank random numbers under DDP ---------------------------------------------------------
+
+
+def _resume_rank(rank: int, world: int, ports: list[int], root: str, output: str) -> None:
+    """One of 2 gloo ranks: a straight 4-step run, a run stopped at step 3, its resume to step 4.
+
+    After each, the rank writes its next Python, NumPy and torch draws: they show whose RNG
+    state the rank continued from.
+    """
+    quiet = {"say": lambda _: None}
+    phases = (("straight", 4, None), ("split", 3, None), ("split", 4, "auto"))
+    for number, ((name, steps, resume), port) in enumerate(zip(phases, ports, strict=True)):
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        )
+        # Stir every global RNG differently on each rank and phase: nothing may depend on it.
+        random.seed(100 * number + rank)
+        np.random.seed(100 * number + rank)
+        torch.manual_seed(100 * number + rank)
+        train(_config(Path(root), Path(output) / name, steps), resume=resume, **quiet)
+        (Path(output) / f"phase{number}-rank{rank}.json").write_text(json.dumps(_draws()))
+
+
+def test_every_rank_has_its_own_random_numbers_and_resumes_them_exactly(six_images: Path, tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(3)]
+    mp.spawn(_resume_rank, args=(2, ports, str(six_images), str(tmp_path)), nprocs=2, join=True)
+
+    def draws(phase: int, rank: int) -> list[float]:
+        return json.loads((tmp_path / f"phase{phase}-rank{rank}.json").read_text())
+
+    # seed + rank: the ranks draw different dropout masks (and everything else random).
+    assert all(a != b for a, b in zip(draws(0, 0), draws(0, 1), strict=True))
+    # Resumed at step 3, each rank goes on from its own saved state, as if it had never stopped.
+    for rank in range(2):
+        assert draws(2, rank) == draws(0, rank)
+    checkpoint = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
+    assert len(checkpoint["rank_rng"]) == 2
+    assert not torch.equal(checkpoint["rank_rng"][0]["torch"], checkpoint["rank_rng"][1]["torch"])
+    straight = load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    assert straight["position"] == checkpoint["position"] == {"epoch": 2, "batches_done": 0, "global_step": 4}
+    weights, resumed = straight["model"], checkpoint["model"]
+    assert [name for name in weights if not torch.equal(weights[name], resumed[name])] == []

@@ -136,3 +136,17 @@ def test_unknown_decoder_kind_is_rejected() -> None:
         build_decoder(config)
     with pytest.raises(ModelError, match=r"decoder\.kind"):
         DecoderConfig(kind="four-branch")  # type: ignore[arg-type]
+
+
+def test_heads_compute_in_fp32_under_autocast() -> None:
+    # Box regression and the verb logits the distillation reads keep full precision: the heads
+    # take bf16 decoder features and compute in fp32, as if there were no autocast.
+    heads = HOIHeads(32, 80, V)
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(B, Q, 32, generator=generator).to(torch.bfloat16) for _ in range(3)]
+    expected = heads(*[f.float() for f in features])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = heads(*features)
+    for key, value in outputs.items():
+        assert value.dtype == torch.float32, key
+        assert torch.equal(value, expected[key]), key

@@ -248,7 +248,7 @@ def test_compose_teacher_environment_is_a_valid_settings_set() -> None:
     settings = settings_from_args(parse_teacher_command(teacher["command"]), env=teacher["environment"])
     redis = urlparse(settings.redis_url)
     assert redis.hostname == "redis" and redis.port == 6379  # the redis service, its default port
-    assert settings.device == ("cuda",) and settings.model == "Salesforce/blip-itm-base-coco"
+    assert settings.device == ("cuda:0",) and settings.model == "Salesforce/blip-itm-base-coco"
     assert teacher["environment"]["HF_HOME"] in compose_volumes(teacher)
 
 
@@ -840,7 +840,7 @@ def test_teacher_configmap_is_a_valid_settings_set_pointing_at_redis() -> None:
     redis_service = resource("Service", "hoi-redis")
     assert redis_url.hostname == redis_service["metadata"]["name"]
     assert redis_url.port == redis_service["spec"]["ports"][0]["port"]
-    assert settings.device == ("cuda",), "one GPU per pod: the pod's only GPU"
+    assert settings.device == ("cuda:0",), "one GPU per pod: the pod's only GPU (cuda reads as cuda:0)"
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -142,6 +142,14 @@ def rank_main(rank: int, world: int, port: int, root: str, output: str) -> None:
     context = init_distributed("cpu", timeout_s=120)
     try:
         assert context.is_distributed and context.backend == "gloo"
+        # The only buffers are frozen batch-norm statistics, equal everywhere: no re-broadcast per step.
+        assert wrap_model(torch.nn.Linear(2, 2), context).broadcast_buffers is False
+        # ...but once, when wrapping: DDP then leaves buffers out of its initial copy of rank 0's
+        # state, and each rank calibrated its statistics on its own (seed + rank) random CNN.
+        probe = torch.nn.BatchNorm1d(2)
+        probe.running_mean.fill_(float(rank))
+        wrap_model(probe, context)
+        assert probe.running_mean.tolist() == [0.0, 0.0]
         losses, parameters = run_training(Path(root), Path(output), context)
         # The ranks' step losses and parameters, each rank filling its own slot, merged on every rank.
         mine: list[dict[str, Any] | None] = [None] * world

@@ -215,6 +215,46 @@ def test_bf16_runs_and_stays_close_to_fp32(tiny_blip_dir: Path, engine: ItmEngin
     assert half.fingerprint != engine.fingerprint
 
 
+def test_a_bf16_engine_computes_its_itm_head_in_fp32(tiny_blip_dir: Path) -> None:
+    # The two ITM logits are close; their difference (the margin the student learns from) would
+    # lose most of its digits if each logit were rounded to bf16 (8 significant bits) first.
+    half = ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu", dtype="bf16"))
+    first_tokens: list[torch.Tensor] = []
+    last_layer = half.model.text_encoder.encoder.layer[-1]
+    handle = last_layer.output.register_forward_hook(lambda module, args, output: first_tokens.append(output))
+    data = png_bytes(8)
+    try:
+        (scores,) = half.score([ImageSentences(image_digest(data), half.prepare_image(data), SENTENCES[:1])])
+    finally:
+        handle.remove()
+    head = half.model.itm_head
+    assert head.weight.dtype == torch.bfloat16
+    logits = torch.nn.functional.linear(first_tokens[0][:, 0].float(), head.weight.float(), head.bias.float())
+    assert scores[0].match_logit == pytest.approx(float(logits[0, 1] - logits[0, 0]), abs=1e-6)
+
+
+def test_attention_is_scaled_dot_product_attention_and_equals_the_eager_formula(engine: ItmEngine) -> None:
+    generator = torch.Generator().manual_seed(0)
+    heads, dim = engine._num_heads, engine._head_dim
+    queries = torch.randn(3, heads, 5, dim, generator=generator)
+    keys = torch.randn(3, heads, 7, dim, generator=generator)
+    values = torch.randn(3, heads, 7, dim, generator=generator)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    mask = torch.zeros(3, 7).masked_fill(padding, torch.finfo(torch.float32).min)[:, None, None, :]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fused = engine._attend(queries, keys, values, mask)
+    assert "aten::scaled_dot_product_attention" in {event.name for event in profile.events()}
+    # The stock layer's eager attention, written out.
+    scores = queries @ keys.transpose(-1, -2) / dim**0.5 + mask
+    eager = (scores.softmax(-1) @ values).transpose(-3, -2).flatten(-2)
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    # Cross-attention folds a whole image's sentences into one query sequence, without a mask.
+    folded = torch.randn(heads, 11, dim, generator=generator)
+    eager = ((folded @ keys[0].transpose(-1, -2) / dim**0.5).softmax(-1) @ values[0]).transpose(-3, -2).flatten(-2)
+    torch.testing.assert_close(engine._attend(folded, keys[0], values[0], None), eager, atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------- bad images
 def test_empty_image_bytes(engine: ItmEngine) -> None:
     with pytest.raises(InvalidInputError, match=r"image: image is empty \(0 bytes\)") as caught:

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from student.evaluation.predictions import parse_hoi_entries, parse_predictions
+from student.evaluation.predictions import EvaluationError, parse_hoi_entries, parse_predictions
 from student.evaluation.vcoco import (
     evaluate_vcoco,
     overlap_plus_one,
@@ -115,6 +115,21 @@ def test_ground_truth_without_role_object_separates_the_scenarios():
     assert zeros.role_ap_1["eat_obj"] == pytest.approx(1.0)
 
 
+def test_ground_truth_boxes_are_read_with_the_official_convention():
+    # test_vcoco.json of the DETR-line codebases stores COCO's [x, y, w, h] as x2 = x + w; the
+    # official vsrl_eval reads it as x2 = x + w - 1. The file's person [0, 0, 100, 100] is
+    # officially [0, 0, 99, 99]: 100 x 100 = 10,000 px with the +1 pixel rule. A predicted agent
+    # [0, 0, 99, 49.2] (100 x 50.2 = 5,020 px, inside it) has IoU 5020 / 10000 = 0.502
+    # officially, and 5020 / 101^2 = 0.492 against the file's box as it stands.
+    gt = [gt_image([[0, 0, 100, 100]], [], [(0, -1, "eat_obj")])]
+    preds = [pred_image([([0, 0, 99, 49.2], None, "eat_obj", 0.9)])]
+    assert evaluate(gt, preds).role_ap_1["eat_obj"] == pytest.approx(1.0)
+    # A file whose boxes already follow the official convention is read as it is.
+    assert evaluate(gt, preds, ground_truth_boxes="official").role_ap_1["eat_obj"] == 0.0
+    with pytest.raises(EvaluationError, match="ground_truth_boxes = 'coco'"):
+        evaluate(gt, preds, ground_truth_boxes="coco")
+
+
 def test_role_box_must_overlap_the_ground_truth_role_in_both_scenarios():
     gt = [gt_image([P1], [("cup", CUP)], [(0, 0, "hold_obj")])]
     for role in (APPLE, None):
@@ -209,6 +224,12 @@ def _overlap(a, b) -> float:
     return w * h / union
 
 
+def _official(box: list) -> list:
+    """A ground-truth box of the file (x2 = x + w) as vsrl_eval reads it (x2 = x + w - 1)."""
+    x1, y1, x2, y2 = box
+    return [x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)]
+
+
 def _loop_role_ap(gt: list, preds: list, scenario: int) -> dict[str, float]:
     result = {}
     for c in role_classes():
@@ -221,7 +242,7 @@ def _loop_role_ap(gt: list, preds: list, scenario: int) -> dict[str, float]:
             npos += len(has_action)
             roles = {
                 i: [
-                    boxes[h["object_id"]]["bbox"]
+                    _official(boxes[h["object_id"]]["bbox"])
                     for h in hois
                     if h["subject_id"] == i and h["category_id"] == c.verb and h["object_id"] >= 0
                 ]
@@ -241,7 +262,7 @@ def _loop_role_ap(gt: list, preds: list, scenario: int) -> dict[str, float]:
                 if not persons:
                     rows.append((score, False))
                     continue
-                overlaps = [_overlap(boxes[p]["bbox"], agent) for p in persons]
+                overlaps = [_overlap(_official(boxes[p]["bbox"]), agent) for p in persons]
                 j = persons[int(np.argmax(overlaps))]
                 if j not in subjects:
                     continue  # a person without annotation: skipped

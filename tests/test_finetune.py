@@ -6,6 +6,8 @@ write, the real engine to load and score the result.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import re
 import shutil
@@ -28,6 +30,7 @@ from teacher_server.finetune import (
     FinetuneSettings,
     ImageStore,
     ItmTokens,
+    add_arguments,
     examples_from_annotations,
     examples_from_jsonl,
     finetune,
@@ -203,6 +206,23 @@ def test_training_forward_equals_stock_and_engine(base_model: Path, synthetic: P
     torch.testing.assert_close(margins, (ours[:, 1] - ours[:, 0]).float(), atol=1e-4, rtol=0)
 
 
+def test_the_itm_head_computes_in_fp32_under_autocast(base_model: Path, synthetic: Path) -> None:
+    loaded = load_blip_itm(base_model, revision=None, dtype=torch.float32)
+    examples = train_examples(synthetic)
+    pixels = ImageStore(examples, loaded.processor.image_processor, 64).pixels([0])
+    input_ids, mask = ItmTokens(loaded.processor.tokenizer, "cls", 64).batch(["a person ride a horse", "a person"])
+    first: list[torch.Tensor] = []
+    last_layer = loaded.model.text_encoder.encoder.layer[-1]
+    last_layer.register_forward_hook(
+        lambda module, args, output: first.append((output[0] if isinstance(output, tuple) else output)[:, 0])
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = itm_logits(loaded.model.eval(), pixels, torch.tensor([0, 0]), input_ids, mask)
+    head = loaded.model.itm_head
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, torch.nn.functional.linear(first[0].float(), head.weight, head.bias))
+
+
 # -- learning -----------------------------------------------------------------------------------
 
 
@@ -363,6 +383,21 @@ def test_bad_annotations_are_named(tmp_path: Path) -> None:
     unknown = write_annotations(tmp_path / "v", bad_verb)
     with pytest.raises(DatasetError, match=r"hoi_annotation\[0\]\.category_id = 999 is outside 1\.\.117"):
         examples_from_annotations(unknown, tmp_path / "v")
+
+
+def test_the_box_policy_reaches_the_annotation_reader(tmp_path: Path) -> None:
+    # A horse box 6 px past the right edge of its 64 px image: error names it, clamp trains on.
+    entries = copy.deepcopy(HAND_MADE[:2])
+    entries[0]["annotations"][1]["bbox"] = [30, 10, 70, 40]
+    path = write_annotations(tmp_path, entries)
+    with pytest.raises(DatasetError, match=r"annotations\[1\]\.bbox .* lies outside the 64x64"):
+        examples_from_annotations(path, tmp_path)
+    with pytest.warns(UserWarning, match="box_policy=clamp: 1 box clamped into its image"):
+        examples = examples_from_annotations(path, tmp_path, box_policy="clamp")
+    assert len(examples.images) == 2
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # finetune's flags: --box-policy, clamp by default as in training
+    assert parser.get_default("box_policy") == "clamp"
 
 
 def test_cli_errors_exit_2_with_the_cause(base_model: Path, tmp_path: Path, capsys) -> None:

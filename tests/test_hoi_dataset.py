@@ -169,6 +169,26 @@ def test_box_outside_image_is_caught_on_access_when_images_were_not_checked(tmp_
         lazy[1]
 
 
+def test_box_policy_clamps_or_drops_and_reports_what_it_fixed(tmp_path):
+    entries = hico_entries()
+    entries[1]["annotations"][1]["bbox"] = [20, 25, 30, 70]  # b.png is 60 px high: 10 px past it
+    path = make_files(tmp_path, entries)
+    with pytest.warns(UserWarning, match=r"box_policy=clamp: 1 box clamped into its image"):
+        clamped = HOIDataset(tmp_path / "images", path, "hico", box_policy="clamp")
+    assert clamped.box_fixes.boxes_clamped == 1
+    _, target = clamped[1]  # the default transforms give cxcywh normalised by (w, h) = (40, 60)
+    torch.testing.assert_close(target["obj_boxes"][0], torch.tensor([25 / 40, 42.5 / 60, 10 / 40, 35 / 60]))
+    # Images not checked up front: the box is clamped when the image is read.
+    lazy = HOIDataset(tmp_path / "images", path, "hico", box_policy="clamp", check_images=False)
+    torch.testing.assert_close(lazy[1][1]["obj_boxes"], target["obj_boxes"])
+    with pytest.warns(UserWarning, match=r"1 box dropped .* with 1 HOI .* 1 image left without pairs"):
+        dropped = HOIDataset(tmp_path / "images", path, "hico", box_policy="drop", skip_empty=True)
+    assert dropped.indices == [0]  # b.png lost its only pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean file warns about nothing
+        HOIDataset(tmp_path / "images", make_files(tmp_path, hico_entries()), "hico", box_policy="clamp")
+
+
 def test_unreadable_image(tmp_path):
     path = make_files(tmp_path, hico_entries())
     (tmp_path / "images" / "b.png").write_bytes(b"not an image")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from student.box_ops import (
     box_cxcywh_to_xyxy,
@@ -15,7 +17,7 @@ from student.box_ops import (
     generalized_box_iou,
     normalize_xyxy,
 )
-from student.matcher import HungarianMatcher, LossError, has_object_box, verb_cost
+from student.matcher import OUTPUT_KEYS, HungarianMatcher, LossError, has_object_box, verb_cost
 
 torch.set_num_threads(1)
 NUM_CLASSES = 80
@@ -292,3 +294,25 @@ def test_generalized_box_iou_known_values() -> None:
     assert generalized_box_iou(a, half).item() == pytest.approx(2 / 6)  # IoU 2/6, hull = union
     # Disjoint: IoU 0, hull 4 x 2 = 8, union 4 + 1 = 5 -> -(8 - 5) / 8.
     assert generalized_box_iou(a, apart).item() == pytest.approx(-3 / 8)
+
+
+def test_the_batch_cost_is_each_images_own_cost() -> None:
+    # DETR's layout: one (B*Q, sum P) cost matrix for the whole batch, one copy to the host, then
+    # split per image. It must give each image exactly the cost (and so the matching) it gets alone.
+    generator = torch.Generator().manual_seed(5)
+    queries, verbs = 8, 6
+    outputs = random_outputs(generator, batch=4, queries=queries, verbs=verbs)
+    targets = [random_target(generator, n, verbs, without_object=min(n, 1)) for n in (3, 0, 5, 2)]
+    targets[2]["verb_known"] = torch.tensor([True, False, True, True, True])  # one image has the key
+    matcher = HungarianMatcher(1.0, 1.0, 2.5, 1.0)
+    costs = matcher.batch_costs(outputs, targets)
+    indices = matcher(outputs, targets)
+    for b, target in enumerate(targets):
+        alone = matcher.cost_matrix({key: outputs[key][b] for key in OUTPUT_KEYS}, target).numpy()
+        assert costs[b].shape == alone.shape == (queries, len(target["obj_labels"]))
+        np.testing.assert_array_equal(costs[b], alone)
+        rows, cols = linear_sum_assignment(alone)
+        assert indices[b][0].tolist() == sorted(rows.tolist())
+        assert dict(zip(indices[b][0].tolist(), indices[b][1].tolist(), strict=True)) == dict(
+            zip(rows.tolist(), cols.tolist(), strict=True)
+        )

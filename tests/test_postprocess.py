@@ -113,6 +113,29 @@ def test_triplet_nms_suppresses_overlapping_pairs_of_the_same_class_only():
     assert kept(nms) == [(horse, 10.0), (horse, 80.0), (cow, 80.0)]
 
 
+def test_triplet_nms_runs_on_the_top_k_as_the_reference_codebases_do():
+    # The reference post-processing keeps the top k triplets and then applies triplet NMS to them
+    # (so fewer than k may remain); NMS first would let lower triplets move up into freed places.
+    obj = torch.zeros(1, 3, NO_OBJECT + 1)
+    obj[0, :, OBJ["horse"]] = 8.0
+    verbs = torch.full((1, 3, len(HICO_VERBS)), -10.0)
+    verbs[0, :, VERB["ride"]] = torch.tensor([3.0, 2.0, 1.0])
+    sub = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.51, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
+    objb = torch.tensor([[[0.6, 0.6, 0.2, 0.2], [0.6, 0.61, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2]]])
+    outputs = make_outputs(obj, verbs, sub, objb)
+    nms = TripletNms(threshold=0.7)  # query 1 overlaps query 0 (same class, lower score)
+
+    def subjects(entry):  # subject x1 of each kept triplet, best first
+        return [entry["predictions"][h["subject_id"]]["bbox"][0] for h in entry["hoi_prediction"]]
+
+    [default] = postprocess(outputs, [[200, 200]], top_k=2, nms=nms)
+    assert subjects(default) == [80.0]  # top 2 = queries 0 and 1; NMS then removes query 1
+    [nms_first] = postprocess(outputs, [[200, 200]], top_k=2, nms=nms, nms_order="nms_first")
+    assert subjects(nms_first) == [80.0, 10.0]
+    with pytest.raises(EvaluationError, match="nms_order = 'later'"):
+        postprocess(outputs, [[200, 200]], top_k=2, nms=nms, nms_order="later")
+
+
 def _loop_nms(sub, obj, classes, scores, valid, nms: TripletNms) -> np.ndarray:
     def iou(a, b):
         w = max(min(a[2], b[2]) - max(a[0], b[0]) + 1, 0)

@@ -61,6 +61,17 @@ def test_from_env_reads_every_kind_of_value() -> None:
     assert settings.max_image_bytes == 1_000_000
 
 
+def test_cuda_and_cuda_0_are_one_device() -> None:
+    # torch's "cuda" is the current device, cuda:0 in a process that never changed it: listing
+    # both would load two engine copies onto one GPU.
+    assert ServerSettings(device=("cuda",)).device == ("cuda:0",)
+    assert parse(["--device", "cuda:1,xpu"]).device == ("cuda:1", "xpu:0")
+    with pytest.raises(SettingsError, match=r"lists a device twice: cuda,cuda:0 \(cuda is cuda:0\)"):
+        parse(["--device", "cuda,cuda:0"])
+    with pytest.raises(SettingsError, match="lists a device twice"):
+        ServerSettings(device=("cuda:0", "cuda"))
+
+
 def test_flags_override_env_which_overrides_defaults() -> None:
     env = {"HOIDISTILL_GRPC_PORT": "6000", "HOIDISTILL_HTTP_PORT": "6001", "HOIDISTILL_REDIS_CLUSTER": "1"}
     settings = parse(["--grpc-port", "7000", "--no-redis-cluster", "--device", "cpu"], env)

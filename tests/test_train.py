@@ -265,6 +265,63 @@ def test_loader_workers_do_not_change_the_batches(data_root: Path) -> None:
         assert ids0 == ids1 and torch.equal(images0, images1)
 
 
+def test_cuda_loaders_pin_host_memory(data_root: Path) -> None:
+    # Without pinned pages a non_blocking copy to the GPU is a synchronous one.
+    from student.distributed import DistributedContext
+
+    config = load_config(DEMO_CONFIG, tiny(data_root, data_root / "unused"))
+    dataset = build_train_dataset(config)
+    cuda = torch.device("cuda", 0)  # only a name here: nothing is copied
+    assert build_train_loader(dataset, config, DistributedContext(device=cuda))[0].pin_memory
+    assert not build_train_loader(dataset, config, DistributedContext())[0].pin_memory
+    test_set = build_test_dataset(config)
+    assert build_test_loader(test_set, config, device=cuda).pin_memory
+    assert not build_test_loader(test_set, config).pin_memory
+
+
+def test_the_box_policy_comes_from_the_config(data_root: Path, tmp_path: Path) -> None:
+    # One box of a real-size file 5 px past its image's right edge: clamp (the default) trains on
+    # and says so; error stops with the entry named.
+    import shutil
+
+    from PIL import Image
+
+    from teacher_server.hoi.errors import DatasetError
+
+    shutil.copytree(data_root / "annotations", tmp_path / "annotations")
+    (tmp_path / "images").symlink_to(data_root / "images")
+    path = tmp_path / "annotations" / "trainval_hico.json"
+    entries = json.loads(path.read_text())
+    width = Image.open(data_root / "images" / "train" / entries[0]["file_name"]).width
+    entries[0]["annotations"][0]["bbox"][2] = width + 5
+    path.write_text(json.dumps(entries))
+    config = load_config(DEMO_CONFIG, tiny(tmp_path, tmp_path / "run"))
+    assert config.data.box_policy == "clamp"
+    with pytest.warns(UserWarning, match="box_policy=clamp: 1 box clamped into its image"):
+        dataset = build_train_dataset(config)
+    assert dataset.box_fixes.boxes_clamped == 1
+    strict = load_config(DEMO_CONFIG, [*tiny(tmp_path, tmp_path / "run"), "data.box_policy=error"])
+    with pytest.raises(DatasetError, match=r"entry 0 .*annotations\[0\]\.bbox .* lies outside"):
+        build_train_dataset(strict)
+
+
+def test_tf32_is_allowed_on_cuda_only() -> None:
+    from student.train_cli import configure_cuda_math
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        configure_cuda_math(torch.device("cpu"), tf32=True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        configure_cuda_math(torch.device("cuda", 0), tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        configure_cuda_math(torch.device("cuda", 0), tf32=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert load_config(None).run.tf32
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 

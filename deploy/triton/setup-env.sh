@@ -8,7 +8,7 @@
 # project's main venv has numpy 2. The stub's interpreter takes its packages from the first
 # `python3` on PATH (a venv's pyvenv.cfg), so tritonserver runs with this venv's bin/ first
 # on PATH (deploy/triton/tritonserver.sh does that); the venv therefore holds what model.py
-# imports: torch (CPU build), transformers and the project itself (editable, no other deps).
+# imports: torch (the CPU build on a CPU host: TORCH_INDEX_URL), transformers and the project itself (editable, no other deps).
 # Only the nvidia-pytriton wheel's bundled tritonserver binary and Python backend are used, not
 # its Python API, so it is installed without its dependencies.
 #
@@ -28,8 +28,10 @@ fi
 rm -f "$STAMP"
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-# torch first and pinned: a range alone would pull a multi-GB CUDA build.
-"${PIP[@]}" "torch==$TORCH_VERSION"
+# torch first, so that transformers keeps it. The build (CPU or CUDA) is the index's choice, not
+# the version's: TORCH_INDEX_URL names one (empty: pip's configured index), as in the Makefile.
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
+"${PIP[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
 "${PIP[@]}" "numpy<2" "transformers>=5.0,<6" "safetensors>=0.4" "tokenizers>=0.21" "pillow>=10.0"
 "${PIP[@]}" --no-deps "nvidia-pytriton==$PYTRITON_VERSION"
 "${PIP[@]}" --no-deps -e "$ROOT"

@@ -23,10 +23,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from teacher_server.hoi.annotations import (
+    BoxFixes,
     ImageAnnotation,
-    check_boxes_in_image,
+    annotation_in_image,
     dataset_spec,
-    load_annotations,
+    read_annotations,
 )
 from teacher_server.hoi.classes import NO_OBJECT_INDEX
 from teacher_server.hoi.errors import DatasetError
@@ -54,7 +55,11 @@ class HOIDataset(Dataset):
             ``on_truncate``: "warn" (one warning), "ignore", or "error" (DatasetError).
         check_images: read every image header at construction: missing files and boxes outside
             their image raise DatasetError before training starts (otherwise on first access).
-        box_tolerance: pixels a box may stick out of its image before it is an error.
+        box_tolerance: pixels a box may stick out of its image before ``box_policy`` applies.
+        box_policy: a box further out of its image, or inverted: ``error`` (DatasetError),
+            ``clamp`` (clipped into the image, as the reference codebases do; dropped when
+            clipping cannot mend it) or ``drop``; a dropped box takes its HOIs along. What was
+            fixed is ``box_fixes``, reported in one warning.
         skip_empty: leave out images without any HOI (``image_id`` keeps the file's indices).
 
     Raises:
@@ -72,6 +77,7 @@ class HOIDataset(Dataset):
         on_truncate: TruncatePolicy = "warn",
         check_images: bool = True,
         box_tolerance: float = 1.0,
+        box_policy: str = "error",
         skip_empty: bool = False,
     ) -> None:
         self.spec = dataset_spec(dataset)
@@ -84,14 +90,21 @@ class HOIDataset(Dataset):
         self.transforms = transforms if transforms is not None else make_transforms("test", scales=None)
         self.max_pairs = max_pairs
         self.box_tolerance = box_tolerance
-        #: Every entry of the file, validated, in file order (``annotations[image_id]``).
-        self.annotations: list[ImageAnnotation] = load_annotations(
+        self.box_policy = box_policy
+        loaded = read_annotations(
             self.annotation_file,
             dataset,
             image_root=self.root_images if check_images else None,
             box_tolerance=box_tolerance,
+            box_policy=box_policy,
         )
+        #: Every entry of the file, validated, in file order (``annotations[image_id]``).
+        self.annotations: list[ImageAnnotation] = loaded.images
+        #: What ``box_policy`` clamped and dropped (known for every image when ``check_images``).
+        self.box_fixes: BoxFixes = loaded.fixes
         self.indices = [a.index for a in self.annotations if a.has_pairs or not skip_empty]
+        if self.box_fixes.any:
+            warnings.warn(self.box_fixes.summary(), stacklevel=2)
         self._report_truncation(on_truncate)
 
     # -- introspection ---------------------------------------------------------------------------
@@ -158,12 +171,16 @@ class HOIDataset(Dataset):
                 f"{self.root_images / annotation.file_name} is not a readable image: {error}"
             ) from None
         orig_size = (image.height, image.width)
-        boxes = annotation.boxes
-        if annotation.image_size != orig_size:
-            boxes = check_boxes_in_image(
-                annotation, orig_size, source=str(self.annotation_file), box_tolerance=self.box_tolerance
+        if annotation.image_size != orig_size:  # images not checked up front: check the boxes now
+            annotation = annotation_in_image(
+                annotation,
+                orig_size,
+                self.spec.name,
+                source=str(self.annotation_file),
+                box_tolerance=self.box_tolerance,
+                box_policy=self.box_policy,
             )
-        target = self.build_target(annotation, boxes, orig_size)
+        target = self.build_target(annotation, annotation.boxes, orig_size)
         target.update(image_id=image_id, file_name=annotation.file_name, image_digest=image_digest(data))
         return self.transforms(image, target)
 

@@ -26,7 +26,7 @@ from student.evaluation.hico import (
     load_correspondence,
 )
 from student.evaluation.predictions import DATASETS, EvaluationError, load_annotations, load_predictions
-from student.evaluation.vcoco import VcocoResult, evaluate_vcoco
+from student.evaluation.vcoco import GROUND_TRUTH_BOXES, VcocoResult, evaluate_vcoco
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=MAX_HOIS,
         help=f"HICO-DET: triplets kept per image (default {MAX_HOIS}, the protocol's)",
     )
+    parser.add_argument(
+        "--ground-truth-boxes",
+        choices=GROUND_TRUTH_BOXES,
+        default="detr",
+        help="V-COCO: detr = the file stores x2 = x + w (the DETR-line test_vcoco.json), read as the official "
+        "x + w - 1; official = the file already holds x + w - 1 (default detr)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one line of JSON metrics (percent)")
 
 
@@ -64,6 +71,7 @@ def evaluate_files(
     train_annotations: Path | None = None,
     correspondence: Path | None = None,
     max_hois: int = MAX_HOIS,
+    ground_truth_boxes: str = "detr",
 ) -> HicoResult | VcocoResult:
     """Load the files and evaluate; raises :class:`EvaluationError` on a malformed or missing input."""
     if dataset == "hico" and (train_annotations is None or correspondence is None):
@@ -71,7 +79,7 @@ def evaluate_files(
     ground_truth = load_annotations(annotations, dataset)
     preds = load_predictions(predictions, dataset, ground_truth)
     if dataset == "vcoco":
-        return evaluate_vcoco(preds, ground_truth)
+        return evaluate_vcoco(preds, ground_truth, ground_truth_boxes=ground_truth_boxes)
     train_counts = count_triplets(load_annotations(train_annotations, dataset))
     return evaluate_hico(
         preds,
@@ -120,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             train_annotations=args.train_annotations,
             correspondence=args.correspondence,
             max_hois=args.max_hois,
+            ground_truth_boxes=args.ground_truth_boxes,
         )
     except EvaluationError as error:
         print(f"eval-predictions: {error}", file=sys.stderr)

@@ -6,7 +6,9 @@ Every query q proposes one (subject, object) pair; every verb v of it gives a tr
 
 (the no-object class is left out of the max; its label is that argmax). Subjects are ``person``.
 Then, per image: triplets whose (verb, object) is invalid in the correspondence matrix (when one
-is given) are dropped, triplet NMS runs (when configured), and the ``top_k`` best are kept.
+is given) are dropped, the ``top_k`` best are kept, and triplet NMS (when configured) runs on
+those, as the reference codebases order it (``nms_order="top_k_first"``; so fewer than
+``top_k`` may remain). ``nms_order="nms_first"`` runs NMS over every candidate before the cut.
 Boxes are converted to absolute ``xyxy`` pixels of the original image (rounded to 0.01 px, which
 keeps preds.json small and is far below what an IoU of 0.5 can notice).
 """
@@ -32,6 +34,8 @@ from teacher_server.hoi.classes import OBJECT_NAMES
 
 NUM_OBJECTS = len(OBJECT_NAMES)
 PERSON_COCO_ID = 1
+#: When triplet NMS runs: on the top_k kept (the reference order) or over all candidates first.
+NMS_ORDERS = ("top_k_first", "nms_first")
 _OUTPUT_KEYS = ("pred_obj_logits", "pred_verb_logits", "pred_sub_boxes", "pred_obj_boxes")
 
 
@@ -90,6 +94,7 @@ def postprocess(
     nms: TripletNms | None = None,
     file_names: Sequence[str] | None = None,
     vcoco_no_object_role: bool = False,
+    nms_order: str = "top_k_first",
 ) -> list[dict]:
     """Model outputs of a batch -> one preds.json entry per image.
 
@@ -103,6 +108,8 @@ def postprocess(
             here keeps them from taking top-k places).
         top_k: triplets kept per image (None: all Q x V).
         nms: optional triplet NMS.
+        nms_order: ``top_k_first`` (default, the reference codebases' order: keep the top_k, then
+            NMS among them) or ``nms_first`` (NMS over all candidates, then the top_k).
         file_names: optional, copied into the entries (the evaluator checks them).
         vcoco_no_object_role: V-COCO only. A pair whose most likely class of all 81 is the
             no-object class is emitted without object (``object_id = -1``, an empty role box, which
@@ -116,6 +123,8 @@ def postprocess(
     for key in _OUTPUT_KEYS:
         if key not in outputs:
             raise EvaluationError(f"model outputs lack {key!r}: expected the keys {', '.join(_OUTPUT_KEYS)}")
+    if nms_order not in NMS_ORDERS:
+        raise EvaluationError(f"nms_order = {nms_order!r}: expected one of {', '.join(NMS_ORDERS)}")
     verbs = verbs_of(dataset)
     obj_logits = outputs["pred_obj_logits"].detach().float()
     verb_logits = outputs["pred_verb_logits"].detach().float()
@@ -162,6 +171,7 @@ def postprocess(
             correspondence=valid_pairs,
             top_k=top_k,
             nms=nms,
+            nms_order=nms_order,
             verb_offset=VERB_ID_OFFSET[dataset],
         )
         if file_names is not None:
@@ -180,19 +190,28 @@ def _image_entry(
     correspondence: np.ndarray | None,
     top_k: int | None,
     nms: TripletNms | None,
+    nms_order: str,
     verb_offset: int,
 ) -> dict:
     num_verbs = scores.shape[1]
     valid = np.ones(scores.shape, dtype=bool)
     if correspondence is not None:
         valid &= correspondence[:, labels].T | missing[:, None]
-    if nms is not None:
+
+    def triplet_nms(candidates: np.ndarray) -> np.ndarray:  # (Q, V) bool -> the ones NMS keeps
         classes = np.where(missing, NUM_OBJECTS, labels)
-        valid &= nms.keep(sub_boxes, np.where(missing[:, None], 0.0, obj_boxes), classes, scores, valid)
+        return nms.keep(sub_boxes, np.where(missing[:, None], 0.0, obj_boxes), classes, scores, candidates)
+
+    if nms is not None and nms_order == "nms_first":
+        valid &= triplet_nms(valid)
     candidates = np.flatnonzero(valid.ravel())
     chosen = candidates[np.argsort(-scores.ravel()[candidates], kind="stable")]
     if top_k is not None:
         chosen = chosen[:top_k]
+    if nms is not None and nms_order == "top_k_first":
+        kept = np.zeros(scores.size, dtype=bool)
+        kept[chosen] = True
+        chosen = chosen[triplet_nms(kept.reshape(scores.shape)).ravel()[chosen]]  # still best first
     queries, verbs = np.divmod(chosen, num_verbs)
 
     # List each used query's subject box once, then the object boxes of those that have one.

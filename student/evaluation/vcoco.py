@@ -11,6 +11,12 @@ triplets, with no pickle and no Python 2 step. ``vsrl_eval`` in our terms:
   an action when it is the subject of any HOI of that action (``eat`` for ``eat_obj`` and
   ``eat_instr``); positives of a role class = persons having its action. Its ground-truth role
   boxes are the objects of that person's HOIs with that verb; none -> "no role object".
+- Ground-truth boxes follow the official convention: ``vsrl_eval`` reads COCO's ``[x, y, w, h]``
+  as ``x2 = x + w - 1`` (inclusive pixel ends), while ``test_vcoco.json`` of the DETR-line
+  codebases stores ``x2 = x + w``. With ``ground_truth_boxes="detr"`` (default) the evaluator
+  takes 1 off ``x2`` and ``y2`` of the ground truth (never below ``x1``/``y1``); ``"official"``
+  reads a file that already holds inclusive ends as it is. Near IoU 0.5 it decides: a
+  100 x 100 px person and an agent covering half of it score 0.502 one way and 0.492 the other.
 - Each predicted triplet of a role verb is one detection: agent box = its subject box, role box
   = its object box (``object_id = -1``: empty), score = its score. Taken by descending score,
   the agent goes to the ground-truth person of the image with the largest IoU (+1 pixel
@@ -38,6 +44,8 @@ from teacher_server.hoi.classes import VCOCO_VERBS
 
 IOU_THRESHOLD = 0.5
 ROLE_SUFFIXES = ("obj", "instr")
+#: How the ground-truth file stores box ends: ``detr`` x2 = x + w (converted), ``official`` x + w - 1.
+GROUND_TRUTH_BOXES = ("detr", "official")
 #: Actions whose role classes are left out of the mean role AP.
 EXCLUDED_ACTIONS: tuple[str, ...] = ("point",)
 PERSON = 0  # object index of "person"
@@ -92,6 +100,7 @@ def evaluate_vcoco(
     *,
     iou_threshold: float = IOU_THRESHOLD,
     ignore_persons_without_actions: bool = True,
+    ground_truth_boxes: str = "detr",
 ) -> VcocoResult:
     """V-COCO role AP in scenario 1 and 2 (see the module docstring for the protocol).
 
@@ -101,7 +110,13 @@ def evaluate_vcoco(
         iou_threshold: minimum agent and role IoU of a true positive.
         ignore_persons_without_actions: skip detections whose best person has no HOI at all
             (``vsrl_eval`` skips persons V-COCO did not annotate).
+        ground_truth_boxes: ``detr`` (the file's x2 = x + w, as the DETR-line ``test_vcoco.json``;
+            converted to the official x + w - 1) or ``official`` (used as they are).
     """
+    if ground_truth_boxes not in GROUND_TRUTH_BOXES:
+        raise EvaluationError(
+            f"ground_truth_boxes = {ground_truth_boxes!r}: expected one of {', '.join(GROUND_TRUTH_BOXES)}"
+        )
     if predictions.num_images != ground_truth.num_images:
         raise EvaluationError(
             f"predictions cover {predictions.num_images} images but the annotations have {ground_truth.num_images}"
@@ -113,6 +128,7 @@ def evaluate_vcoco(
     has_role = np.zeros(num_verbs, dtype=bool)
     has_role[[c.verb for c in classes]] = True
     gt = ground_truth
+    gt_boxes = official_box_ends(gt.boxes) if ground_truth_boxes == "detr" else gt.boxes
 
     # Ground-truth persons, the actions each has, and their role objects.
     is_person = gt.labels == PERSON
@@ -126,7 +142,7 @@ def evaluate_vcoco(
         ignored[gt.subjects] = False
     with_object = gt.objects >= 0
     role_keys = gt.subjects[with_object] * num_verbs + gt.verbs[with_object]
-    role_boxes = gt.boxes[gt.objects[with_object]]
+    role_boxes = gt_boxes[gt.objects[with_object]]
 
     # Detections: predicted triplets of role verbs.
     index = np.flatnonzero(has_role[predictions.verbs])
@@ -141,7 +157,7 @@ def evaluate_vcoco(
 
     # The agent goes to the best-overlapping person of its image (first person on ties).
     det, person = join_on_keys(images, gt.box_image[persons])
-    overlap = overlap_plus_one(agents[det], gt.boxes[persons[person]])
+    overlap = overlap_plus_one(agents[det], gt_boxes[persons[person]])
     order = np.lexsort((person, -overlap, det))
     det, person, overlap = det[order], person[order], overlap[order]
     first = segment_starts(det)
@@ -194,6 +210,17 @@ def evaluate_vcoco(
         role_ap_2=results[1],
         num_positives=num_positives,
     )
+
+
+def official_box_ends(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy with exclusive ends (x2 = x + w) -> ``vsrl_eval``'s inclusive ends (x2 = x + w - 1).
+
+    As ``vsrl_eval`` builds x2 = x1 + max(0, w - 1): a box narrower than one pixel keeps x2 = x1.
+    """
+    converted = np.array(boxes, dtype=np.float64, copy=True)
+    converted[:, 2] = np.maximum(converted[:, 0], converted[:, 2] - 1)
+    converted[:, 3] = np.maximum(converted[:, 1], converted[:, 3] - 1)
+    return converted
 
 
 def overlap_plus_one(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:

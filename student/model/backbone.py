@@ -46,10 +46,12 @@ class FrozenBatchNorm2d(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W), in x's dtype
+        # Scale and shift in fp32 (the buffers' dtype), then cast to x's dtype: under autocast
+        # x is bf16/fp16, and fp32 buffers would otherwise promote every activation to fp32.
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

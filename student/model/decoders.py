@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from student.model.config import ModelError, StudentModelConfig
 from student.model.transformer import MLP, TransformerDecoder, reset_parameters, with_pos
+from teacher_server.precision import fp32_autocast_off
 
 PREDICTION_KEYS: tuple[str, ...] = ("pred_obj_logits", "pred_verb_logits", "pred_sub_boxes", "pred_obj_boxes")
 
@@ -26,6 +27,9 @@ class HOIHeads(nn.Module):
     """Human box, object box (3-layer MLPs, sigmoid cxcywh), object class (C + 1, last = no-object), verbs.
 
     Verb logits are raw; the verb loss and inference apply the sigmoid (verbs are multi-label).
+    The heads compute in fp32 (fp32 inputs, autocast off) whatever precision the decoder ran
+    in: box coordinates near 0 or 1 and the verb logits the distillation compares keep full
+    precision, and the heads are a tiny part of the compute.
     """
 
     def __init__(self, d_model: int, num_obj_classes: int, num_verbs: int) -> None:
@@ -36,7 +40,11 @@ class HOIHeads(nn.Module):
         self.verb_class_embed = nn.Linear(d_model, num_verbs)
 
     def forward(self, human: Tensor, obj: Tensor, interaction: Tensor) -> dict[str, Tensor]:
-        """human, obj, interaction: (..., d) features of the same queries -> dict of (..., k) predictions."""
+        """human, obj, interaction: (..., d) features of the same queries -> dict of (..., k) float32 predictions."""
+        with fp32_autocast_off(human):
+            return self._predict(human.float(), obj.float(), interaction.float())
+
+    def _predict(self, human: Tensor, obj: Tensor, interaction: Tensor) -> dict[str, Tensor]:
         return {
             "pred_obj_logits": self.obj_class_embed(obj),
             "pred_verb_logits": self.verb_class_embed(interaction),
