@@ -260,7 +260,9 @@ def student_overrides(
         overrides += ["teacher.device=cpu", "teacher.dtype=fp32"]
         if cell.variant != "default":
             overrides.append(f"distill.variant={cell.variant}")
-    return [*overrides, *args.override]
+    # distill.* overrides mean nothing without a teacher: ``none`` runs stay reusable across them.
+    extra = [o for o in args.override if cell.teacher is not None or not o.startswith("distill.")]
+    return [*overrides, *extra]
 
 
 def run_student(

@@ -156,6 +156,7 @@ class ImageExample:
     where: str  # "trainval_hico.json entry 3 (x.jpg)" or "pairs.jsonl line 7", for error messages
     positives: tuple[str, ...]
     hard_pools: tuple[tuple[str, ...], ...] = ()
+    seen_pools: tuple[tuple[str, ...], ...] = ()  # per slot: the part of hard_pools[k] the file shows as true
     present_objects: frozenset[int] = frozenset()
     blocked: frozenset[str] = frozenset()  # sentences of unknown-verb pairs: neither true nor false
     given_negatives: tuple[str, ...] = ()  # JSONL label-0 rows, used every epoch
@@ -196,6 +197,7 @@ class FinetuneExamples:
                 image.name,
                 list(image.positives),
                 [list(pool) for pool in image.hard_pools],
+                [list(pool) for pool in image.seen_pools],
                 sorted(image.present_objects),
                 sorted(image.blocked),
                 list(image.given_negatives),
@@ -236,11 +238,12 @@ def examples_from_annotations(
     source = Path(annotation_file).name
     images: list[ImageExample] = []
     counts = {"pairs": 0, "pairs_without_verbs": 0}
+    seen = seen_sentences(annotations, table)
     for annotation in annotations:
         pairs = annotation.pairs()
         counts["pairs"] += sum(pair.verbs_known for pair in pairs)
         counts["pairs_without_verbs"] += sum(not pair.verbs_known for pair in pairs)
-        example = image_example(annotation, root, table, where=f"{source} entry {annotation.index}")
+        example = image_example(annotation, root, table, where=f"{source} entry {annotation.index}", seen=seen)
         if example is not None:
             images.append(example)
     if not images:
@@ -262,10 +265,31 @@ def examples_from_annotations(
     )
 
 
+def seen_sentences(annotations: Sequence[ImageAnnotation], table: SentenceTable) -> frozenset[str]:
+    """The sentences that are true of at least one image of the file (an annotated verb of a pair)."""
+    return frozenset(
+        sentence
+        for annotation in annotations
+        for pair in annotation.pairs()
+        if pair.verbs_known
+        for verb in pair.verbs
+        if (sentence := table.sentence(verb, pair_object(annotation, pair.object))) is not None
+    )
+
+
 def image_example(
-    annotation: ImageAnnotation, image_root: Path, table: SentenceTable, *, where: str
+    annotation: ImageAnnotation,
+    image_root: Path,
+    table: SentenceTable,
+    *,
+    where: str,
+    seen: frozenset[str] = frozenset(),
 ) -> ImageExample | None:
-    """What one annotated image says about sentences; None when it says nothing usable."""
+    """What one annotated image says about sentences; None when it says nothing usable.
+
+    ``seen``: sentences true somewhere in the file (``seen_sentences``); each hard pool's share of
+    them is its ``seen_pools`` entry, the confusable negatives.
+    """
     pairs = annotation.pairs()
     known = [pair for pair in pairs if pair.verbs_known]
     blocked = {
@@ -302,6 +326,7 @@ def image_example(
         where=f"{where} ({annotation.file_name})",
         positives=positives,
         hard_pools=hard_pools,
+        seen_pools=tuple(tuple(s for s in pool if s in seen) for pool in hard_pools),
         present_objects=frozenset(int(label) for label in annotation.labels),
         blocked=frozenset(blocked),
     )
@@ -436,6 +461,10 @@ class FinetuneSettings:
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     same_object_negatives: int = 2
+    seen_verb_negatives: int = 1
+    """(a') per positive: verbs of its object that the annotation file shows elsewhere (a positive of
+    another image) but this image lacks: the confusable ones, which a uniform draw over all valid
+    verbs rarely picks when the object has many verbs the data never shows."""
     """(a) per positive: valid verbs of its object that the image does not have."""
     other_object_negatives: int = 1
     """(b) per positive: sentences about objects of the dataset that are not in the image."""
@@ -463,7 +492,7 @@ class FinetuneSettings:
         _check_range("weight_decay", self.weight_decay, 0.0, 10.0)
         _check_range("warmup_steps", self.warmup_steps, 0, 10_000_000)
         _check_range("grad_clip", self.grad_clip, 0.0, 1e6)
-        for name in ("same_object_negatives", "other_object_negatives", "swap_negatives"):
+        for name in ("same_object_negatives", "seen_verb_negatives", "other_object_negatives", "swap_negatives"):
             _check_range(name, getattr(self, name), 0, 64)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("prompt_variant", self.prompt_variant, VARIANTS)
@@ -564,6 +593,9 @@ def _negatives_of(
     for slot in range(slots):
         pool = image.hard_pools[slot] if slot < len(image.hard_pools) else ()
         chosen.update(dict.fromkeys(_pick(pool, settings.same_object_negatives, rng)))
+        if settings.seen_verb_negatives:  # drawn only when asked: older runs keep their streams
+            seen = image.seen_pools[slot] if slot < len(image.seen_pools) else ()
+            chosen.update(dict.fromkeys(_pick(seen, settings.seen_verb_negatives, rng)))
         for _ in range(settings.other_object_negatives if absent else 0):
             sentences = absent[int(rng.integers(len(absent)))]
             allowed = [s for s in sentences if image.is_negative(s)]
@@ -1268,6 +1300,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.same_object_negatives,
         help=f"(a) per positive: valid verbs of its object the image lacks (default {defaults.same_object_negatives})",
     )
+    parser.add_argument(
+        "--seen-verb-negatives",
+        type=int,
+        default=defaults.seen_verb_negatives,
+        help="(a') per positive: verbs of its object that other images of the file have and this one lacks "
+        f"(default {defaults.seen_verb_negatives})",
+    )
     train.add_argument(
         "--other-object-negatives",
         type=int,
@@ -1327,6 +1366,7 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         schedule=args.schedule,
         grad_clip=args.grad_clip,
         same_object_negatives=args.same_object_negatives,
+        seen_verb_negatives=args.seen_verb_negatives,
         other_object_negatives=args.other_object_negatives,
         swap_negatives=args.swap_negatives,
         prompt_variant=args.prompt_variant,

@@ -147,6 +147,28 @@ def test_each_kind_of_negative_and_none_is_a_positive(tmp_path: Path) -> None:
     assert negatives[2] & set(d.hard_pools[0])  # d denies verbs of its tv without positives
 
 
+def test_seen_verb_negatives_are_verbs_other_images_have(synthetic: Path) -> None:
+    # The synthetic world shows few of each object's valid verbs (kick, hold, inspect of a ball
+    # among its ~10): (a') negatives come from those, so the teacher learns the confusable ones.
+    examples = train_examples(synthetic)
+    true_somewhere = {s for image in examples.images for s in image.positives}
+    only_seen = FinetuneSettings(
+        same_object_negatives=0, seen_verb_negatives=2, other_object_negatives=0, swap_negatives=0
+    )
+    drawn = set()
+    for index, image in enumerate(examples.images):
+        for pool, seen in zip(image.hard_pools, image.seen_pools, strict=True):
+            assert set(seen) == set(pool) & true_somewhere
+        negatives = {p.sentence for p in sample_pairs(examples, [index], epoch=0, settings=only_seen) if not p.label}
+        assert negatives <= true_somewhere - set(image.positives)
+        drawn |= negatives
+    assert drawn, "the world has confusable verbs to draw"
+    # The option changes what a step trains on.
+    off = FinetuneSettings(seed=3, seen_verb_negatives=0)
+    on = FinetuneSettings(seed=3, seen_verb_negatives=1)
+    assert sample_pairs(examples, [1, 2], epoch=0, settings=off) != sample_pairs(examples, [1, 2], epoch=0, settings=on)
+
+
 def test_sampling_is_a_function_of_seed_epoch_and_image(synthetic: Path) -> None:
     examples = train_examples(synthetic)
     settings = FinetuneSettings(seed=3)
