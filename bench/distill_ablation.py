@@ -43,9 +43,10 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,7 @@ def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[
     return json.loads(summary_file.read_text())
 
 
-def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, say: Any) -> dict[str, Path]:
+def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, threads: int, say: Any) -> dict[str, Path]:
     """The random tiny BLIP of ``seed`` and its fine-tuning on the corpus (both reused when present)."""
     from teacher_server.demo import taught_tiny_teacher
     from teacher_server.tiny_model import LEARNABLE_TINY_SHAPES, make_tiny_model
@@ -202,7 +203,7 @@ def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, say: An
         data / "images" / "corpus",
         seed=seed,
         epochs=epochs,
-        num_threads=2,
+        num_threads=threads,
         say=lambda _: None,
     )
     if not taught.reused:
@@ -403,40 +404,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     cells = cells_of(args.teachers, args.variants)
     needs_teacher = any(cell.teacher is not None for cell in cells)
-    jobs: list[tuple[Cell, int, Path, list[str], list[str]]] = []
-    quality: dict[str, dict[str, Any]] = {}
-    for seed in seeds:
-        seed_dir = args.work_dir / f"seed{seed}"
-        data = seed_dir / "data"
-        world_summary = prepare_world(data, seed, world, args.image_size)
-        teachers = prepare_teachers(seed_dir, data, seed, args.teacher_epochs, say) if needs_teacher else {}
-        for name in args.teachers if needs_teacher else ():
-            quality.setdefault(name, {})[seed] = teacher_quality(teachers[name], data, args.eval_split)
-            say(
-                f"seed {seed}: teacher {name}: eval-itm AUC {quality[name][seed]['auc']:.3f}, "
-                f"top-1 {quality[name][seed]['top1']:.3f}"
-            )
-        dropped = list(world_summary.get("dropped_triplets", []))
-        for cell in cells:
-            overrides = student_overrides(cell, seed, data.resolve(), teachers, args)
-            jobs.append((cell, seed, seed_dir / cell.directory, overrides, dropped))
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    worlds = {
+        seed: prepare_world(args.work_dir / f"seed{seed}" / "data", seed, world, args.image_size) for seed in seeds
+    }
+    quality: dict[str, dict[int, Any]] = {}
 
-    def work(job: tuple[Cell, int, Path, list[str], list[str]]) -> RunResult:
-        cell, seed, run_dir, overrides, dropped = job
-        result = run_student(cell, seed, run_dir, overrides, args.config, not args.no_reuse, dropped)
+    in_process = threading.Lock()
+
+    def teach(seed: int) -> dict[str, Path]:
+        seed_dir = args.work_dir / f"seed{seed}"
+        # Fine-tuning runs in this process and sets torch's global thread count and RNG: one at a
+        # time (the student runs are subprocesses and go on beside it).
+        with in_process:
+            teachers = prepare_teachers(seed_dir, seed_dir / "data", seed, args.teacher_epochs, threads, say)
+            for name in args.teachers:
+                measured = teacher_quality(teachers[name], seed_dir / "data", args.eval_split)
+                quality.setdefault(name, {})[seed] = measured
+                say(f"seed {seed}: teacher {name}: eval-itm AUC {measured['auc']:.3f}, top-1 {measured['top1']:.3f}")
+        return teachers
+
+    def work(cell: Cell, seed: int) -> RunResult:
+        seed_dir = args.work_dir / f"seed{seed}"
+        teachers = taught[seed].result() if cell.teacher is not None else {}
+        overrides = student_overrides(cell, seed, (seed_dir / "data").resolve(), teachers, args)
+        dropped = list(worlds[seed].get("dropped_triplets", []))
+        result = run_student(cell, seed, seed_dir / cell.directory, overrides, args.config, not args.no_reuse, dropped)
         shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if v is not None)
         say(f"seed {seed} {cell.name}: {shown} ({'reused' if result.reused else f'{result.seconds:.0f} s'})")
         return result
 
+    # One pool for everything, in submission order: each seed's teachers next to its ``none`` run
+    # (which needs none), then the distilled runs, each waiting for its own seed's teachers, which
+    # were submitted (so started) before it: no idle core while a teacher trains, no deadlock.
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(work, jobs))
+        taught: dict[int, Future[dict[str, Path]]] = {}
+        runs: list[Future[RunResult]] = []
+        for seed in seeds:
+            if needs_teacher:
+                taught[seed] = pool.submit(teach, seed)
+            runs += [pool.submit(work, cell, seed) for cell in cells if cell.teacher is None]
+        runs += [pool.submit(work, cell, seed) for cell in cells if cell.teacher is not None for seed in seeds]
+        results = [run.result() for run in runs]
     summary = summarise(results, cells)
     print(format_table(summary))
     teachers_summary = {
         name: {
             "auc": _round(100 * statistics.fmean(q[s]["auc"] for s in q)) if q else None,
             "top1": _round(100 * statistics.fmean(q[s]["top1"] for s in q)) if q else None,
-            "per_seed": {str(s): {"auc": q[s]["auc"], "top1": q[s]["top1"]} for s in q},
+            "per_seed": {str(s): {"auc": q[s]["auc"], "top1": q[s]["top1"]} for s in sorted(q)},
         }
         for name, q in quality.items()
     }
