@@ -26,7 +26,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
 import hmac
 import http
 import logging
@@ -56,6 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from teacher_server.auth import bearer_token, read_pem
 from teacher_server.errors import InvalidInputError, TeacherError
 from teacher_server.grpc_api import Drain, ServiceUnavailableError, rpc_failure, unavailable_reason
+from teacher_server.hoi.digest import image_digest
 from teacher_server.hoi.prompts import triplet_sentence
 from teacher_server.service import ScoreItem
 
@@ -666,7 +666,7 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
     async def score_one(
         image: bytes, sentences: list[str], method: str, rename: Callable[[str], str], timeout_ms: int | None
     ) -> tuple[ImageSummary, list[tuple[float, float, bool]]]:
-        digest = await run_in_threadpool(lambda: hashlib.sha256(image).hexdigest())
+        digest = await run_in_threadpool(image_digest, image)
         try:
             reason = unavailable_reason(drain, service)
             if reason is not None:

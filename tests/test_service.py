@@ -19,8 +19,9 @@ from PIL import Image
 from teacher_fixtures import GatedEngine
 
 from teacher_server.cache import score_key
-from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore, image_digest
+from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
 from teacher_server.errors import InvalidInputError, ModelLoadError, OverloadedError
+from teacher_server.hoi.digest import image_digest
 from teacher_server.metrics import ServiceMetrics
 from teacher_server.service import ItemResult, ScoreItem, ScoringService, ShuttingDownError, engine_settings
 from teacher_server.settings import ServerSettings
