@@ -59,7 +59,7 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
 
 async def serve(settings: ServerSettings) -> None:
     """Run the teacher with ``settings`` (a ``ServerSettings``) until SIGTERM or SIGINT."""
-    from teacher_server.http_api import HttpServer, serve_http
+    from teacher_server.http_api.server import HttpServer, serve_http
     from teacher_server.server import TeacherServer, serve_until_signalled
 
     server = TeacherServer(settings)  # loads the model: the slow part
