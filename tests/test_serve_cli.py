@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import signal
@@ -168,9 +167,9 @@ def test_help_documents_every_setting():
         timeout=60,
     )
     assert done.returncode == 0
-    for spec in dataclasses.fields(ServerSettings):
-        assert flag_name(spec.name) in done.stdout
-        assert f"HOIDISTILL_{spec.name.upper()}" in done.stdout.replace("\n", "").replace(" ", "")
+    for name in ServerSettings.model_fields:
+        assert flag_name(name) in done.stdout
+        assert f"HOIDISTILL_{name.upper()}" in done.stdout.replace("\n", "").replace(" ", "")
 
 
 def test_bad_setting_exits_2_naming_the_variable():
