@@ -210,6 +210,7 @@ class RedisHealth:
                     error,
                     self.backoff_s,
                     self.backoff_max_s,
+                    extra={"redis": self.name, "error": f"{type(error).__name__}: {error}"},
                 )
             else:
                 self._window = min(self._window * 2, self.backoff_max_s)

@@ -181,6 +181,12 @@ class ScoringService:
             len(self.engines),
             ",".join(str(e.device) for e in self.engines),
             self.cache.backend,
+            extra={
+                "model": self.engines[0].model_id,
+                "fingerprint": self.fingerprint,
+                "devices": [str(e.device) for e in self.engines],
+                "cache": self.cache.backend,
+            },
         )
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:

@@ -36,6 +36,8 @@ ENV_PREFIX = "HOIDISTILL_"
 MiB = 1024 * 1024
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 ItmStartToken = Literal["cls", "enc"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
 ITM_START_TOKENS: tuple[str, ...] = get_args(ItmStartToken)
 # 0 asks the OS for a free port (tests and side-by-side benches use it).
@@ -181,6 +183,15 @@ class ServerSettings(BaseSettings):
         json_schema_extra={"metavar": "TOKEN"},
     )
 
+    # --- logging ---------------------------------------------------------------------------
+    log_level: LogLevel = _setting("INFO", "least severe log records written: DEBUG, INFO, WARNING or ERROR", "LEVEL")
+    log_format: LogFormat = _setting(
+        "text",
+        "log lines as text, or json for log collectors: one object per line (time, level, logger, "
+        "message, extra fields)",
+        "FORMAT",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -244,6 +255,11 @@ class ServerSettings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, got {value.split('://')[0]!r}://...")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServerSettings:

@@ -132,5 +132,6 @@ async def serve_http(service: ScoringService, settings: ServerSettings, *, drain
         scheme,
         settings.host,
         server.port,
+        extra={"http_port": server.port, "scheme": scheme},
     )
     return server
