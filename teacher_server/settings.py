@@ -97,6 +97,7 @@ class ServerSettings(BaseSettings):
         "comma list of devices, one engine replica per device, all fed by one batcher "
         "(e.g. cuda:0,cuda:1); 'auto' = CUDA when present, else CPU",
         "DEVICES",
+        min_length=1,
     )
     dtype: Dtype = _setting("auto", f"engine dtype: {', '.join(DTYPES)} (auto = fp32 on CPU, bf16 on GPU)", "DTYPE")
     itm_start_token: ItmStartToken = _setting(
@@ -233,8 +234,6 @@ class ServerSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("needs at least one device")
         bad = [device for device in value if not _DEVICE_PATTERN.match(device)]
         if bad:
             raise ValueError(f"unknown device {bad[0]!r}: use auto, cpu, mps, cuda, cuda:N or xpu:N")
@@ -289,12 +288,9 @@ class ServerSettings(BaseSettings):
         return cls(_sources={name: env_name(name) for name in values}, **values)
 
     def public_dict(self) -> dict[str, Any]:
-        """All settings as plain values, secrets replaced by ``"***"`` (for logs and model info)."""
-        values = self.model_dump()
-        for name in _SECRET_FIELDS:
-            if values[name] is not None:
-                values[name] = "***"
-        values["device"] = list(self.device)
+        """All settings as plain (JSON) values, secrets replaced by ``"***"`` (for logs and model info)."""
+        values = self.model_dump(mode="json")
+        values.update({name: "***" for name in _SECRET_FIELDS if values[name] is not None})
         return values
 
 
@@ -321,26 +317,15 @@ def describe_errors(error: ValidationError, sources: Mapping[str, str] | None = 
     """
     lines = []
     for problem in error.errors():
+        if problem["type"] == "value_error":  # our validators' own words, without "Value error, "
+            reason = str(problem["ctx"]["error"])
+        else:  # pydantic's message names the rule (the bound, the choices); add what was given
+            reason = f"{problem['msg']}; got {problem['input']!r}"
         name = str(problem["loc"][0]) if problem["loc"] else None
-        if name is None:  # a rule across fields (the TLS pair): its message names them
-            where = "settings"
-        elif problem["type"] == "extra_forbidden":
-            where = f"setting {name}"
-        elif sources is not None and name in sources:
-            where = sources[name]
-        else:
-            where = f"setting {name} ({_names(name)})"
-        lines.append(f"{where}: {_reason(problem)}")
+        # No field: a rule across fields (the TLS pair), whose message names them.
+        where = "settings" if name is None else (sources or {}).get(name, f"setting {name} ({_names(name)})")
+        lines.append(f"{where}: {reason}")
     return "\n".join(lines)
-
-
-def _reason(problem: Any) -> str:
-    """pydantic's message (it names the rule: the bound, the choices), with the value given."""
-    if problem["type"] == "value_error":  # our validators' own words, without pydantic's prefix
-        return str(problem["ctx"]["error"])
-    if problem["type"] == "extra_forbidden":
-        return f"no such setting; known: {', '.join(ServerSettings.model_fields)}"
-    return f"{problem['msg']}; got {problem['input']!r}"
 
 
 # ------------------------------------------------------------------------ environment and flags
@@ -376,25 +361,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "service settings", f"each flag overrides its {ENV_PREFIX}* variable, which overrides the default"
     )
     for name, spec in ServerSettings.model_fields.items():
-        default = spec.default
-        shown = "unset" if default is None else ",".join(default) if isinstance(default, tuple) else default
-        if name in _SECRET_FIELDS:
-            shown = "unset"
+        shown = "unset" if spec.default is None or name in _SECRET_FIELDS else spec.default
+        shown = ",".join(shown) if isinstance(shown, tuple) else shown
         help_text = f"{spec.description} [env {env_name(name)}; default {shown}]"
-        if spec.annotation is bool:
-            # --redis-cluster / --no-redis-cluster: a flag can also switch off what env switched on.
-            group.add_argument(
-                flag_name(name),
-                dest=name,
-                default=argparse.SUPPRESS,
-                action=argparse.BooleanOptionalAction,
-                help=help_text,
-            )
-        else:
-            extra = spec.json_schema_extra if isinstance(spec.json_schema_extra, dict) else {}
-            group.add_argument(
-                flag_name(name), dest=name, default=argparse.SUPPRESS, metavar=extra.get("metavar"), help=help_text
-            )
+        # A bool is --redis-cluster / --no-redis-cluster: a flag can switch off what env switched on.
+        extra = spec.json_schema_extra if isinstance(spec.json_schema_extra, dict) else {}
+        how = (
+            {"action": argparse.BooleanOptionalAction} if spec.annotation is bool else {"metavar": extra.get("metavar")}
+        )
+        group.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS, help=help_text, **how)
 
 
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerSettings:
