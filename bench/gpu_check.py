@@ -314,7 +314,8 @@ def check_engine_sdpa_vs_eager(context: Context) -> str:
 def check_engine_vs_stock_cpu_fp32(context: Context) -> str:
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
-    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, image_digest
+    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
+    from teacher_server.hoi.digest import image_digest
 
     directory = tiny_blip(context)
     engine = ItmEngine.from_pretrained(directory, EngineSettings(device="cpu", dtype="fp32"))
@@ -444,7 +445,8 @@ def check_student_resume_cpu_exact(context: Context) -> str:
 
 
 def check_engine_dtypes_vs_cpu_fp32(context: Context) -> str:
-    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, image_digest
+    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
+    from teacher_server.hoi.digest import image_digest
     from teacher_server.precision import device_capability
 
     directory = teacher_model(context)
@@ -479,7 +481,8 @@ def check_engine_vs_stock_throughput_k32(context: Context) -> str:
     from PIL import Image
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
-    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, VisionCache, image_digest
+    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, VisionCache
+    from teacher_server.hoi.digest import image_digest
     from teacher_server.precision import DTYPE_NAMES, device_capability
 
     directory = teacher_model(context)
@@ -535,7 +538,8 @@ def best_of(action: Callable[[], None], repeats: int = 5) -> float:
 
 def check_teacher_oom_recovery(context: Context) -> str:
     from teacher_server.batcher import BatchItem, DynamicBatcher
-    from teacher_server.engine import EngineSettings, ItmEngine, VisionCache, image_digest
+    from teacher_server.engine import EngineSettings, ItmEngine, VisionCache
+    from teacher_server.hoi.digest import image_digest
 
     settings = EngineSettings(device="cuda:0", dtype="fp16", vision_batch_size=64, text_batch_size=4096)
     engine = ItmEngine.from_pretrained(teacher_model(context), settings)

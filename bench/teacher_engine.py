@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, image_digest
+from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
+from teacher_server.hoi.digest import image_digest
 
 SENTENCE_POOL = [
     "a person ride a horse",

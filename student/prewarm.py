@@ -20,7 +20,6 @@ when any failed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from student.teacher_prefetch import EndpointPool
 from teacher_server.errors import TeacherError
+from teacher_server.hoi.digest import image_digest
 
 log = logging.getLogger(__name__)
 PROGRESS_HEADER = "# hoi-distill prewarm, teacher fingerprint "
@@ -89,7 +89,7 @@ class PrewarmResult:
 def file_digest(path: Path) -> str:
     """SHA-256 hex of the file's bytes (the teacher's image key)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return image_digest(path.read_bytes())
     except OSError as error:
         raise PrewarmError(f"cannot read training image {path}: {error.strerror or error}") from None
 

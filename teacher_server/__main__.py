@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("teacher_server.tiny_model", "write a tiny random BLIP ITM model for tests and demos"),
     "serve": ("teacher_server.serve_cli", "run the teacher service (gRPC native + KServe v2, HTTP)"),
     "demo": ("teacher_server.demo", "score the bundled example image against HOI sentences"),
-    "finetune": ("teacher_server.finetune", "fine-tune a BLIP ITM teacher on HOI annotations or image-sentence pairs"),
+    "finetune": (
+        "teacher_server.finetune.cli",
+        "fine-tune a BLIP ITM teacher on HOI annotations or image-sentence pairs",
+    ),
     "eval-itm": ("teacher_server.itm_eval", "measure how well a teacher ranks the verbs of annotated pairs"),
 }
 

@@ -16,7 +16,9 @@ back-off window (the asyncio flavour probes in the background, so no request wai
 Redis). Both a sync flavour (the trainer's read-through) and an asyncio flavour (the service)
 exist; they share the codec, the command building and the outage bookkeeping below.
 
-This module must not import torch: the student's data loader imports it.
+The digest itself (``image_digest``, ``is_digest``) lives in ``teacher_server.hoi.digest``, which
+imports neither redis nor torch. This module must not import torch: the student's data loader
+imports it.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ import redis.asyncio
 from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 
+from teacher_server.hoi.digest import is_digest
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "hoidistill:score:v1"
 VALUE = struct.Struct("<ff")  # (match_logit, match_prob)
-_DIGEST = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: "$" would accept a trailing newline
 _FINGERPRINT = re.compile(r"[0-9A-Za-z._-]{1,64}")
 # Raised by a whole round trip: Redis is not usable right now (refused, reset, timeout, loading).
 _OUTAGE_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
@@ -73,11 +76,6 @@ Entry = tuple[str, Mapping[str, Any]]
 
 
 # --------------------------------------------------------------------------------------- codec
-def is_digest(text: object) -> bool:
-    """Whether ``text`` is a SHA-256 hex digest as images are addressed by (64 lowercase hex)."""
-    return isinstance(text, str) and _DIGEST.fullmatch(text) is not None
-
-
 def score_key(fingerprint: str, digest: str) -> str:
     """The Redis key of one image's scores under one model fingerprint.
 
@@ -212,6 +210,7 @@ class RedisHealth:
                     error,
                     self.backoff_s,
                     self.backoff_max_s,
+                    extra={"redis": self.name, "error": f"{type(error).__name__}: {error}"},
                 )
             else:
                 self._window = min(self._window * 2, self.backoff_max_s)

@@ -16,7 +16,6 @@ time budget. Example::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import os
 import random
@@ -32,6 +31,7 @@ import grpc
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2 as pb
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.errors import TeacherError
+from teacher_server.hoi.digest import image_digest
 
 ImageSource = bytes | str | os.PathLike
 PemSource = bytes | str | os.PathLike
@@ -215,7 +215,7 @@ class _ScoreJob:
                 raise ValueError(f"sentences[{index}] is a str; pass a list of sentences per image")
             texts.append(tuple(group))
         blobs = [load_image(image, index) for index, image in enumerate(images)]
-        digests = [hashlib.sha256(blob).hexdigest() for blob in blobs]
+        digests = [image_digest(blob) for blob in blobs]
         results: list[list[TeacherScore] | None] = [[] if not group else None for group in texts]
         return cls(blobs, digests, texts, max(1, per_request), max_bytes, results)
 

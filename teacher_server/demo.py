@@ -115,7 +115,10 @@ def taught_tiny_teacher(
     """
     import shutil
 
-    from teacher_server.finetune import FinetuneError, FinetuneSettings, examples_from_annotations, finetune
+    from teacher_server.errors import FinetuneError
+    from teacher_server.finetune.examples import examples_from_annotations
+    from teacher_server.finetune.settings import FinetuneSettings
+    from teacher_server.finetune.training import finetune
     from teacher_server.tiny_model import LEARNABLE_TINY_SHAPES, make_tiny_model
 
     work_dir = Path(work_dir)

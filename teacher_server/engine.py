@@ -35,6 +35,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
+from teacher_server.hoi.digest import image_digest
 from teacher_server.precision import (
     DTYPE_NAMES,
     Capability,
@@ -52,11 +53,6 @@ _DTYPES = DTYPE_NAMES
 
 # A truncated file must be an error, not a silently grey-padded image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def image_digest(data: bytes) -> str:
-    """The content address of an image: SHA-256 hex of its file bytes."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -40,3 +40,7 @@ class OverloadedError(TeacherError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class FinetuneError(TeacherError, ValueError):
+    """Fine-tuning input or state is wrong: the message names the file, line or field, and why."""

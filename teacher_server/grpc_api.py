@@ -8,7 +8,6 @@ validation of the items live in the service.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,6 +26,7 @@ from teacher_server.errors import (
     OverloadedError,
     TeacherError,
 )
+from teacher_server.hoi.digest import image_digest
 from teacher_server.service import ScoreItem, ShuttingDownError
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def score_items(request: pb.ScoreRequest) -> list[ScoreItem]:
     items = []
     for item in request.items:
         image = bytes(item.image) or None
-        digest = item.digest or (hashlib.sha256(image).hexdigest() if image is not None else "")
+        digest = item.digest or (image_digest(image) if image is not None else "")
         items.append(ScoreItem(digest=digest, image=image, sentences=tuple(item.sentences)))
     return items
 

@@ -32,10 +32,15 @@ from typing import Any
 import numpy as np
 
 from teacher_server.errors import TeacherError
-from teacher_server.finetune import SentenceTable, pair_object, resolve_correspondence
-from teacher_server.hoi.annotations import BOX_POLICIES, ImageAnnotation, dataset_spec, load_annotations
+from teacher_server.hoi.annotations import (
+    BOX_POLICIES,
+    ImageAnnotation,
+    dataset_spec,
+    load_annotations,
+    resolve_correspondence,
+)
 from teacher_server.hoi.errors import DatasetError
-from teacher_server.hoi.prompts import VARIANTS
+from teacher_server.hoi.prompts import VARIANTS, SentenceTable
 
 #: HICO-DET: a triplet with fewer training instances than this is rare.
 RARE_THRESHOLD = 10
@@ -215,7 +220,7 @@ def plan_pairs(
     positives_of: dict[int, set[str]] = {}  # object class -> sentences true of some pair with it
     unknown_objects: set[int] = set()
     for pair in pairs:
-        obj = pair_object(annotation, pair.object)
+        obj = annotation.object_class(pair.object)
         if not pair.verbs_known:
             unknown_objects.add(obj)
             continue
@@ -225,7 +230,7 @@ def plan_pairs(
         if not pair.verbs_known:
             skipped["unknown_verbs"] += 1
             continue
-        obj = pair_object(annotation, pair.object)
+        obj = annotation.object_class(pair.object)
         plan = PairPlan(annotation, obj)
         candidates = table.candidates(obj)
         for verb, sentence in candidates:
@@ -261,7 +266,7 @@ def training_triplet_counts(train_annotations: str | Path, dataset: str = "hico"
     counts: Counter = Counter()
     for annotation in load_annotations(train_annotations, dataset, box_policy=box_policy):
         for hoi in annotation.hois:
-            counts[(hoi.verb, pair_object(annotation, hoi.object))] += 1
+            counts[(hoi.verb, annotation.object_class(hoi.object))] += 1
     return counts
 
 

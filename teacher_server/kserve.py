@@ -10,7 +10,6 @@ The servicer subclasses the one ``tritonclient`` ships, so ``tritonclient.grpc``
 
 from __future__ import annotations
 
-import hashlib
 import re
 import struct
 import time
@@ -36,6 +35,7 @@ from teacher_server.grpc_api import (
     rpc_failure,
     unavailable_reason,
 )
+from teacher_server.hoi.digest import image_digest
 from teacher_server.service import ScoreItem
 
 if TYPE_CHECKING:
@@ -160,7 +160,7 @@ def plan_pairs(images: Sequence[bytes], sentences: Sequence[str]) -> PairPlan:
     for pair, (image, sentence) in enumerate(zip(images, sentences, strict=True)):
         if not image:
             raise _invalid(f"{IMAGE}[{pair}]", "image is empty (0 bytes); send the encoded image file")
-        digest = hashlib.sha256(image).hexdigest()
+        digest = image_digest(image)
         item = item_of_digest.get(digest)
         if item is None:
             item = item_of_digest[digest] = len(digests)

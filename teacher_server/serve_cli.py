@@ -3,7 +3,9 @@
 Settings come from flags, ``HOIDISTILL_*`` variables and defaults, in that order (see
 ``teacher_server.settings``). The gRPC server (native API, KServe v2, health, reflection) listens
 on ``--grpc-port``; ``--http-port`` serves the HTTP API, the web page and Prometheus ``/metrics``.
-On SIGTERM: readiness off, in-flight work drains (``--drain-timeout-s``), exit status 0.
+On SIGTERM: readiness off, in-flight work drains (``--drain-timeout-s``), exit status 0. Logs go
+to stderr as text or, with ``--log-format json``, as one JSON object per line
+(``teacher_server.logs``).
 """
 
 from __future__ import annotations
@@ -24,14 +26,9 @@ log = logging.getLogger("teacher_server.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per service setting (``--log-level`` and ``--log-format`` among them)."""
     from teacher_server.settings import add_server_arguments
 
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging level of the server (default: %(default)s)",
-    )
     add_server_arguments(parser)
 
 
@@ -59,7 +56,7 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
 
 async def serve(settings: ServerSettings) -> None:
     """Run the teacher with ``settings`` (a ``ServerSettings``) until SIGTERM or SIGINT."""
-    from teacher_server.http_api import HttpServer, serve_http
+    from teacher_server.http_api.server import HttpServer, serve_http
     from teacher_server.server import TeacherServer, serve_until_signalled
 
     server = TeacherServer(settings)  # loads the model: the slow part
@@ -80,13 +77,12 @@ async def serve(settings: ServerSettings) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from teacher_server.logs import configure_logging
     from teacher_server.settings import settings_from_args
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = settings_from_args(args)
+        configure_logging(settings.log_level, settings.log_format)
         check_ports_free(settings.host, {"grpc_port": settings.grpc_port, "http_port": settings.http_port})
         asyncio.run(serve(settings))
     except TeacherError as exc:  # bad settings, model not loadable, port taken: one clear line

@@ -209,6 +209,7 @@ class TeacherServer:
             ", mutual TLS" if settings.tls_client_ca else "",
             grpc_api.SERVICE_NAME,
             kserve.SERVICE_NAME,
+            extra={"grpc_port": port, "tls": credentials is not None, "mutual_tls": bool(settings.tls_client_ca)},
         )
         return port
 

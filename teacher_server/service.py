@@ -17,7 +17,6 @@ to the fresh one; the engine computes in float32, so nothing is lost (fp32 engin
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -31,12 +30,12 @@ from teacher_server.cache import (
     CachedScore,
     decode_score,
     encode_score,
-    is_digest,
     open_async_score_cache,
     round_trip,
 )
 from teacher_server.engine import EngineSettings, ItmEngine, ItmScore, PreparedImage
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
+from teacher_server.hoi.digest import image_digest, is_digest
 from teacher_server.metrics import ServiceMetrics
 from teacher_server.settings import ServerSettings
 
@@ -182,6 +181,12 @@ class ScoringService:
             len(self.engines),
             ",".join(str(e.device) for e in self.engines),
             self.cache.backend,
+            extra={
+                "model": self.engines[0].model_id,
+                "fingerprint": self.fingerprint,
+                "devices": [str(e.device) for e in self.engines],
+                "cache": self.cache.backend,
+            },
         )
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -341,7 +346,7 @@ class ScoringService:
                         f"image is {len(item.image):,} bytes, over the limit of {s.max_image_bytes:,} bytes",
                         too_large=True,
                     )
-                actual = hashlib.sha256(item.image).hexdigest()
+                actual = image_digest(item.image)
                 if actual != item.digest:
                     raise InvalidInputError(
                         f"{name}.digest",

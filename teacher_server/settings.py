@@ -1,83 +1,55 @@
-"""Settings of the teacher service: one typed object, filled from defaults, env and flags.
+"""Settings of the teacher service: one typed object, validated by pydantic, from defaults, env and flags.
 
 Precedence is ``flags > HOIDISTILL_* environment variables > defaults``. Every field has exactly
-one environment variable (``HOIDISTILL_`` + the field name in upper case) and one flag (``--`` +
-the field name with dashes), both generated from the field list below, so the three can never
-drift apart. This module does not import torch: the CLI's ``--help`` and config checks stay fast.
+one environment variable (``HOIDISTILL_`` + the field name in upper case, read by pydantic-settings)
+and one flag (``--`` + the field name with dashes, generated from the field list below), so the
+three can never drift apart. Types, ranges and choices are declared on the fields; pydantic checks
+them, and ``SettingsError`` turns its report into one line per problem that names where the value
+came from (the flag, the variable, or the field with both) and the rule it broke.
+
+Constructing ``ServerSettings(...)`` reads only what it is given; ``from_env`` and
+``settings_from_args`` add the environment. This module does not import torch: the CLI's
+``--help`` and config checks stay fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from teacher_server.errors import TeacherError
 
 ENV_PREFIX = "HOIDISTILL_"
 MiB = 1024 * 1024
-DTYPES = ("auto", "fp32", "bf16", "fp16")
-ITM_START_TOKENS = ("cls", "enc")
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+ItmStartToken = Literal["cls", "enc"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+ITM_START_TOKENS: tuple[str, ...] = get_args(ItmStartToken)
+# 0 asks the OS for a free port (tests and side-by-side benches use it).
+Port = Annotated[int, Field(ge=0, le=65535)]
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 _SECRET_FIELDS = frozenset({"auth_token"})
+# Settings whose empty value means "unset" (compose files write HOIDISTILL_REDIS_URL=).
+_OPTIONAL_TEXT = ("model_revision", "redis_url", "tls_cert", "tls_key", "tls_client_ca", "auth_token")
 
 
 class SettingsError(TeacherError, ValueError):
     """A setting has an invalid value; the message names the variable or flag and what is allowed."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsers: text (from env or argv) -> typed value. Each raises ValueError with a short reason; the
-# caller prefixes the source (variable or flag name).
-
-
-def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip().replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected an integer, got {text!r}") from None
-
-
-def _parse_float(text: str) -> float:
-    try:
-        return float(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a number, got {text!r}") from None
-
-
-def _parse_str(text: str) -> str:
-    return text.strip()
-
-
-def _parse_optional_str(text: str) -> str | None:
-    # An empty variable (HOIDISTILL_REDIS_URL=) means "not set": compose files often write that.
-    text = text.strip()
-    return text or None
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected one of {'/'.join(_TRUE)} or {'/'.join(_FALSE[:-1])}, got {text!r}")
-
-
-def _parse_devices(text: str) -> tuple[str, ...]:
-    devices = tuple(part.strip() for part in text.split(","))
-    if not text.strip() or any(not device for device in devices):
-        raise ValueError(f"expected a comma-separated device list such as 'cuda:0,cuda:1', got {text!r}")
-    return devices
 
 
 def canonical_device(name: str) -> str:
@@ -89,249 +61,220 @@ def canonical_device(name: str) -> str:
     return f"{name}:0" if name in ("cuda", "xpu") else name
 
 
-# ---------------------------------------------------------------------------------------------
-# Checks: typed value -> None or the reason it is invalid.
+def _setting(default: Any, description: str, metavar: str | None = None, **rules: Any) -> Any:
+    """A field with its help text, the metavar of its flag and pydantic's rules (``ge``, ...)."""
+    return Field(default, description=description, json_schema_extra={"metavar": metavar}, **rules)
 
 
-def _at_least(minimum: float) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
-        return None if value >= minimum else f"must be >= {minimum}, got {value}"
-
-    return check
-
-
-def _port(value: int) -> str | None:
-    # 0 asks the OS for a free port (tests and side-by-side benches use it).
-    return None if 0 <= value <= 65535 else f"must be a TCP port 0..65535, got {value}"
-
-
-def _one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(choices)}; got {value!r}"
-
-    return check
-
-
-def _devices(value: tuple[str, ...]) -> str | None:
-    if not value:
-        return "needs at least one device"
-    bad = [device for device in value if not _DEVICE_PATTERN.match(device)]
-    if bad:
-        return f"unknown device {bad[0]!r}: use auto, cpu, mps, cuda, cuda:N or xpu:N"
-    canonical = [canonical_device(device) for device in value]
-    if len(set(canonical)) != len(canonical):
-        aliases = sorted({f"{d} is {c}" for d, c in zip(value, canonical, strict=True) if d != c})
-        return f"lists a device twice: {','.join(value)}" + (f" ({', '.join(aliases)})" if aliases else "")
-    if "auto" in value and len(value) > 1:
-        return "'auto' picks one device by itself and cannot be combined with others"
-    return None
-
-
-def _redis_url(value: str | None) -> str | None:
-    if value is None or value.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    return f"must start with redis://, rediss:// or unix://, got {value.split('://')[0]!r}://..."
-
-
-def _non_empty(value: str) -> str | None:
-    return None if value else "must not be empty"
-
-
-def _setting(
-    default: Any,
-    help_text: str,
-    parse: Callable[[str], Any],
-    check: Callable[[Any], str | None] | None = None,
-    metavar: str | None = None,
-) -> Any:
-    """A dataclass field carrying its help text, text parser and value check."""
-    return field(
-        default=default,
-        repr=True,
-        metadata={"help": help_text, "parse": parse, "check": check, "metavar": metavar},
-    )
-
-
-@dataclass(frozen=True)
-class ServerSettings:
+class ServerSettings(BaseSettings):
     """Everything the teacher service can be told; safe defaults for a single-node run.
 
     Field ``foo_bar`` is read from ``HOIDISTILL_FOO_BAR`` and set by ``--foo-bar``.
     """
 
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # HOIDISTILL_TLS_CERT= means "unset", as compose files write it
+        frozen=True,
+        extra="forbid",
+        str_strip_whitespace=True,
+        validate_default=True,
+    )
+
     # --- model and engines -----------------------------------------------------------------
     model: str = _setting(
         "Salesforce/blip-itm-base-coco",
         "BLIP ITM model: a hub id or a local directory in the save_pretrained layout",
-        _parse_str,
-        _non_empty,
         "ID_OR_DIR",
+        min_length=1,
     )
     model_revision: str | None = _setting(
-        None,
-        "hub revision (branch, tag or commit) of --model; unset = the default branch",
-        _parse_optional_str,
-        None,
-        "REV",
+        None, "hub revision (branch, tag or commit) of --model; unset = the default branch", "REV"
     )
-    device: tuple[str, ...] = _setting(
+    # NoDecode: a comma list, not the JSON that pydantic-settings expects for a tuple by default.
+    device: Annotated[tuple[str, ...], NoDecode] = _setting(
         ("auto",),
         "comma list of devices, one engine replica per device, all fed by one batcher "
         "(e.g. cuda:0,cuda:1); 'auto' = CUDA when present, else CPU",
-        _parse_devices,
-        _devices,
         "DEVICES",
+        min_length=1,
     )
-    dtype: str = _setting(
-        "auto",
-        f"engine dtype: {', '.join(DTYPES)} (auto = fp32 on CPU, bf16 on GPU)",
-        _parse_str,
-        _one_of(DTYPES),
-        "DTYPE",
-    )
-    itm_start_token: str = _setting(
+    dtype: Dtype = _setting("auto", f"engine dtype: {', '.join(DTYPES)} (auto = fp32 on CPU, bf16 on GPU)", "DTYPE")
+    itm_start_token: ItmStartToken = _setting(
         "cls",
         "token that starts the ITM text: cls (as transformers) or enc (as original BLIP); "
         "part of the model fingerprint",
-        _parse_str,
-        _one_of(ITM_START_TOKENS),
         "TOKEN",
     )
-    vision_cache_mb: float = _setting(
-        512.0, "per-replica LRU of vision embeddings (MiB of device memory)", _parse_float, _at_least(0), "MIB"
-    )
-    text_batch_size: int = _setting(
-        128, "sentences per text-side micro-batch inside one engine call", _parse_int, _at_least(1), "N"
-    )
+    vision_cache_mb: float = _setting(512.0, "per-replica LRU of vision embeddings (MiB of device memory)", "MIB", ge=0)
+    text_batch_size: int = _setting(128, "sentences per text-side micro-batch inside one engine call", "N", ge=1)
 
     # --- network ---------------------------------------------------------------------------
-    host: str = _setting("0.0.0.0", "address both servers bind to", _parse_str, _non_empty, "HOST")
-    grpc_port: int = _setting(50051, "gRPC port (native API, KServe v2, health, reflection)", _parse_int, _port, "PORT")
-    http_port: int = _setting(8000, "HTTP port (JSON API, web page, /metrics)", _parse_int, _port, "PORT")
+    host: str = _setting("0.0.0.0", "address both servers bind to", "HOST", min_length=1)
+    grpc_port: Port = _setting(50051, "gRPC port (native API, KServe v2, health, reflection)", "PORT")
+    http_port: Port = _setting(8000, "HTTP port (JSON API, web page, /metrics)", "PORT")
 
     # --- score cache -----------------------------------------------------------------------
     redis_url: str | None = _setting(
         None,
         "Redis for the shared score cache (redis://host:6379/0, rediss://..., unix://...); "
         "unset = in-process LRU cache",
-        _parse_optional_str,
-        _redis_url,
         "URL",
     )
     redis_cluster: bool = _setting(
-        False, "--redis-url points at a Redis Cluster node (keys carry a hash tag per image)", _parse_bool, None, None
+        False, "--redis-url points at a Redis Cluster node (keys carry a hash tag per image)"
     )
     cache_ttl_s: int = _setting(
-        7 * 24 * 3600, "lifetime of a cached image's scores in Redis (seconds)", _parse_int, _at_least(1), "SECONDS"
+        7 * 24 * 3600, "lifetime of a cached image's scores in Redis (seconds)", "SECONDS", ge=1
     )
     local_cache_entries: int = _setting(
-        200_000,
-        "entries (image, sentence) of the in-process LRU cache used when no Redis is set",
-        _parse_int,
-        _at_least(0),
-        "N",
+        200_000, "entries (image, sentence) of the in-process LRU cache used when no Redis is set", "N", ge=0
     )
     redis_timeout_s: float = _setting(
         0.5,
         "socket timeout of Redis commands; a dead Redis costs at most this per back-off window",
-        _parse_float,
-        _at_least(0.001),
         "SECONDS",
+        ge=0.001,
     )
     redis_backoff_s: float = _setting(
         1.0,
         "after a Redis failure, serve without the cache this long before probing again (doubles per failed probe)",
-        _parse_float,
-        _at_least(0.001),
         "SECONDS",
+        ge=0.001,
     )
     redis_backoff_max_s: float = _setting(
-        30.0, "longest back-off between Redis probes during an outage", _parse_float, _at_least(0.001), "SECONDS"
+        30.0, "longest back-off between Redis probes during an outage", "SECONDS", ge=0.001
     )
 
     # --- batching --------------------------------------------------------------------------
-    max_batch_sentences: int = _setting(
-        256, "most (image, sentence) pairs merged into one engine call", _parse_int, _at_least(1), "N"
-    )
+    max_batch_sentences: int = _setting(256, "most (image, sentence) pairs merged into one engine call", "N", ge=1)
     max_delay_ms: float = _setting(
-        5.0, "longest wait for more work before a partial batch runs (milliseconds)", _parse_float, _at_least(0), "MS"
+        5.0, "longest wait for more work before a partial batch runs (milliseconds)", "MS", ge=0
     )
     max_queue: int = _setting(
         1024,
         "most queued work items (one image with its uncached sentences from one request) "
         "waiting for an engine; a request that does not fit gets RESOURCE_EXHAUSTED + retry hint",
-        _parse_int,
-        _at_least(1),
         "N",
+        ge=1,
     )
-    drain_timeout_s: float = _setting(
-        30.0, "on shutdown, how long queued and running work may finish", _parse_float, _at_least(0), "SECONDS"
-    )
+    drain_timeout_s: float = _setting(30.0, "on shutdown, how long queued and running work may finish", "SECONDS", ge=0)
 
     # --- limits ----------------------------------------------------------------------------
-    max_image_bytes: int = _setting(20 * MiB, "largest encoded image file (bytes)", _parse_int, _at_least(1), "BYTES")
+    max_image_bytes: int = _setting(20 * MiB, "largest encoded image file (bytes)", "BYTES", ge=1)
     max_image_pixels: int = _setting(
-        40_000_000,
-        "largest decoded image (width x height pixels; guards decompression bombs)",
-        _parse_int,
-        _at_least(1),
-        "PIXELS",
+        40_000_000, "largest decoded image (width x height pixels; guards decompression bombs)", "PIXELS", ge=1
     )
-    max_images_per_request: int = _setting(64, "most images (items) in one request", _parse_int, _at_least(1), "N")
-    max_sentences_per_image: int = _setting(
-        512, "most sentences per image in one request", _parse_int, _at_least(1), "N"
-    )
-    max_sentence_tokens: int = _setting(64, "longest sentence in tokenizer tokens", _parse_int, _at_least(1), "N")
-    max_message_bytes: int = _setting(
-        64 * MiB, "largest gRPC/HTTP message (bytes), both directions", _parse_int, _at_least(1024), "BYTES"
-    )
+    max_images_per_request: int = _setting(64, "most images (items) in one request", "N", ge=1)
+    max_sentences_per_image: int = _setting(512, "most sentences per image in one request", "N", ge=1)
+    max_sentence_tokens: int = _setting(64, "longest sentence in tokenizer tokens", "N", ge=1)
+    max_message_bytes: int = _setting(64 * MiB, "largest gRPC/HTTP message (bytes), both directions", "BYTES", ge=1024)
 
     # --- security --------------------------------------------------------------------------
-    tls_cert: str | None = _setting(
-        None, "PEM certificate chain of the server; enables TLS", _parse_optional_str, None, "PATH"
-    )
-    tls_key: str | None = _setting(None, "PEM private key of --tls-cert", _parse_optional_str, None, "PATH")
+    tls_cert: str | None = _setting(None, "PEM certificate chain of the server; enables TLS", "PATH")
+    tls_key: str | None = _setting(None, "PEM private key of --tls-cert", "PATH")
     tls_client_ca: str | None = _setting(
-        None,
-        "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
-        _parse_optional_str,
-        None,
-        "PATH",
+        None, "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)", "PATH"
     )
-    auth_token: str | None = field(
-        default=None,
+    auth_token: str | None = Field(
+        None,
         repr=False,  # never print the secret
-        metadata={
-            "help": "bearer token every request must carry (prefer the environment variable: "
-            "flags show in the process list)",
-            "parse": _parse_optional_str,
-            "check": None,
-            "metavar": "TOKEN",
-        },
+        description="bearer token every request must carry (prefer the environment variable: "
+        "flags show in the process list)",
+        json_schema_extra={"metavar": "TOKEN"},
     )
 
-    def __post_init__(self) -> None:
-        for spec in dataclasses.fields(self):
-            check = spec.metadata["check"]
-            value = getattr(self, spec.name)
-            if check is not None and value is not None:
-                reason = check(value)
-                if reason is not None:
-                    raise SettingsError(f"setting {spec.name} ({_names(spec.name)}): {reason}")
+    # --- logging ---------------------------------------------------------------------------
+    log_level: LogLevel = _setting("INFO", "least severe log records written: DEBUG, INFO, WARNING or ERROR", "LEVEL")
+    log_format: LogFormat = _setting(
+        "text",
+        "log lines as text, or json for log collectors: one object per line (time, level, logger, "
+        "message, extra fields)",
+        "FORMAT",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Constructing reads only its arguments; the environment comes in through ``from_env``.
+
+        A developer's ``HOIDISTILL_REDIS_URL`` must not leak into a test's ``ServerSettings(...)``.
+        """
+        return (init_settings,)
+
+    def __init__(self, _sources: Mapping[str, str] | None = None, **values: Any) -> None:
+        """Validate ``values``; ``SettingsError`` names the source of a bad value (see ``describe_errors``)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(describe_errors(error, _sources)) from None
+
+    # --- validation beyond the field rules ---------------------------------------------------
+    @field_validator(*_OPTIONAL_TEXT, mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _split_devices(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        devices = tuple(part.strip() for part in value.split(","))
+        if any(not device for device in devices):
+            raise ValueError(f"expected a comma-separated device list such as 'cuda:0,cuda:1', got {value!r}")
+        return devices
+
+    @field_validator("device")
+    @classmethod
+    def _check_devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [device for device in value if not _DEVICE_PATTERN.match(device)]
+        if bad:
+            raise ValueError(f"unknown device {bad[0]!r}: use auto, cpu, mps, cuda, cuda:N or xpu:N")
+        canonical = tuple(canonical_device(device) for device in value)
+        if len(set(canonical)) != len(canonical):
+            aliases = sorted({f"{d} is {c}" for d, c in zip(value, canonical, strict=True) if d != c})
+            raise ValueError(
+                f"lists a device twice: {','.join(value)}" + (f" ({', '.join(aliases)})" if aliases else "")
+            )
+        if "auto" in value and len(value) > 1:
+            raise ValueError("'auto' picks one device by itself and cannot be combined with others")
         # One name per device (cuda -> cuda:0): the engines, metrics and model info agree on it.
-        object.__setattr__(self, "device", tuple(canonical_device(device) for device in self.device))
+        return canonical
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {value.split('://')[0]!r}://...")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise SettingsError(
+            raise ValueError(
                 f"TLS needs both tls_cert ({_names('tls_cert')}) and tls_key ({_names('tls_key')}); "
                 f"only {'tls_cert' if self.tls_key is None else 'tls_key'} is set"
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise SettingsError(
-                f"tls_client_ca ({_names('tls_client_ca')}) requires TLS: also set tls_cert and tls_key"
-            )
+            raise ValueError(f"tls_client_ca ({_names('tls_client_ca')}) requires TLS: also set tls_cert and tls_key")
+        return self
 
+    # --- use -----------------------------------------------------------------------------------
     @property
     def tls_enabled(self) -> bool:
+        """Whether both servers speak TLS."""
         return self.tls_cert is not None
 
     @classmethod
@@ -341,15 +284,13 @@ class ServerSettings:
         Raises ``SettingsError`` naming the variable for a value that does not parse or is out of
         range, and for an unknown ``HOIDISTILL_*`` variable (a typo would otherwise be ignored).
         """
-        return cls(**_values_from_env(os.environ if env is None else env))
+        values = _values_from_env(os.environ if env is None else env)
+        return cls(_sources={name: env_name(name) for name in values}, **values)
 
     def public_dict(self) -> dict[str, Any]:
-        """All settings as plain values, secrets replaced by ``"***"`` (for logs and model info)."""
-        values = dataclasses.asdict(self)
-        for name in _SECRET_FIELDS:
-            if values[name] is not None:
-                values[name] = "***"
-        values["device"] = list(self.device)
+        """All settings as plain (JSON) values, secrets replaced by ``"***"`` (for logs and model info)."""
+        values = self.model_dump(mode="json")
+        values.update({name: "***" for name in _SECRET_FIELDS if values[name] is not None})
         return values
 
 
@@ -367,39 +308,47 @@ def _names(field_name: str) -> str:
     return f"{flag_name(field_name)} / {env_name(field_name)}"
 
 
-def _fields() -> tuple[dataclasses.Field, ...]:
-    return dataclasses.fields(ServerSettings)
+# ---------------------------------------------------------------------------------- the errors
+def describe_errors(error: ValidationError, sources: Mapping[str, str] | None = None) -> str:
+    """pydantic's report as one line per problem: where the value came from, and the rule.
+
+    ``sources`` maps a field to the flag or variable that gave its value; a field not in it is
+    named with both (``setting max_queue (--max-queue / HOIDISTILL_MAX_QUEUE)``).
+    """
+    lines = []
+    for problem in error.errors():
+        if problem["type"] == "value_error":  # our validators' own words, without "Value error, "
+            reason = str(problem["ctx"]["error"])
+        else:  # pydantic's message names the rule (the bound, the choices); add what was given
+            reason = f"{problem['msg']}; got {problem['input']!r}"
+        name = str(problem["loc"][0]) if problem["loc"] else None
+        # No field: a rule across fields (the TLS pair), whose message names them.
+        where = "settings" if name is None else (sources or {}).get(name, f"setting {name} ({_names(name)})")
+        lines.append(f"{where}: {reason}")
+    return "\n".join(lines)
 
 
-def _parse(spec: dataclasses.Field, text: Any, source: str) -> Any:
-    """Parse (when given text) and range-check one value, naming ``source`` on failure."""
-    value = text
-    if isinstance(text, str):
-        try:
-            value = spec.metadata["parse"](text)
-        except ValueError as error:
-            raise SettingsError(f"{source}: {error}") from None
-    check = spec.metadata["check"]
-    if check is not None and value is not None:
-        reason = check(value)
-        if reason is not None:
-            raise SettingsError(f"{source}: {reason}")
-    return value
+# ------------------------------------------------------------------------ environment and flags
+class _EnvSource(EnvSettingsSource):
+    """pydantic-settings' reading of ``HOIDISTILL_*`` variables, from a given mapping."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(ServerSettings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # The source matches case-insensitively (its default), on lower-cased names.
+        return {name.lower(): value for name, value in self._env.items()}
 
 
 def _values_from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    by_env = {env_name(spec.name): spec for spec in _fields()}
-    values: dict[str, Any] = {}
-    for variable, text in env.items():
-        if not variable.startswith(ENV_PREFIX):
-            continue
-        spec = by_env.get(variable)
-        if spec is None:
-            close = difflib.get_close_matches(variable, by_env, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(by_env))}"
+    known = {env_name(name) for name in ServerSettings.model_fields}
+    for variable in env:
+        if variable.startswith(ENV_PREFIX) and variable not in known:
+            close = difflib.get_close_matches(variable, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(sorted(known))}"
             raise SettingsError(f"unknown setting variable {variable}{hint}")
-        values[spec.name] = _parse(spec, text, variable)
-    return values
+    return _EnvSource(env)()
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -411,35 +360,24 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "service settings", f"each flag overrides its {ENV_PREFIX}* variable, which overrides the default"
     )
-    for spec in _fields():
-        default = spec.default
-        shown = "unset" if default is None else ",".join(default) if isinstance(default, tuple) else default
-        if spec.name in _SECRET_FIELDS:
-            shown = "unset"
-        help_text = f"{spec.metadata['help']} [env {env_name(spec.name)}; default {shown}]"
-        if isinstance(default, bool):
-            # --redis-cluster / --no-redis-cluster: a flag can also switch off what env switched on.
-            group.add_argument(
-                flag_name(spec.name),
-                dest=spec.name,
-                default=argparse.SUPPRESS,
-                action=argparse.BooleanOptionalAction,
-                help=help_text,
-            )
-        else:
-            group.add_argument(
-                flag_name(spec.name),
-                dest=spec.name,
-                default=argparse.SUPPRESS,
-                metavar=spec.metadata["metavar"],
-                help=help_text,
-            )
+    for name, spec in ServerSettings.model_fields.items():
+        shown = "unset" if spec.default is None or name in _SECRET_FIELDS else spec.default
+        shown = ",".join(shown) if isinstance(shown, tuple) else shown
+        help_text = f"{spec.description} [env {env_name(name)}; default {shown}]"
+        # A bool is --redis-cluster / --no-redis-cluster: a flag can switch off what env switched on.
+        extra = spec.json_schema_extra if isinstance(spec.json_schema_extra, dict) else {}
+        how = (
+            {"action": argparse.BooleanOptionalAction} if spec.annotation is bool else {"metavar": extra.get("metavar")}
+        )
+        group.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS, help=help_text, **how)
 
 
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServerSettings:
     """Defaults, then ``HOIDISTILL_*`` variables of ``env`` (default ``os.environ``), then given flags."""
     values = _values_from_env(os.environ if env is None else env)
-    for spec in _fields():
-        if hasattr(args, spec.name):
-            values[spec.name] = _parse(spec, getattr(args, spec.name), flag_name(spec.name))
-    return ServerSettings(**values)
+    sources = {name: env_name(name) for name in values}
+    for name in ServerSettings.model_fields:
+        if hasattr(args, name):
+            values[name] = getattr(args, name)
+            sources[name] = flag_name(name)
+    return ServerSettings(_sources=sources, **values)

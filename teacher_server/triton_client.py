@@ -30,7 +30,6 @@ loaded, fingerprint included, as the ``hoidistill_teacher_model_info`` metric, w
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -55,6 +54,7 @@ from teacher_server.client import (
     load_image,
 )
 from teacher_server.errors import TeacherError
+from teacher_server.hoi.digest import image_digest
 
 T = TypeVar("T")
 SCHEME = "triton://"
@@ -341,7 +341,7 @@ class TritonTeacherClient:
             return [[] for _ in groups]
         deadline = self._deadline(timeout_s)
         blobs = [load_image(image, index) for index, image in enumerate(images)]
-        digests = [hashlib.sha256(blob).hexdigest() for blob in blobs]
+        digests = [image_digest(blob) for blob in blobs]
 
         # Each distinct (image, sentence) pair once, image-major: an image's pairs stay together.
         slot: dict[tuple[str, str], int] = {}

@@ -21,9 +21,9 @@ from teacher_server.engine import (
     ItmEngine,
     ItmScore,
     PreparedImage,
-    image_digest,
 )
 from teacher_server.errors import ImageRequiredError, OverloadedError
+from teacher_server.hoi.digest import image_digest
 from teacher_server.metrics import ServiceMetrics
 
 torch.set_num_threads(1)

@@ -32,12 +32,12 @@ from teacher_server.cache import (
     RedisScoreCache,
     decode_score,
     encode_score,
-    is_digest,
     open_async_score_cache,
     open_score_cache,
     round_trip,
     score_key,
 )
+from teacher_server.hoi.digest import image_digest, is_digest
 from tests.conftest import RedisServer, free_port
 
 FP = "fp0001"
@@ -77,6 +77,14 @@ def test_key_scheme_is_versioned_and_tags_the_digest() -> None:
 def test_key_refuses_fingerprints_that_would_break_the_scheme(fingerprint: str) -> None:
     with pytest.raises(ValueError, match="fingerprint"):
         score_key(fingerprint, D1)
+
+
+def test_image_digest_is_sha256_of_the_file_bytes() -> None:
+    # FIPS 180-2 test vectors: SHA-256("") and SHA-256("abc").
+    assert image_digest(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert image_digest(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert is_digest(image_digest(b"\x89PNG"))
+    assert score_key(FP, image_digest(b"abc")) == f"{KEY_PREFIX}:{FP}:{{{image_digest(b'abc')}}}"
 
 
 @pytest.mark.parametrize("digest", ["", "A" * 64, "1" * 63, "g" * 64, "1" * 64 + "\n"])

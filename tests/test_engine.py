@@ -20,9 +20,9 @@ from teacher_server.engine import (
     ItmEngine,
     VisionCache,
     decode_image,
-    image_digest,
 )
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
+from teacher_server.hoi.digest import image_digest
 
 SENTENCES = [
     "a person ride a horse",

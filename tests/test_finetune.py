@@ -22,21 +22,13 @@ from transformers import BlipForImageTextRetrieval
 from student.data.synthetic import write_synthetic_dataset
 from teacher_server.__main__ import main
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, itm_start_token_id, load_blip_itm
-from teacher_server.errors import ModelLoadError
-from teacher_server.finetune import (
-    CHECKPOINT_NAME,
-    SUMMARY_NAME,
-    FinetuneError,
-    FinetuneSettings,
-    ImageStore,
-    ItmTokens,
-    add_arguments,
-    examples_from_annotations,
-    examples_from_jsonl,
-    finetune,
-    itm_logits,
-    sample_pairs,
-)
+from teacher_server.errors import FinetuneError, ModelLoadError
+from teacher_server.finetune.checkpoint import CHECKPOINT_NAME
+from teacher_server.finetune.cli import add_arguments
+from teacher_server.finetune.examples import examples_from_annotations, examples_from_jsonl, sample_pairs
+from teacher_server.finetune.objective import ImageStore, ItmTokens, itm_logits
+from teacher_server.finetune.settings import FinetuneSettings
+from teacher_server.finetune.training import SUMMARY_NAME, finetune
 from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.itm_eval import evaluate_itm

@@ -34,7 +34,8 @@ from teacher_fixtures import (
 from teacher_server.auth import AuthConfigError
 from teacher_server.grpc_api import Drain
 from teacher_server.hoi.prompts import triplet_sentence
-from teacher_server.http_api import HttpServer, HttpServerError, parse_triplet_text, serve_http
+from teacher_server.http_api.bodies import parse_triplet_text
+from teacher_server.http_api.server import HttpServer, HttpServerError, serve_http
 from teacher_server.service import ScoringService
 from teacher_server.settings import ServerSettings
 

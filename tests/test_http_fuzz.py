@@ -27,7 +27,7 @@ from teacher_fixtures import png_bytes, teacher_settings
 from test_http_api import RunningHttp, running_http
 
 from teacher_server.hoi.prompts import triplet_sentence
-from teacher_server.http_api import parse_triplet_text
+from teacher_server.http_api.bodies import parse_triplet_text
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -14,9 +14,9 @@ import torch
 from student.data.synthetic import write_synthetic_dataset
 from teacher_server.__main__ import main
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
-from teacher_server.finetune import SentenceTable
 from teacher_server.hoi.annotations import load_annotations
 from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence
+from teacher_server.hoi.prompts import SentenceTable
 from teacher_server.itm_eval import (
     ItmQuality,
     PairRanking,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import queue
 import signal
@@ -102,8 +102,9 @@ def test_serve_scores_exposes_metrics_and_exits_cleanly_on_sigterm(tiny_blip_dir
             "--grpc-port",
             str(grpc_port),
         ],
-        # Settings also come from the environment: the HTTP port and the batching delay here.
-        env=clean_env(HOIDISTILL_HTTP_PORT=str(http_port), HOIDISTILL_MAX_DELAY_MS="1"),
+        # Settings also come from the environment: the HTTP port, the batching delay and the log
+        # format (JSON lines, as a log collector reads them) here.
+        env=clean_env(HOIDISTILL_HTTP_PORT=str(http_port), HOIDISTILL_MAX_DELAY_MS="1", HOIDISTILL_LOG_FORMAT="json"),
     )
     serve_process.append(server)
     assert server.wait_ready() == f"teacher ready: grpc port {grpc_port}, http port {http_port}\n"
@@ -156,6 +157,12 @@ def test_serve_scores_exposes_metrics_and_exits_cleanly_on_sigterm(tiny_blip_dir
     server.lines.get(timeout=10)  # end of stdout: the pumps have seen everything
     log = server.stderr()
     assert "shutting down" in log and "teacher stopped" in log
+    records = [json.loads(line) for line in log.splitlines()]  # nothing else on stderr: JSON lines only
+    assert all({"time", "level", "logger", "message"} <= set(record) for record in records)
+    (started,) = [record for record in records if record["message"].startswith("teacher gRPC server on")]
+    assert (started["logger"], started["grpc_port"], started["tls"]) == ("teacher_server.server", grpc_port, False)
+    assert any(record["message"] == "teacher stopped" for record in records)
+    assert any(record["logger"].startswith("uvicorn") for record in records)  # the libraries' records too
 
 
 def test_help_documents_every_setting():
@@ -168,9 +175,9 @@ def test_help_documents_every_setting():
         timeout=60,
     )
     assert done.returncode == 0
-    for spec in dataclasses.fields(ServerSettings):
-        assert flag_name(spec.name) in done.stdout
-        assert f"HOIDISTILL_{spec.name.upper()}" in done.stdout.replace("\n", "").replace(" ", "")
+    for name in ServerSettings.model_fields:
+        assert flag_name(name) in done.stdout
+        assert f"HOIDISTILL_{name.upper()}" in done.stdout.replace("\n", "").replace(" ", "")
 
 
 def test_bad_setting_exits_2_naming_the_variable():

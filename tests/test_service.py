@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import logging
 import math
@@ -19,8 +18,9 @@ from PIL import Image
 from teacher_fixtures import GatedEngine
 
 from teacher_server.cache import score_key
-from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore, image_digest
+from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
 from teacher_server.errors import InvalidInputError, ModelLoadError, OverloadedError
+from teacher_server.hoi.digest import image_digest
 from teacher_server.metrics import ServiceMetrics
 from teacher_server.service import ItemResult, ScoreItem, ScoringService, ShuttingDownError, engine_settings
 from teacher_server.settings import ServerSettings
@@ -557,7 +557,7 @@ def test_metrics_render_every_documented_series() -> None:
 
 def test_settings_dataclass_is_what_the_service_reads() -> None:
     # Every limit the service reports is a ServerSettings field (keeps model_info honest).
-    names = {spec.name for spec in dataclasses.fields(ServerSettings)}
+    names = set(ServerSettings.model_fields)
     from teacher_server.service import LIMIT_FIELDS
 
     assert set(LIMIT_FIELDS) <= names

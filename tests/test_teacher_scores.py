@@ -14,9 +14,10 @@ from PIL import Image
 from student.losses import MarginTriplets
 from student.losses.distill import TEACHER_KEY
 from student.teacher_scores import GrpcTeacher, LocalTeacher, TeacherScores, build_backend
-from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, image_digest
+from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.classes import HICO_VERBS, NO_INTERACTION_INDEX, OBJECT_NAMES, hico_correspondence
+from teacher_server.hoi.digest import image_digest
 from teacher_server.hoi.prompts import candidate_sentences, triplet_sentence
 
 HORSE = OBJECT_NAMES.index("horse")

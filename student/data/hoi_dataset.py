@@ -10,7 +10,6 @@ original file bytes: the teacher scores the un-augmented original).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -30,15 +29,11 @@ from teacher_server.hoi.annotations import (
     read_annotations,
 )
 from teacher_server.hoi.classes import NO_OBJECT_INDEX
+from teacher_server.hoi.digest import image_digest
 from teacher_server.hoi.errors import DatasetError
 from student.data.transforms import Transform, make_transforms
 
 TruncatePolicy = Literal["warn", "ignore", "error"]
-
-
-def image_digest(data: bytes) -> str:
-    """SHA-256 hex of image file bytes: the content address the teacher and its cache use."""
-    return hashlib.sha256(data).hexdigest()
 
 
 class HOIDataset(Dataset):

@@ -5,6 +5,8 @@
   scores, and the candidate sentences of an object;
 - ``annotations``: reading and validating annotation files in the DETR-line HICO-DET / V-COCO
   JSON format;
+- ``digest``: ``image_digest``, the content address of an image (SHA-256 of its file bytes) that
+  every cache key, request and data loader uses;
 - ``errors``: ``DatasetError``, the one exception of that domain.
 
 Dependencies run one way: the student imports this package, the teacher's fine-tuning and HTTP

@@ -42,9 +42,11 @@ from teacher_server.hoi.classes import (
     COCO_OBJECT_IDS,
     HICO_HOIS,
     HICO_VERBS,
+    NO_OBJECT_INDEX,
     OBJECT_NAMES,
     VCOCO_VERBS,
     coco_id_to_index,
+    hico_correspondence,
     hico_hoi_id,
 )
 from teacher_server.hoi.errors import DatasetError
@@ -57,6 +59,8 @@ BOX_POLICIES: tuple[str, ...] = ("error", "clamp", "drop")
 MAX_REPORTED_PROBLEMS = 20
 #: How many fixed boxes a ``BoxFixes`` summary names as examples.
 MAX_REPORTED_FIXES = 3
+#: Default correspondence file per dataset, looked for beside the annotation file.
+CORRESPONDENCE_FILES = {"hico": "corre_hico.npy", "vcoco": "corre_vcoco.npy"}
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,10 @@ class ImageAnnotation:
         without verbs (``verbs_known`` False), in file order."""
         unknown = [HOIPair(sub, obj, (), verbs_known=False) for sub, obj in self.pairs_without_verbs]
         return merge_pairs(self.hois) + unknown
+
+    def object_class(self, object_box: int) -> int:
+        """Object class of a pair's object box; ``NO_OBJECT_INDEX`` (80) for a V-COCO pair without one."""
+        return int(self.labels[object_box]) if object_box >= 0 else NO_OBJECT_INDEX
 
     @property
     def has_pairs(self) -> bool:
@@ -685,3 +693,28 @@ def load_correspondence(path: str | Path, dataset: str = "hico") -> np.ndarray:
     if array.shape != expected:
         raise DatasetError(f"{path}: shape {array.shape}, expected {expected} ({spec.name} verbs x objects)")
     return array.astype(bool)
+
+
+def resolve_correspondence(
+    annotation_file: str | Path, dataset: str, correspondence: np.ndarray | str | Path | None
+) -> np.ndarray:
+    """The (V, 80) verb x object validity table of a dataset.
+
+    ``correspondence``: an array, a ``.npy`` path, or None for ``corre_<dataset>.npy`` beside the
+    annotation file; HICO-DET falls back to the built-in table when that file is absent.
+    """
+    spec = dataset_spec(dataset)
+    if isinstance(correspondence, np.ndarray):
+        if correspondence.shape[0] != spec.num_verbs:
+            raise DatasetError(
+                f"correspondence has {correspondence.shape[0]} verb rows, {dataset} has {spec.num_verbs}"
+            )
+        return correspondence.astype(bool)
+    if correspondence is not None:
+        return load_correspondence(correspondence, dataset)
+    beside = Path(annotation_file).parent / CORRESPONDENCE_FILES[dataset]
+    if beside.is_file():
+        return load_correspondence(beside, dataset)
+    if dataset == "hico":
+        return hico_correspondence()
+    raise DatasetError(f"no {beside.name} beside {annotation_file}: pass --correspondence for {dataset}")

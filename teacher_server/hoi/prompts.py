@@ -18,6 +18,10 @@ Variants, for the paper's ablation of what the text tells the teacher:
 ``no_interaction`` has no sentence in any variant (None): "a person not interact with a horse"
 is a negation, which ITM models score poorly.
 
+``SentenceTable`` holds the sentences and candidates of one dataset's verbs, computed once; the
+teacher's fine-tuning and ``eval-itm`` read every sentence from it, so the teacher is trained and
+evaluated on the text the student asks it about.
+
 Torch-free (class lists and numpy only): the teacher's HTTP API imports this module.
 """
 
@@ -152,3 +156,35 @@ def candidate_sentences(
         if sentence is not None:
             result.append((verb_index, sentence))
     return result
+
+
+class SentenceTable:
+    """Sentences of (verb, object) triplets and the candidates of each object, computed once.
+
+    Every sentence comes from ``triplet_sentence`` / ``candidate_sentences``, the project's one
+    sentence function.
+
+    Args:
+        correspondence: (V, 80 or 81) bool verb x object validity.
+        verbs: the V verb names of the dataset.
+        variant: the prompt variant (``VARIANTS``); ValueError naming ``prompt_variant`` otherwise.
+    """
+
+    def __init__(self, correspondence: Sequence[Sequence[bool]], verbs: Sequence[str], variant: str = "full") -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"prompt_variant must be one of {list(VARIANTS)}, not {variant!r}")
+        self.correspondence = correspondence
+        self.verbs = tuple(verbs)
+        self.variant: Variant = variant  # type: ignore[assignment]  # checked against VARIANTS above
+        self._candidates: dict[int, tuple[tuple[int, str], ...]] = {}
+
+    def candidates(self, obj: int) -> tuple[tuple[int, str], ...]:
+        """``(verb index, sentence)`` of every verb valid with object class ``obj`` (none for no_interaction)."""
+        if obj not in self._candidates:
+            self._candidates[obj] = tuple(candidate_sentences(obj, self.correspondence, self.verbs, self.variant))
+        return self._candidates[obj]
+
+    def sentence(self, verb: int, obj: int) -> str | None:
+        """The sentence of (person, verb, object); None for no_interaction."""
+        name = OBJECT_NAMES[obj] if obj < len(OBJECT_NAMES) else None
+        return triplet_sentence(self.verbs[verb], name, self.variant)

@@ -30,8 +30,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
-    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, PreparedImage, image_digest
+    from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, PreparedImage
     from teacher_server.errors import InvalidInputError
+    from teacher_server.hoi.digest import image_digest
 except ImportError as error:  # the message Triton shows when the model fails to load
     raise ImportError(
         f"blip_itm needs the hoi-distill teacher (teacher_server, torch, transformers) in the Python "

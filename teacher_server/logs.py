@@ -1,0 +1,55 @@
+"""Log output of the teacher service: text for people, or JSON lines for log collectors.
+
+``--log-format json`` (``HOIDISTILL_LOG_FORMAT=json``) writes one JSON object per line to stderr:
+``time`` (ISO 8601, UTC, milliseconds), ``level``, ``logger``, ``message``, then every field
+the call passed in ``extra=`` (``log.info("...", extra={"grpc_port": 50051})``), and ``exception``
+with the traceback when there is one. A message with line breaks stays one line (JSON escapes
+them), so a collector never splits a record. uvicorn's and gRPC's records reach the same handler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# What every LogRecord carries by itself; anything else on a record came from ``extra=``.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one line of JSON: time, level, logger, message, the ``extra`` fields, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The JSON line of ``record`` (values JSON cannot hold are written as their ``str``)."""
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and key not in entry and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text", stream: TextIO | None = None) -> None:
+    """Send every log record of the process at ``level`` and above to ``stream`` (default stderr).
+
+    ``log_format``: ``text`` (``TEXT_FORMAT``) or ``json`` (``JsonFormatter``). Replaces handlers
+    set before, so calling it again switches the format.
+    """
+    if log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', not {log_format!r}")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Python's warnings as records too, so that a collector reading JSON sees no stray text line.
+    logging.captureWarnings(True)
