@@ -268,7 +268,7 @@ def check_heads_in_fp32(context: Context) -> str:
 
 
 def check_matcher_batch_cost(context: Context) -> str:
-    from student.matcher import OUTPUT_KEYS, HungarianMatcher
+    from student.losses.matcher import OUTPUT_KEYS, HungarianMatcher
 
     generator = torch.Generator().manual_seed(0)
     batch, queries, verbs = 4, 64, 117
@@ -609,7 +609,7 @@ def fill_gpu_memory(leave_bytes: int) -> list[torch.Tensor]:
 
 
 def check_matcher_one_host_sync(context: Context) -> str:
-    from student.matcher import HungarianMatcher
+    from student.losses.matcher import HungarianMatcher
 
     device = torch.device("cuda", 0)
     generator = torch.Generator().manual_seed(0)

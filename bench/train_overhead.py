@@ -50,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from student.config import load_config
 from student.data.collate import collate_fn
 from student.demo import DEMO_CONFIG, TeacherService, redis_process
-from student.engine import SeededSamples, StepInfo, TrainingLoss, train_one_epoch
+from student.engine import SeededSamples, StepInfo, train_one_epoch
+from student.losses import TrainingLoss
 from student.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
 from student.teacher_prefetch import EndpointPool, PrefetchingLoader, ReadThroughBackend, TeacherPrefetcher
 from student.teacher_scores import TeacherScores

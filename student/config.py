@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from student.losses import DistillSettings, LossError, LossWeights
-from student.matcher import HungarianMatcher
+from student.losses.matcher import HungarianMatcher
 from student.model.config import ModelError, StudentModelConfig
 
 DatasetName = Literal["hico", "vcoco"]

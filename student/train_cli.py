@@ -65,14 +65,13 @@ from student.engine import (
     SeededSamples,
     StepHook,
     TrainingError,
-    TrainingLoss,
     fill_missing_entries,
     predict,
     score_predictions,
     train_one_epoch,
 )
 from student.evaluation import save_predictions
-from student.losses import GROUND_TRUTH_VARIANTS, HOICriterion, LossError
+from student.losses import GROUND_TRUTH_VARIANTS, HOICriterion, LossError, TrainingLoss
 from student.model import HOIDetector, ModelError, load_detr_checkpoint
 from student.teacher_prefetch import PrefetchingLoader, TeacherPrefetcher
 from student.teacher_scores import TeacherScores

@@ -16,8 +16,8 @@ from torch import nn
 
 from student.__main__ import main
 from student.config import load_config
-from student.engine import EpochSampler, SeededSamples, StepInfo, TrainingLoss, score_predictions
-from student.losses import DistillSettings, HOICriterion
+from student.engine import EpochSampler, SeededSamples, StepInfo, score_predictions
+from student.losses import DistillSettings, HOICriterion, TrainingLoss
 from student.losses.distill import TEACHER_KEY
 from student.train_cli import (
     build_initial_model,
