@@ -52,9 +52,8 @@ from student.data.collate import collate_fn
 from student.demo import DEMO_CONFIG, TeacherService, redis_process
 from student.engine import SeededSamples, StepInfo, train_one_epoch
 from student.losses import TrainingLoss
-from student.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
-from student.teacher_prefetch import EndpointPool, PrefetchingLoader, ReadThroughBackend, TeacherPrefetcher
-from student.teacher_scores import TeacherScores
+from student.teacher import EndpointPool, PrefetchingLoader, ReadThroughBackend, TeacherPrefetcher, TeacherScores
+from student.teacher.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
 from student.train_cli import build_loss, build_model, build_optimizer, build_train_dataset, correspondence_of
 
 HICO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "hico.yaml"

@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("student.train_cli", "train a student (config file plus overrides)"),
     "evaluate": ("student.evaluation.evaluate_cli", "run a checkpoint on a test split and write preds.json"),
     "eval-predictions": ("student.evaluation.cli", "compute HICO-DET or V-COCO metrics of a preds.json"),
-    "prewarm": ("student.prewarm", "score every candidate sentence of every training image once (fills the cache)"),
+    "prewarm": (
+        "student.teacher.prewarm",
+        "score every candidate sentence of every training image once (fills the cache)",
+    ),
     "demo": ("student.demo", "the main job end to end on embedded defaults"),
 }
 

@@ -464,8 +464,8 @@ def _run_topology(
     progress: bool,
 ) -> tuple[str, Any]:
     """Redis + teacher service + prewarm + ``torchrun`` student; (teacher summary, evaluation)."""
-    from student.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
-    from student.teacher_prefetch import EndpointPool
+    from student.teacher.pool import EndpointPool
+    from student.teacher.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
 
     ranks = args.ranks
     # The same global batch as one process, and the CPU threads shared out (2 cores here: more

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from student.losses.distill import GROUND_TRUTH_VARIANTS
 from student.losses.total import MAIN_TERMS, TrainingLoss
-from student.teacher_scores import TeacherScores
+from student.teacher.scores import TeacherScores
 
 LOG_COLUMNS = (
     "epoch",

@@ -73,8 +73,7 @@ from student.engine import (
 from student.evaluation import save_predictions
 from student.losses import GROUND_TRUTH_VARIANTS, HOICriterion, LossError, TrainingLoss
 from student.model import HOIDetector, ModelError, load_detr_checkpoint
-from student.teacher_prefetch import PrefetchingLoader, TeacherPrefetcher
-from student.teacher_scores import TeacherScores
+from student.teacher import PrefetchingLoader, TeacherPrefetcher, TeacherScores
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.classes import NO_INTERACTION_INDEX
 from teacher_server.hoi.errors import DatasetError

@@ -18,14 +18,15 @@ from teacher_fixtures import RunningTeacher, running_teacher, start_teacher, tea
 from student.config import load_config
 from student.data.collate import collate_fn
 from student.losses.distill import TEACHER_KEY
-from student.teacher_prefetch import (
+from student.teacher import (
     EndpointPool,
     PrefetchingLoader,
     ReadThroughBackend,
+    ScoreQuery,
     TeacherPrefetcher,
-    parse_endpoints,
+    TeacherScores,
 )
-from student.teacher_scores import ScoreQuery, TeacherScores
+from student.teacher.pool import parse_endpoints
 from student.train_cli import build_train_dataset, correspondence_of
 from teacher_server import grpc_api
 from teacher_server.cache import encode_score, open_score_cache, score_key, sentence_field

@@ -20,7 +20,7 @@ import torch
 from conftest import RedisServer, free_port
 
 from student.config import load_config
-from student.prewarm import plan_items
+from student.teacher.prewarm import plan_items
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

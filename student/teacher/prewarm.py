@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from student.teacher_prefetch import EndpointPool
+from student.teacher.pool import EndpointPool
 from teacher_server.errors import TeacherError
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,15 @@ def plan_items(config: Any) -> list[PrewarmItem]:
     The sentences are the ones ``TeacherScores.plan`` asks for during training (the same code
     builds them), over all the image's pairs (a superset when ``data.max_pairs`` truncates).
     """
-    from student.teacher_scores import TeacherScores
-    from student.train_cli import correspondence_of
-    from teacher_server.hoi.annotations import dataset_spec, load_annotations
+    from student.teacher.scores import TeacherScores
+    from teacher_server.hoi.annotations import dataset_spec, load_annotations, load_correspondence
 
     data = config.data
     image_root = data.path("train_images")
     sentences_of = TeacherScores(
         None,
         verbs=dataset_spec(data.dataset).verbs,
-        correspondence=correspondence_of(config),
+        correspondence=load_correspondence(data.path("correspondence"), data.dataset),
         image_root=image_root,
         prompt_variant=config.distill.prompt_variant,
     ).sentences_of_object
