@@ -416,7 +416,7 @@ def check_box_policy_clamp(context: Context) -> str:
 def check_student_resume_cpu_exact(context: Context) -> str:
     from student.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from student.config import load_config
-    from student.train_cli import train
+    from student.training import train
 
     root = synthetic_data(context, 6)
     quiet = {"say": lambda _: None}
@@ -646,10 +646,11 @@ def check_matcher_one_host_sync(context: Context) -> str:
 
 
 def check_student_amp_20_steps_resume(context: Context) -> str:
+    from student.builders import amp_settings
     from student.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from student.config import load_config
     from student.engine import StepInfo
-    from student.train_cli import amp_settings, train
+    from student.training import train
 
     root = synthetic_data(context, 16)
     losses: dict[int, float] = {}
@@ -702,10 +703,10 @@ def _first_step_loss(root: Path, device: torch.device, rank: int, world: int, mo
     One size: each rank pads its batch to its own widest image, and padding moves the CNN's border
     features; with equal sizes 2 ranks compute exactly the 1-process loss (up to rounding).
     """
+    from student.builders import build_loss, build_model, build_train_dataset, seed_everything
     from student.config import load_config
     from student.data.collate import collate_fn
     from student.engine import SeededSamples, outputs_to_float, to_device
-    from student.train_cli import build_loss, build_model, build_train_dataset, seed_everything
 
     overrides = tiny_student_overrides(root, root / "unused", "data.scales=[64]", "data.max_size=64")
     overrides += ["model.transformer.dropout=0.0", "optim.amp=false"]

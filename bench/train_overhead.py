@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from student.builders import build_loss, build_model, build_optimizer, build_train_dataset, correspondence_of
 from student.config import load_config
 from student.data.collate import collate_fn
 from student.demo import DEMO_CONFIG, TeacherService, redis_process
@@ -54,7 +55,6 @@ from student.engine import SeededSamples, StepInfo, train_one_epoch
 from student.losses import TrainingLoss
 from student.teacher import EndpointPool, PrefetchingLoader, ReadThroughBackend, TeacherPrefetcher, TeacherScores
 from student.teacher.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
-from student.train_cli import build_loss, build_model, build_optimizer, build_train_dataset, correspondence_of
 
 HICO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "hico.yaml"
 

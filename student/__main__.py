@@ -1,7 +1,8 @@
-"""Command line of the student: ``python -m student COMMAND ...``.
+"""Command line of the student: ``python -m student COMMAND ...`` (installed as ``hoi-student``).
 
-Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only maps names to modules, imported lazily so that ``--help`` stays fast.
+Each command lives in its own module of ``student.commands`` exposing ``add_arguments(parser)``
+and ``run(args) -> int``; this file only maps names to modules, imported lazily so that ``--help``
+stays fast, and sets up logging once for the process.
 """
 
 from __future__ import annotations
@@ -9,23 +10,43 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-synthetic": ("student.data.synthetic_cli", "write a synthetic HOI dataset in the HICO-DET format"),
-    "train": ("student.train_cli", "train a student (config file plus overrides)"),
-    "evaluate": ("student.evaluation.evaluate_cli", "run a checkpoint on a test split and write preds.json"),
-    "eval-predictions": ("student.evaluation.cli", "compute HICO-DET or V-COCO metrics of a preds.json"),
+    "make-synthetic": ("student.commands.make_synthetic", "write a synthetic HOI dataset in the HICO-DET format"),
+    "train": ("student.commands.train", "train a student (config file plus overrides)"),
+    "evaluate": ("student.commands.evaluate", "run a checkpoint on a test split and write preds.json"),
+    "eval-predictions": ("student.commands.eval_predictions", "compute HICO-DET or V-COCO metrics of a preds.json"),
     "prewarm": (
-        "student.teacher.prewarm",
+        "student.commands.prewarm",
         "score every candidate sentence of every training image once (fills the cache)",
     ),
-    "demo": ("student.demo", "the main job end to end on embedded defaults"),
+    "demo": ("student.commands.demo", "the main job end to end on embedded defaults"),
 }
+MODULE_PROG = "python -m student"
+DESCRIPTION = "The HOI student: make data, train, evaluate, prewarm the teacher's cache, run the demo."
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m student", description=__doc__.splitlines()[0])
+def program_name(argv0: str) -> str:
+    """How the user called us, for usage lines: the console script's name, or ``python -m student``.
+
+    Under ``python -m`` ``argv0`` is the path of this file; under the ``hoi-student`` console
+    script (or a copy a packager renamed) it is the script's own path.
+    """
+    name = Path(argv0).name
+    return MODULE_PROG if not name or name.endswith(".py") else name
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments), run the chosen command, return its exit status.
+
+    ``prog`` names the program in usage lines; by default the console script's name when called
+    from the command line (``argv`` None), else ``python -m student``.
+    """
+    if prog is None:
+        prog = program_name(sys.argv[0]) if argv is None else MODULE_PROG
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     wanted = argv[0] if argv and not argv[0].startswith("-") else None
@@ -52,4 +73,4 @@ def quiet_library_chatter() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog=MODULE_PROG))

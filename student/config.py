@@ -24,15 +24,13 @@ from typing import Any, Literal
 
 import yaml
 
+from student.data.transforms import DETR_SCALES
 from student.losses import DistillSettings, LossError, LossWeights
 from student.losses.matcher import HungarianMatcher
 from student.model.config import ModelError, StudentModelConfig
 
 DatasetName = Literal["hico", "vcoco"]
 PromptVariant = Literal["full", "verb", "object"]
-
-# DETR's multi-scale training sizes (shorter side); kept here so the configs need no data import.
-DETR_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
 
 
 class ConfigError(ValueError):
@@ -290,7 +288,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     pretrained: str | None = None  # DETR COCO checkpoint (detr-r50-e632da11.pth layout) to start from
     # From scratch only: set the frozen batch-norm statistics of the random CNN from this many
-    # training images (0 keeps the identity statistics). See train_cli.calibrate_frozen_batchnorm.
+    # training images (0 keeps the identity statistics). See builders.calibrate_frozen_batchnorm.
     calibrate_bn_images: int = 0
 
     def __post_init__(self) -> None:

@@ -26,7 +26,7 @@ from student.checkpoint import (
     save_checkpoint,
 )
 from student.config import load_config
-from student.train_cli import train
+from student.training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
 

@@ -15,6 +15,7 @@ import torch
 from conftest import RedisServer, free_port
 from teacher_fixtures import RunningTeacher, running_teacher, start_teacher, teacher_settings
 
+from student.builders import build_train_dataset, correspondence_of
 from student.config import load_config
 from student.data.collate import collate_fn
 from student.losses.distill import TEACHER_KEY
@@ -27,7 +28,6 @@ from student.teacher import (
     TeacherScores,
 )
 from student.teacher.pool import parse_endpoints
-from student.train_cli import build_train_dataset, correspondence_of
 from teacher_server import grpc_api
 from teacher_server.cache import encode_score, open_score_cache, score_key, sentence_field
 from teacher_server.errors import TeacherError

@@ -15,11 +15,7 @@ import torch
 from torch import nn
 
 from student.__main__ import main
-from student.config import load_config
-from student.engine import EpochSampler, SeededSamples, StepInfo, score_predictions
-from student.losses import DistillSettings, HOICriterion, TrainingLoss
-from student.losses.distill import TEACHER_KEY
-from student.train_cli import (
+from student.builders import (
     build_initial_model,
     build_test_dataset,
     build_test_loader,
@@ -27,9 +23,13 @@ from student.train_cli import (
     build_train_loader,
     calibration_batch,
     correspondence_of,
-    evaluate_model,
-    train,
 )
+from student.config import load_config
+from student.engine import EpochSampler, SeededSamples, StepInfo, score_predictions
+from student.inference import evaluate_model
+from student.losses import DistillSettings, HOICriterion, TrainingLoss
+from student.losses.distill import TEACHER_KEY
+from student.training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
 
@@ -306,7 +306,7 @@ def test_the_box_policy_comes_from_the_config(data_root: Path, tmp_path: Path) -
 
 
 def test_tf32_is_allowed_on_cuda_only() -> None:
-    from student.train_cli import configure_cuda_math
+    from student.builders import configure_cuda_math
 
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
@@ -464,7 +464,7 @@ def test_batchnorm_calibration_normalises_every_layer_of_a_scratch_cnn(data_root
 
 
 def test_resume_followed_by_an_override_is_not_taken_for_a_path(data_root: Path, tmp_path: Path) -> None:
-    from student.train_cli import config_from_args
+    from student.commands.train import config_from_args
 
     args = argparse.Namespace(
         config=DEMO_CONFIG, overrides=[f"data.root={data_root}"], resume="optim.lr=3e-4", teacher=None
