@@ -419,17 +419,16 @@ def check_student_resume_cpu_exact(context: Context) -> str:
     from student.training import train
 
     root = synthetic_data(context, 6)
-    quiet = {"say": lambda _: None}
     extra = ("run.device=cpu", f"run.num_threads={context.threads}")
 
     def config(name: str, steps: int):
         overrides = tiny_student_overrides(root, context.work / name, f"schedule.max_steps={steps}", *extra)
         return load_config(DEMO_CONFIG, overrides)
 
-    straight = train(config("cpu-straight", 4), **quiet)
-    train(config("cpu-split", 2), **quiet)
+    straight = train(config("cpu-straight", 4))
+    train(config("cpu-split", 2))
     stopped = load_checkpoint(context.work / "cpu-split" / CHECKPOINT_NAME)["model"]
-    resumed = train(config("cpu-split", 4), resume="auto", **quiet)
+    resumed = train(config("cpu-split", 4), resume="auto")
     require(resumed.position == straight.position, f"positions {resumed.position} != {straight.position}")
     require(straight.position.global_step == 4, f"the straight run stopped at {straight.position}")
     first = load_checkpoint(context.work / "cpu-straight" / CHECKPOINT_NAME)["model"]
@@ -664,11 +663,11 @@ def check_student_amp_20_steps_resume(context: Context) -> str:
 
     amp = amp_settings(config(10), torch.device("cuda", 0))
     require(amp.enabled, "AMP is off on CUDA")
-    first = train(config(10), hooks=[record], say=lambda _: None)
+    first = train(config(10), hooks=[record])
     require(first.position.global_step == 10, f"stopped at step {first.position.global_step}, expected 10")
     checkpoint = load_checkpoint(context.work / "cuda-run" / CHECKPOINT_NAME)
     require((checkpoint["scaler"] is not None) == amp.grad_scaler, "the grad scaler state is missing or extra")
-    resumed = train(config(20), resume="auto", hooks=[record], say=lambda _: None)
+    resumed = train(config(20), resume="auto", hooks=[record])
     require(resumed.position.global_step == 20, f"resumed run ended at step {resumed.position.global_step}")
     require(sorted(losses) == list(range(1, 21)), f"steps logged: {sorted(losses)}")
     require(all(math.isfinite(value) for value in losses.values()), f"non-finite losses: {losses}")
@@ -713,7 +712,7 @@ def _first_step_loss(root: Path, device: torch.device, rank: int, world: int, mo
     config = load_config(DEMO_CONFIG, overrides)
     if model is None:
         seed_everything(config.run.seed)
-        model = build_model(config, device, say=lambda _: None)
+        model = build_model(config, device)
     dataset = build_train_dataset(config)
     sizes = [dataset.annotations[index].image_size for index in dataset.indices]
     common = max(set(sizes), key=sizes.count)

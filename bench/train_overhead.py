@@ -120,7 +120,7 @@ def time_steps(config: Any, dataset: Any, teacher: Any, prefetch: bool, args: ar
     from student.engine import EpochSampler
 
     torch.manual_seed(0)
-    model = build_model(config, torch.device("cpu"), say=lambda _: None)
+    model = build_model(config, torch.device("cpu"))
     optimizer = build_optimizer(model, config)
     loss_fn: TrainingLoss = build_loss(config, teacher)
     sampler = EpochSampler(len(dataset), 0)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher = TeacherService(model_dir, redis_url)
             stack.callback(teacher.stop)
             pool = EndpointPool(teacher.endpoint, timeout_s=PREWARM_TIMEOUT_S)
-            warmed = prewarm(plan_items(config), pool, progress=False, say=lambda _: None)
+            warmed = prewarm(plan_items(config), pool, progress=False)
             pool.close()
             if warmed.failed_images:  # then (d) would measure online misses, not a prewarmed cache
                 raise SystemExit(f"prewarm left {warmed.failed_images} images unscored: {warmed.describe()}")

@@ -12,6 +12,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from student.logs import LEVELS, setup_logging
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-synthetic": ("student.commands.make_synthetic", "write a synthetic HOI dataset in the HICO-DET format"),
@@ -47,9 +49,16 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     if prog is None:
         prog = program_name(sys.argv[0]) if argv is None else MODULE_PROG
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        help="level of every rank's log (default: info on rank 0, warning on the other ranks)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
-    wanted = argv[0] if argv and not argv[0].startswith("-") else None
+    # The command is the first argument naming one (flags before it take choices, never a command name).
+    wanted = next((arg for arg in argv if arg in COMMANDS), None)
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen command's module is imported (and so only it pays for torch).
@@ -58,6 +67,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             module.add_arguments(command_parser)
             command_parser.set_defaults(_run=module.run)
     args = parser.parse_args(argv)
+    setup_logging(args.log_level)
     quiet_library_chatter()
     return int(args._run(args) or 0)
 

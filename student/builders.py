@@ -8,8 +8,8 @@ arguments or runs a loop.
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from student.teacher import TeacherPrefetcher, TeacherScores
 from teacher_server.hoi.classes import NO_INTERACTION_INDEX
 from teacher_server.precision import Capability, PrecisionError, choose_dtype, device_capability
 
-Say = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -154,25 +154,25 @@ def configure_cuda_math(device: torch.device, *, tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def build_model(config: TrainConfig, device: torch.device, say: Say = print) -> HOIDetector:
+def build_model(config: TrainConfig, device: torch.device) -> HOIDetector:
     """The detector of ``config.model``, initialised from ``config.pretrained`` (DETR COCO) if set."""
     model = HOIDetector(config.model)
     if config.pretrained:
         report = load_detr_checkpoint(model, config.pretrained)
-        say(report.summary())
+        log.info(report.summary())
     return model.to(device)
 
 
-def build_initial_model(config: TrainConfig, device: torch.device, train_set: Any, say: Say = print) -> HOIDetector:
+def build_initial_model(config: TrainConfig, device: torch.device, train_set: Any) -> HOIDetector:
     """The model training starts from: ``build_model``, then the batch-norm calibration if configured.
 
     Call after ``seed_everything(config.run.seed)`` to get the run's exact initialisation.
     """
-    model = build_model(config, device, say)
+    model = build_model(config, device)
     if config.calibrate_bn_images:
         images, masks = calibration_batch(train_set, config)
         layers = calibrate_frozen_batchnorm(model, images.to(device), masks.to(device))
-        say(f"calibrated {layers} frozen batch-norm layers of the from-scratch CNN on {len(images)} images")
+        log.info("calibrated %d frozen batch-norm layers of the from-scratch CNN on %d images", layers, len(images))
     return model
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # One person (so one HOI pair) per image: a CPU-sized DETR learns it in minutes (see docs/training.md).
 DEMO_MAX_PEOPLE = 1
@@ -89,13 +91,13 @@ def prepare_teacher(args: argparse.Namespace, data_root: Path, progress: bool) -
         return args.teacher_model, args.teacher_model, None
     resolved = resolve_demo_model()
     if resolved.is_real:
-        print(resolved.note + "; used as it is (fine-tuning BLIP-base on a CPU would take hours)")
+        log.info("%s; used as it is (fine-tuning BLIP-base on a CPU would take hours)", resolved.note)
         return resolved.path, resolved.path, None
     if args.corpus < 1:
         from student.config import ConfigError
 
         raise ConfigError(f"--corpus {args.corpus}: must be >= 1, the tiny teacher learns from the teacher corpus")
-    print(
+    log.info(
         f"teacher: a tiny BLIP fine-tuned on the {args.corpus} teacher-corpus images (no real BLIP weights "
         f"offline; `teacher_server finetune`, {args.teacher_epochs} epochs) ..."
     )
@@ -109,7 +111,7 @@ def prepare_teacher(args: argparse.Namespace, data_root: Path, progress: bool) -
         progress=progress,
         say=lambda _: None,
     )
-    print(
+    log.info(
         f"teacher: reusing the fine-tuned teacher in {taught.path}"
         if taught.reused
         else f"teacher: fine-tuned in {taught.seconds:.0f} s, written to {taught.path}"
@@ -312,13 +314,13 @@ def run_topology(
         teacher = None
         try:
             if service:
-                print(
+                log.info(
                     f"score cache: Redis at {redis_url}"
                     if redis_url
                     else "score cache: no redis-server here, the teacher's in-process cache"
                 )
                 teacher = TeacherService(str(teacher_model), redis_url)
-                print(f"teacher service: {teacher.endpoint} (its own process)")
+                log.info("teacher service: %s (its own process)", teacher.endpoint)
                 per_rank.append(f"teacher.source={teacher.endpoint}")
                 if redis_url:  # the ranks read the prewarmed cache before any RPC
                     per_rank.append(f"teacher.redis_url={redis_url}")
@@ -335,7 +337,7 @@ def run_topology(
                     warmed = prewarm(plan_items(config), pool, progress=progress)
                 finally:
                     pool.close()
-                print(warmed.describe())
+                log.info(warmed.describe())
                 scored = f"prewarm scored {warmed.sentences} (image, sentence) pairs"
             else:
                 scored = "no teacher"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from typing import Any
 import torch
 
 from student.builders import (
-    Say,
     build_amp,
     build_initial_model,
     build_loss,
@@ -52,7 +52,6 @@ from student.distributed import (
     DistributedContext,
     gather_objects,
     init_distributed,
-    main_only,
     on_main,
     reduce_means,
     reduce_sums,
@@ -64,6 +63,8 @@ from student.evaluation import save_predictions
 from student.inference import evaluate_model
 from student.model import HOIDetector
 from student.teacher import PrefetchingLoader, TeacherPrefetcher, TeacherScores
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,7 +102,6 @@ def _start_run(
     config: TrainConfig,
     resume: str | None,
     teacher_model: str | Path | None,
-    say: Say,
     device: torch.device | None = None,
     rank: int = 0,
 ) -> _RunParts:
@@ -116,7 +116,7 @@ def _start_run(
     checkpoint_path = resolve_resume(resume, config.run.output_dir)
     seed_everything(config.run.seed + rank)
     train_set = build_train_dataset(config)
-    model = build_initial_model(config, device, train_set, say)
+    model = build_initial_model(config, device, train_set)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     amp, scaler = build_amp(config, device)
@@ -143,7 +143,6 @@ def train(
     resume: str | None = None,
     teacher_model: str | Path | None = None,
     hooks: Sequence[StepHook] = (),
-    say: Say = print,
 ) -> TrainResult:
     """Train (or continue) the run described by ``config``; see the module docstring for outputs.
 
@@ -157,7 +156,7 @@ def train(
     """
     context = init_distributed(config.run.device)
     try:
-        return _train(config, context, resume, teacher_model, hooks, main_only(context, say))
+        return _train(config, context, resume, teacher_model, hooks)
     finally:
         shutdown(context)
 
@@ -168,7 +167,6 @@ def _train(
     resume: str | None,
     teacher_model: str | Path | None,
     hooks: Sequence[StepHook],
-    say: Say,
 ) -> TrainResult:
     started = time.perf_counter()
     run = config.run
@@ -179,20 +177,28 @@ def _train(
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(config.to_yaml())
-    parts = _start_run(config, resume, teacher_model, say, device=context.device, rank=context.rank)
+    parts = _start_run(config, resume, teacher_model, device=context.device, rank=context.rank)
     teacher = with_prefetch(parts.teacher, config)
     model, device, position = wrap_model(parts.model, context), parts.device, parts.position
-    say(f"teacher: {teacher.description}")
+    log.info("teacher: %s", teacher.description)
     if context.is_distributed:
-        say(f"distributed: {context.world_size} ranks ({context.backend}), {config.optim.batch_size} images per rank")
+        log.info(
+            "distributed: %d ranks (%s), %d images per rank",
+            context.world_size,
+            context.backend,
+            config.optim.batch_size,
+        )
     if parts.resumed_from is None and main:
         # A fresh run starts fresh logs (a resumed one appends to them).
         for name in ("train_log.csv", "epochs.csv"):
             (output_dir / name).unlink(missing_ok=True)
     else:
-        say(
-            f"resumed from {parts.resumed_from}: epoch {position.epoch}, batch {position.batches_done}, "
-            f"step {position.global_step}"
+        log.info(
+            "resumed from %s: epoch %d, batch %d, step %d",
+            parts.resumed_from,
+            position.epoch,
+            position.batches_done,
+            position.global_step,
         )
     loss_fn = build_loss(config, teacher)  # type: ignore[arg-type]
     loader, sampler = build_train_loader(parts.train_set, config, context)
@@ -259,7 +265,7 @@ def _train(
                     )
             if main:
                 _write_epoch_row(output_dir / "epochs.csv", epoch_result, parts.optimizer, evaluation)
-            say(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))  # type: ignore[arg-type]
+            log.info(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))  # type: ignore[arg-type]
             if not epoch_result.completed:
                 break
         result.position = position

@@ -97,7 +97,7 @@ def run_training(root: Path, output: Path, context: DistributedContext) -> tuple
     torch.set_num_threads(1)
     config = load_config(DEMO_CONFIG, tiny_overrides(root, output))
     seed_everything(config.run.seed)
-    model = wrap_model(build_model(config, context.device, say=lambda _: None), context)
+    model = wrap_model(build_model(config, context.device), context)
     optimizer = build_optimizer(unwrap_model(model), config)  # type: ignore[arg-type]
     loss_fn = build_loss(config, None)
     dataset = build_train_dataset(config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from student.demo import (
 )
 from student.inference import evaluate_model
 from student.training import train
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             )
         except ValueError as error:  # sizes and rates out of range
             raise ConfigError(str(error)) from None
-        print(described)
+        log.info(described)
         teacher_model, teacher_name, teacher_auc = None, "none", None
         if config.teacher.source == "local":
             teacher_model, teacher_name, teacher_auc = prepare_teacher(args, data_root, progress)
@@ -141,16 +144,20 @@ def run(args: argparse.Namespace) -> int:
 
         device = resolve_device(config.run.device)
         seed_everything(config.run.seed)  # the same initialisation train() starts from
-        untrained = build_initial_model(config, device, build_train_dataset(config), say=lambda _: None)
+        untrained = build_initial_model(config, device, build_train_dataset(config))
         _, before = evaluate_model(untrained, config, device, progress=progress)
         assert before is not None  # one process: always scored
-        print(f"untrained student: mAP {before.headline:.2f}")
+        log.info("untrained student: mAP %.2f", before.headline)
         del untrained
 
-        print(
-            f"training {config.schedule.epochs} epochs ({config.data.dataset}, {config.model.decoder.kind} decoder, "
-            f"d_model {config.model.transformer.d_model}, ResNet-{config.model.backbone.depth}) on {args.ranks} "
-            f"rank(s) ..."
+        log.info(
+            "training %d epochs (%s, %s decoder, d_model %d, ResNet-%d) on %d rank(s) ...",
+            config.schedule.epochs,
+            config.data.dataset,
+            config.model.decoder.kind,
+            config.model.transformer.d_model,
+            config.model.backbone.depth,
+            args.ranks,
         )
         if service or config.teacher.is_service or args.ranks > 1:
             scored_line, after = run_topology(args, config, overrides, teacher_model, service, progress)

@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +172,6 @@ def prewarm(
     progress_file: Path | None = None,
     cache: Any | None = None,
     progress: bool = True,
-    say: Callable[[str], None] = print,
 ) -> PrewarmResult:
     """Score every item's sentences through ``pool``, skipping what is already done or cached."""
     if workers < 1 or images_per_request < 1:
@@ -191,7 +190,9 @@ def prewarm(
         result.skipped_cached = len(cached)
         record.record(item.digest for item in todo if item.digest in cached)
         todo = [item for item in todo if item.digest not in cached]
-    say(f"prewarm: {len(todo)} of {len(items)} images to score with {pool.description} ({workers} in parallel)")
+    log.info(
+        "prewarm: %d of %d images to score with %s (%d in parallel)", len(todo), len(items), pool.description, workers
+    )
     chunks = [todo[start : start + images_per_request] for start in range(0, len(todo), images_per_request)]
     lock = threading.Lock()
     bar = tqdm(total=len(todo), desc="prewarm", unit="img", disable=not progress, dynamic_ncols=True)
