@@ -23,6 +23,8 @@ from student.engine import AmpSettings, EpochSampler, SeededSamples
 from student.losses import GROUND_TRUTH_VARIANTS, HOICriterion, TrainingLoss
 from student.model import HOIDetector, load_detr_checkpoint
 from student.teacher import TeacherPrefetcher, TeacherScores
+from teacher_server.engine import resolve_device as resolve_torch_device
+from teacher_server.errors import ModelLoadError
 from teacher_server.hoi.classes import NO_INTERACTION_INDEX
 from teacher_server.precision import Capability, PrecisionError, choose_dtype, device_capability
 
@@ -30,20 +32,16 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as given (``cpu``, ``cuda:1``).
+    """``run.device`` as a torch device, by the teacher's rule (``teacher_server.engine.resolve_device``).
 
-    A CUDA device always carries its index (``cuda`` -> the current device, ``cuda:0`` unless
-    changed), so the capability check and the logs name one device.
+    ``auto`` -> CUDA when available, else CPU; anything else as given (``cpu``, ``cuda:1``). A CUDA
+    device always carries its index, so the capability check and the logs name one device. A
+    device this machine does not have is a ``ConfigError`` naming ``run.device``.
     """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"run.device: {name!r} requested but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    try:
+        return resolve_torch_device(name)
+    except (ModelLoadError, RuntimeError) as error:  # RuntimeError: a device string torch cannot read
+        raise ConfigError(f"run.device: {error}") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -307,6 +307,19 @@ def test_the_box_policy_comes_from_the_config(data_root: Path, tmp_path: Path) -
         build_train_dataset(strict)
 
 
+def test_run_device_follows_the_teachers_rule_and_names_the_key() -> None:
+    from student.builders import resolve_device
+    from student.config import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"run\.device: Invalid device string"):
+        resolve_device("cuda:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"run\.device: .*CUDA is not available"):
+            resolve_device("cuda")
+
+
 def test_tf32_is_allowed_on_cuda_only() -> None:
     from student.builders import configure_cuda_math
 
