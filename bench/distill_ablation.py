@@ -292,10 +292,10 @@ def run_student(
 
 def score_run(run_dir: Path, dropped: Sequence[str]) -> tuple[dict[str, float | None], dict[str, float]]:
     """Full / Rare / Non-rare and the mean AP of the ``dropped`` triplet classes, from preds.json."""
+    from student.builders import correspondence_of
     from student.config import load_config
     from student.engine import score_predictions
     from student.evaluation import load_json
-    from student.train_cli import correspondence_of
     from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES
 
     config = load_config(run_dir / "config.yaml")

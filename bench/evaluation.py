@@ -23,9 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student.evaluation.cli import format_table
 from student.evaluation.hico import HicoResult, count_triplets, evaluate_hico, load_correspondence
 from student.evaluation.predictions import load_annotations, load_json, parse_predictions, save_predictions
+from student.evaluation.report import format_table
 from student.evaluation.vcoco import VcocoResult, evaluate_vcoco, split_verb
 from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_HOIS, VCOCO_VERBS, hico_correspondence
 

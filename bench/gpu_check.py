@@ -268,7 +268,7 @@ def check_heads_in_fp32(context: Context) -> str:
 
 
 def check_matcher_batch_cost(context: Context) -> str:
-    from student.matcher import OUTPUT_KEYS, HungarianMatcher
+    from student.losses.matcher import OUTPUT_KEYS, HungarianMatcher
 
     generator = torch.Generator().manual_seed(0)
     batch, queries, verbs = 4, 64, 117
@@ -417,20 +417,19 @@ def check_box_policy_clamp(context: Context) -> str:
 def check_student_resume_cpu_exact(context: Context) -> str:
     from student.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from student.config import load_config
-    from student.train_cli import train
+    from student.training import train
 
     root = synthetic_data(context, 6)
-    quiet = {"say": lambda _: None}
     extra = ("run.device=cpu", f"run.num_threads={context.threads}")
 
     def config(name: str, steps: int):
         overrides = tiny_student_overrides(root, context.work / name, f"schedule.max_steps={steps}", *extra)
         return load_config(DEMO_CONFIG, overrides)
 
-    straight = train(config("cpu-straight", 4), **quiet)
-    train(config("cpu-split", 2), **quiet)
+    straight = train(config("cpu-straight", 4))
+    train(config("cpu-split", 2))
     stopped = load_checkpoint(context.work / "cpu-split" / CHECKPOINT_NAME)["model"]
-    resumed = train(config("cpu-split", 4), resume="auto", **quiet)
+    resumed = train(config("cpu-split", 4), resume="auto")
     require(resumed.position == straight.position, f"positions {resumed.position} != {straight.position}")
     require(straight.position.global_step == 4, f"the straight run stopped at {straight.position}")
     first = load_checkpoint(context.work / "cpu-straight" / CHECKPOINT_NAME)["model"]
@@ -613,7 +612,7 @@ def fill_gpu_memory(leave_bytes: int) -> list[torch.Tensor]:
 
 
 def check_matcher_one_host_sync(context: Context) -> str:
-    from student.matcher import HungarianMatcher
+    from student.losses.matcher import HungarianMatcher
 
     device = torch.device("cuda", 0)
     generator = torch.Generator().manual_seed(0)
@@ -650,10 +649,11 @@ def check_matcher_one_host_sync(context: Context) -> str:
 
 
 def check_student_amp_20_steps_resume(context: Context) -> str:
+    from student.builders import amp_settings
     from student.checkpoint import CHECKPOINT_NAME, load_checkpoint
     from student.config import load_config
     from student.engine import StepInfo
-    from student.train_cli import amp_settings, train
+    from student.training import train
 
     root = synthetic_data(context, 16)
     losses: dict[int, float] = {}
@@ -667,11 +667,11 @@ def check_student_amp_20_steps_resume(context: Context) -> str:
 
     amp = amp_settings(config(10), torch.device("cuda", 0))
     require(amp.enabled, "AMP is off on CUDA")
-    first = train(config(10), hooks=[record], say=lambda _: None)
+    first = train(config(10), hooks=[record])
     require(first.position.global_step == 10, f"stopped at step {first.position.global_step}, expected 10")
     checkpoint = load_checkpoint(context.work / "cuda-run" / CHECKPOINT_NAME)
     require((checkpoint["scaler"] is not None) == amp.grad_scaler, "the grad scaler state is missing or extra")
-    resumed = train(config(20), resume="auto", hooks=[record], say=lambda _: None)
+    resumed = train(config(20), resume="auto", hooks=[record])
     require(resumed.position.global_step == 20, f"resumed run ended at step {resumed.position.global_step}")
     require(sorted(losses) == list(range(1, 21)), f"steps logged: {sorted(losses)}")
     require(all(math.isfinite(value) for value in losses.values()), f"non-finite losses: {losses}")
@@ -706,17 +706,17 @@ def _first_step_loss(root: Path, device: torch.device, rank: int, world: int, mo
     One size: each rank pads its batch to its own widest image, and padding moves the CNN's border
     features; with equal sizes 2 ranks compute exactly the 1-process loss (up to rounding).
     """
+    from student.builders import build_loss, build_model, build_train_dataset, seed_everything
     from student.config import load_config
     from student.data.collate import collate_fn
     from student.engine import SeededSamples, outputs_to_float, to_device
-    from student.train_cli import build_loss, build_model, build_train_dataset, seed_everything
 
     overrides = tiny_student_overrides(root, root / "unused", "data.scales=[64]", "data.max_size=64")
     overrides += ["model.transformer.dropout=0.0", "optim.amp=false"]
     config = load_config(DEMO_CONFIG, overrides)
     if model is None:
         seed_everything(config.run.seed)
-        model = build_model(config, device, say=lambda _: None)
+        model = build_model(config, device)
     dataset = build_train_dataset(config)
     sizes = [dataset.annotations[index].image_size for index in dataset.indices]
     common = max(set(sizes), key=sizes.count)

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student.engine import TrainingLoss, backward_and_update, outputs_to_float
-from student.losses import DistillSettings, HOICriterion
+from student.engine import backward_and_update, outputs_to_float
+from student.losses import DistillSettings, HOICriterion, TrainingLoss
 from student.model import DecoderConfig, HOIDetector, StudentModelConfig
 
 

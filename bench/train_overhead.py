@@ -47,14 +47,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from student.builders import build_loss, build_model, build_optimizer, build_train_dataset, correspondence_of
 from student.config import load_config
 from student.data.collate import collate_fn
 from student.demo import DEMO_CONFIG, TeacherService, redis_process
-from student.engine import SeededSamples, StepInfo, TrainingLoss, train_one_epoch
-from student.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
-from student.teacher_prefetch import EndpointPool, PrefetchingLoader, ReadThroughBackend, TeacherPrefetcher
-from student.teacher_scores import TeacherScores
-from student.train_cli import build_loss, build_model, build_optimizer, build_train_dataset, correspondence_of
+from student.engine import SeededSamples, StepInfo, train_one_epoch
+from student.losses import TrainingLoss
+from student.teacher import EndpointPool, PrefetchingLoader, ReadThroughBackend, TeacherPrefetcher, TeacherScores
+from student.teacher.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
 
 HICO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "hico.yaml"
 
@@ -120,7 +120,7 @@ def time_steps(config: Any, dataset: Any, teacher: Any, prefetch: bool, args: ar
     from student.engine import EpochSampler
 
     torch.manual_seed(0)
-    model = build_model(config, torch.device("cpu"), say=lambda _: None)
+    model = build_model(config, torch.device("cpu"))
     optimizer = build_optimizer(model, config)
     loss_fn: TrainingLoss = build_loss(config, teacher)
     sampler = EpochSampler(len(dataset), 0)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher = TeacherService(model_dir, redis_url)
             stack.callback(teacher.stop)
             pool = EndpointPool(teacher.endpoint, timeout_s=PREWARM_TIMEOUT_S)
-            warmed = prewarm(plan_items(config), pool, progress=False, say=lambda _: None)
+            warmed = prewarm(plan_items(config), pool, progress=False)
             pool.close()
             if warmed.failed_images:  # then (d) would measure online misses, not a prewarmed cache
                 raise SystemExit(f"prewarm left {warmed.failed_images} images unscored: {warmed.describe()}")

@@ -1,4 +1,4 @@
-"""``python -m student demo``: the main job end to end, on a CPU, in minutes, as the real topology.
+"""The demo's steps (``python -m student demo``): the main job end to end on a CPU, as the real topology.
 
 1. write the synthetic HOI world (HICO-DET format) into ``WORK_DIR/data`` (kept for reruns): the
    student's training split, with HICO-DET's missing co-occurring labels (``--drop-cooccurring``),
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 # One person (so one HOI pair) per image: a CPU-sized DETR learns it in minutes (see docs/training.md).
 DEMO_MAX_PEOPLE = 1
@@ -45,61 +47,6 @@ DEMO_MAX_PEOPLE = 1
 DEMO_DROP_COOCCURRING = 0.7
 # Two DDP processes (gloo on CPU): the topology a cluster runs, at the scale of a laptop.
 DEMO_RANKS = 2
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``demo``: sizes to trade time for accuracy, plus config overrides."""
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/demo"), help="where data and the run go")
-    parser.add_argument("--train", type=int, default=1000, help="synthetic training images (default 1000)")
-    parser.add_argument("--test", type=int, default=300, help="synthetic test images (default 300)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: demo.yaml's)")
-    parser.add_argument("--image-size", type=int, default=128, help="synthetic image height in px (default 128)")
-    parser.add_argument(
-        "--max-people",
-        type=int,
-        default=DEMO_MAX_PEOPLE,
-        help=f"at most this many people (and HOI pairs) per synthetic image (default {DEMO_MAX_PEOPLE})",
-    )
-    parser.add_argument(
-        "--corpus",
-        type=int,
-        default=1000,
-        help="teacher-corpus images the tiny teacher learns from (default 1000)",
-    )
-    parser.add_argument(
-        "--teacher-epochs", type=int, default=10, help="fine-tuning epochs of the tiny teacher (default 10)"
-    )
-    parser.add_argument(
-        "--drop-cooccurring",
-        type=float,
-        default=DEMO_DROP_COOCCURRING,
-        metavar="RATE",
-        help=f"training labels: co-occurring second verbs left out at this rate (default {DEMO_DROP_COOCCURRING})",
-    )
-    parser.add_argument(
-        "--verb-label-fraction",
-        type=float,
-        default=1.0,
-        metavar="F",
-        help="training labels: verbs kept on this fraction of the pairs (default 1)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the teacher and the run (default 0)")
-    parser.add_argument(
-        "--teacher",
-        default="serve",
-        help="serve (start a teacher_server process; default) | grpc://host:port (a running service) | "
-        "local (in-process engine, one rank) | none (no distillation)",
-    )
-    parser.add_argument(
-        "--ranks",
-        type=int,
-        default=DEMO_RANKS,
-        help=f"torchrun processes of the student, sharing demo.yaml's global batch (default {DEMO_RANKS})",
-    )
-    parser.add_argument("--teacher-model", help="teacher model directory or hub id (default: resolved offline)")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="student config (default: demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def prepare_data(
@@ -144,13 +91,13 @@ def prepare_teacher(args: argparse.Namespace, data_root: Path, progress: bool) -
         return args.teacher_model, args.teacher_model, None
     resolved = resolve_demo_model()
     if resolved.is_real:
-        print(resolved.note + "; used as it is (fine-tuning BLIP-base on a CPU would take hours)")
+        log.info("%s; used as it is (fine-tuning BLIP-base on a CPU would take hours)", resolved.note)
         return resolved.path, resolved.path, None
     if args.corpus < 1:
         from student.config import ConfigError
 
         raise ConfigError(f"--corpus {args.corpus}: must be >= 1, the tiny teacher learns from the teacher corpus")
-    print(
+    log.info(
         f"teacher: a tiny BLIP fine-tuned on the {args.corpus} teacher-corpus images (no real BLIP weights "
         f"offline; `teacher_server finetune`, {args.teacher_epochs} epochs) ..."
     )
@@ -164,7 +111,7 @@ def prepare_teacher(args: argparse.Namespace, data_root: Path, progress: bool) -
         progress=progress,
         say=lambda _: None,
     )
-    print(
+    log.info(
         f"teacher: reusing the fine-tuned teacher in {taught.path}"
         if taught.reused
         else f"teacher: fine-tuned in {taught.seconds:.0f} s, written to {taught.path}"
@@ -346,116 +293,7 @@ def run_student_ranks(ranks: int, config_path: Path, overrides: list[str], progr
         raise TrainingError(f"torchrun with {ranks} ranks exited with code {result.returncode}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``python -m student demo``."""
-    import torch
-
-    from student.config import ConfigError, load_config
-    from student.train_cli import (
-        USER_ERRORS,
-        build_initial_model,
-        build_train_dataset,
-        evaluate_model,
-        resolve_device,
-        seed_everything,
-        train,
-    )
-
-    started = time.perf_counter()
-    progress = not args.no_progress
-    work_dir = args.work_dir
-    data_root = work_dir / "data"
-    run_dir = work_dir / "train"
-    service = args.teacher == "serve"
-    source = "local" if service else args.teacher
-    overrides = [
-        f"data.root={data_root}",
-        f"run.output_dir={run_dir}",
-        f"run.seed={args.seed}",
-        f"teacher.source={source}",
-        f"run.progress={'true' if progress else 'false'}",
-    ]
-    if args.epochs is not None:
-        overrides.append(f"schedule.epochs={args.epochs}")
-    overrides += list(args.overrides or [])
-    try:
-        config = load_config(args.config, overrides)
-        if args.ranks < 1 or config.optim.batch_size % args.ranks:
-            raise ConfigError(
-                f"--ranks {args.ranks}: must be >= 1 and divide optim.batch_size={config.optim.batch_size}"
-            )
-        teaches = config.teacher.source == "local" and not args.teacher_model
-        try:
-            described = prepare_data(
-                data_root,
-                train=args.train,
-                test=args.test,
-                image_size=args.image_size,
-                seed=args.seed,
-                max_people=args.max_people,
-                corpus=args.corpus if teaches else 0,
-                drop_cooccurring=args.drop_cooccurring,
-                verb_label_fraction=args.verb_label_fraction,
-                progress=progress,
-            )
-        except ValueError as error:  # sizes and rates out of range
-            raise ConfigError(str(error)) from None
-        print(described)
-        teacher_model, teacher_name, teacher_auc = None, "none", None
-        if config.teacher.source == "local":
-            teacher_model, teacher_name, teacher_auc = prepare_teacher(args, data_root, progress)
-        elif config.teacher.enabled:
-            teacher_name = config.teacher.source
-        if config.run.num_threads:
-            torch.set_num_threads(config.run.num_threads)
-
-        device = resolve_device(config.run.device)
-        seed_everything(config.run.seed)  # the same initialisation train() starts from
-        untrained = build_initial_model(config, device, build_train_dataset(config), say=lambda _: None)
-        _, before = evaluate_model(untrained, config, device, progress=progress)
-        assert before is not None  # one process: always scored
-        print(f"untrained student: mAP {before.headline:.2f}")
-        del untrained
-
-        print(
-            f"training {config.schedule.epochs} epochs ({config.data.dataset}, {config.model.decoder.kind} decoder, "
-            f"d_model {config.model.transformer.d_model}, ResNet-{config.model.backbone.depth}) on {args.ranks} "
-            f"rank(s) ..."
-        )
-        if service or config.teacher.is_service or args.ranks > 1:
-            scored_line, after = _run_topology(args, config, overrides, teacher_model, service, progress)
-        else:
-            result = train(config, teacher_model=teacher_model)
-            assert result.evaluation is not None  # demo.yaml evaluates at the end
-            after = result.evaluation
-            scored_line = (
-                f"scored {result.teacher_stats.get('pairs_scored', 0)} (image, sentence) pairs, "
-                f"{result.teacher_stats.get('failed_batches', 0)} failed batches"
-            )
-    except USER_ERRORS as error:
-        print(f"demo: {error}", file=sys.stderr)
-        return 2
-    seconds = time.perf_counter() - started
-    distill = f"{config.distill.variant} distillation" if config.teacher.enabled else "no distillation"
-    print()
-    print(result_table([("untrained", before), (f"trained ({distill})", after)]))
-    print(f"teacher: {teacher_name}; {scored_line}")
-    print(f"run directory: {run_dir} (checkpoint.pth, preds.json, train_log.csv); total {seconds:.1f} s")
-    print(
-        json.dumps(
-            {
-                "map_trained": round(after.headline, 2),
-                "map_untrained": round(before.headline, 2),
-                "seconds": round(seconds, 1),
-                "teacher": teacher_name,
-                "teacher_auc": round(teacher_auc, 3) if teacher_auc is not None else None,
-            }
-        )
-    )
-    return 0
-
-
-def _run_topology(
+def run_topology(
     args: argparse.Namespace,
     config: Any,
     overrides: list[str],
@@ -464,8 +302,8 @@ def _run_topology(
     progress: bool,
 ) -> tuple[str, Any]:
     """Redis + teacher service + prewarm + ``torchrun`` student; (teacher summary, evaluation)."""
-    from student.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
-    from student.teacher_prefetch import EndpointPool
+    from student.teacher.pool import EndpointPool
+    from student.teacher.prewarm import PREWARM_TIMEOUT_S, plan_items, prewarm
 
     ranks = args.ranks
     # The same global batch as one process, and the CPU threads shared out (2 cores here: more
@@ -476,13 +314,13 @@ def _run_topology(
         teacher = None
         try:
             if service:
-                print(
+                log.info(
                     f"score cache: Redis at {redis_url}"
                     if redis_url
                     else "score cache: no redis-server here, the teacher's in-process cache"
                 )
                 teacher = TeacherService(str(teacher_model), redis_url)
-                print(f"teacher service: {teacher.endpoint} (its own process)")
+                log.info("teacher service: %s (its own process)", teacher.endpoint)
                 per_rank.append(f"teacher.source={teacher.endpoint}")
                 if redis_url:  # the ranks read the prewarmed cache before any RPC
                     per_rank.append(f"teacher.redis_url={redis_url}")
@@ -499,7 +337,7 @@ def _run_topology(
                     warmed = prewarm(plan_items(config), pool, progress=progress)
                 finally:
                     pool.close()
-                print(warmed.describe())
+                log.info(warmed.describe())
                 scored = f"prewarm scored {warmed.sentences} (image, sentence) pairs"
             else:
                 scored = "no teacher"

@@ -290,15 +290,6 @@ def gather_entries(entries: Sequence[T | None], context: DistributedContext) -> 
 # -- rank-0 duties -------------------------------------------------------------------------------
 
 
-def main_only(context: DistributedContext, say: Callable[[str], None] = print) -> Callable[[str], None]:
-    """A ``say`` that prints on rank 0 only (other ranks stay quiet)."""
-
-    def quiet(_: str) -> None:
-        return None
-
-    return say if context.is_main else quiet
-
-
 def on_main(context: DistributedContext, action: Callable[[], T]) -> T | None:
     """Run ``action`` on rank 0 only (e.g. write a checkpoint), then wait for it on every rank.
 

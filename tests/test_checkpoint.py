@@ -26,7 +26,7 @@ from student.checkpoint import (
     save_checkpoint,
 )
 from student.config import load_config
-from student.train_cli import train
+from student.training import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
 
@@ -219,10 +219,9 @@ def _config(root: Path, output: Path, max_steps: int, *extra: str):
 @pytest.mark.parametrize("stop_at", [2, 3, 4], ids=["mid-epoch", "epoch-end", "mid-second-epoch"])
 def test_resume_is_bit_exact(six_images: Path, tmp_path: Path, stop_at: int) -> None:
     total = 5
-    quiet = {"say": lambda _: None}
     # The straight run also evaluates after its first epoch: evaluation must not disturb training.
-    straight = train(_config(six_images, tmp_path / "straight", total, "run.eval_every=1"), **quiet)
-    train(_config(six_images, tmp_path / "split", stop_at), **quiet)
+    straight = train(_config(six_images, tmp_path / "straight", total, "run.eval_every=1"))
+    train(_config(six_images, tmp_path / "split", stop_at))
     stopped = load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
     assert stopped["position"]["global_step"] == stop_at
     assert stopped["position"] == {"epoch": stop_at // 3, "batches_done": stop_at % 3, "global_step": stop_at}
@@ -231,7 +230,7 @@ def test_resume_is_bit_exact(six_images: Path, tmp_path: Path, stop_at: int) -> 
     random.seed(1234)
     np.random.seed(1234)
     torch.manual_seed(1234)
-    resumed = train(_config(six_images, tmp_path / "split", total), resume="auto", **quiet)
+    resumed = train(_config(six_images, tmp_path / "split", total), resume="auto")
 
     assert resumed.position == straight.position == TrainingPosition(1, 2, 5)
     assert straight.model is not None and resumed.model is not None
@@ -256,7 +255,6 @@ def _resume_rank(rank: int, world: int, ports: list[int], root: str, output: str
     After each, the rank writes its next Python, NumPy and torch draws: they show whose RNG
     state the rank continued from.
     """
-    quiet = {"say": lambda _: None}
     phases = (("straight", 4, None), ("split", 3, None), ("split", 4, "auto"))
     for number, ((name, steps, resume), port) in enumerate(zip(phases, ports, strict=True)):
         os.environ.update(
@@ -266,7 +264,7 @@ def _resume_rank(rank: int, world: int, ports: list[int], root: str, output: str
         random.seed(100 * number + rank)
         np.random.seed(100 * number + rank)
         torch.manual_seed(100 * number + rank)
-        train(_config(Path(root), Path(output) / name, steps), resume=resume, **quiet)
+        train(_config(Path(root), Path(output) / name, steps), resume=resume)
         (Path(output) / f"phase{number}-rank{rank}.json").write_text(json.dumps(_draws()))
 
 

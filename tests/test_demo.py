@@ -38,16 +38,18 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     # capfd: the torchrun ranks write to the file descriptors, not to this process's sys.stdout.
     text, err = capfd.readouterr()
     assert code == 0, err + text
-    assert "co-occurring verb labels dropped (rate 0.7" in text, "HICO-DET's missing labels, by default"
-    assert "teacher: a tiny BLIP fine-tuned on the 16 teacher-corpus images" in text
-    assert "teacher: fine-tuned in" in text and (work / "teacher-finetuned" / "finetune.json").is_file()
+    # Progress goes to the log (stderr); the tables, the summary and the JSON to stdout.
+    assert "co-occurring verb labels dropped (rate 0.7" in err, "HICO-DET's missing labels, by default"
+    assert "teacher: a tiny BLIP fine-tuned on the 16 teacher-corpus images" in err
+    assert "teacher: fine-tuned in" in err and (work / "teacher-finetuned" / "finetune.json").is_file()
     assert "random (its starting point)" in text and "fine-tuned on the corpus" in text
-    assert "untrained student: mAP" in text
+    assert "untrained student: mAP" in err
     # The real topology: Redis, the teacher as its own gRPC process, prewarm, 2 torchrun ranks.
-    assert "score cache: Redis at redis://127.0.0.1:" in text
-    assert "teacher service: grpc://127.0.0.1:" in text and "(its own process)" in text
-    assert "prewarm: 12 images;" in text and "0 failed" in text
-    assert "on 2 rank(s)" in text and "distributed: 2 ranks (gloo), 8 images per rank" in text
+    assert "score cache: Redis at redis://127.0.0.1:" in err
+    assert "teacher service: grpc://127.0.0.1:" in err and "(its own process)" in err
+    assert "prewarm: 12 images;" in err and "0 failed" in err
+    assert "on 2 rank(s)" in err
+    assert "[rank 0] INFO student.training: distributed: 2 ranks (gloo), 8 images per rank" in err
     assert "teacher scores, all ranks:" in text and "read from the Redis cache" in text
     assert "HICO-DET mAP (%) on the synthetic test split" in text
     assert "trained (kl distillation)" in text

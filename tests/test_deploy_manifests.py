@@ -444,7 +444,7 @@ def parse_student_command(command: list[str]) -> argparse.Namespace:
 
 def check_student_config(args: argparse.Namespace) -> None:
     """The config file exists in the repo and, with the command's overrides, loads and validates."""
-    from student.train_cli import config_from_args
+    from student.commands.train import config_from_args
 
     # Relative to the image's working directory, which holds the repository's files.
     assert (REPO / args.config).is_file(), f"{args.config} is not in the repository"

@@ -245,15 +245,15 @@ def test_config_round_trips_and_fills_defaults() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"num_verb": 29}, r"unknown key\(s\) \['num_verb'\]"),
-        ({"decoder": {"queries": 3}}, r"decoder: unknown key\(s\) \['queries'\]"),
+        ({"num_verb": 29}, r"unknown key\(s\) num_verb; known keys: \[.*'num_verbs'"),
+        ({"decoder": {"queries": 3}}, r"unknown key\(s\) decoder\.queries; known keys of decoder"),
         ({"decoder": {"kind": "double"}}, r"decoder\.kind: got 'double'"),
         ({"backbone": {"depth": 152}}, r"backbone\.depth: got 152"),
-        ({"backbone": {"train_backbone": "yes"}}, r"backbone\.train_backbone: got 'yes' \(str\), expected bool"),
+        ({"backbone": {"train_backbone": "yes"}}, r"backbone\.train_backbone: got 'yes', expected true or false"),
         ({"transformer": {"d_model": 30}}, r"transformer\.d_model: got 30, expected a positive multiple of 4"),
         ({"transformer": {"nhead": 3}}, r"transformer\.nhead: got 3, expected a positive divisor of d_model=256"),
         ({"transformer": {"dropout": 1.5}}, r"transformer\.dropout"),
-        ({"num_verbs": 2.5}, r"num_verbs: got 2.5 \(float\), expected int"),
+        ({"num_verbs": 2.5}, r"num_verbs: got 2.5, expected an integer"),
         ({"transformer": 3}, r"transformer: expected a mapping"),
     ],
 )

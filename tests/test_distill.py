@@ -428,8 +428,7 @@ def test_teacher_soft_targets_complete_only_what_the_label_leaves_open() -> None
 
 
 def test_soft_variant_in_the_training_loss() -> None:
-    from student.engine import TrainingLoss
-    from student.losses import HOICriterion
+    from student.losses import HOICriterion, TrainingLoss
 
     class ScoredTeacher:  # TrainingLoss only asks whether a teacher is enabled for ``soft``
         enabled = True

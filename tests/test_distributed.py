@@ -90,14 +90,14 @@ def run_training(root: Path, output: Path, context: DistributedContext) -> tuple
     """EPOCHS epochs with the global batch split over the ranks; (per-step loss terms, weight updates)."""
     from torch.utils.data import DataLoader
 
+    from student.builders import build_loss, build_model, build_optimizer, build_train_dataset, seed_everything
     from student.data.collate import collate_fn
     from student.engine import SeededSamples
-    from student.train_cli import build_loss, build_model, build_optimizer, build_train_dataset, seed_everything
 
     torch.set_num_threads(1)
     config = load_config(DEMO_CONFIG, tiny_overrides(root, output))
     seed_everything(config.run.seed)
-    model = wrap_model(build_model(config, context.device, say=lambda _: None), context)
+    model = wrap_model(build_model(config, context.device), context)
     optimizer = build_optimizer(unwrap_model(model), config)  # type: ignore[arg-type]
     loss_fn = build_loss(config, None)
     dataset = build_train_dataset(config)

@@ -9,11 +9,11 @@ import random
 import numpy as np
 import pytest
 
+from student.evaluation.boxes import iou_touching_apart
 from student.evaluation.hico import (
     RECALL_POINTS,
     count_triplets,
     evaluate_hico,
-    iou_plus_one,
     load_correspondence,
     voc_ap_11_point,
 )
@@ -237,7 +237,7 @@ def test_iou_uses_plus_one_pixels_and_strict_overlap():
     a = np.array([[0, 0, 9, 9], [0, 0, 9, 9], [0, 0, 10, 10], [0, 0, 9, 9]], dtype=float)
     b = np.array([[0, 0, 9, 9], [0, 0, 4, 9], [10, 0, 20, 10], [5, 5, 14, 14]], dtype=float)
     # identical; half (50 of 100 px); touching edges -> 0 (strict test); 4 px wide overlap + 1 = 5x5.
-    np.testing.assert_allclose(iou_plus_one(a, b), [1.0, 0.5, 0.0, 25 / 175])
+    np.testing.assert_allclose(iou_touching_apart(a, b), [1.0, 0.5, 0.0, 25 / 175])
 
 
 def test_iou_of_exactly_one_half_matches_and_object_class_must_agree():

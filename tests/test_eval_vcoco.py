@@ -8,10 +8,10 @@ import random
 import numpy as np
 import pytest
 
+from student.evaluation.boxes import iou_touching_shared
 from student.evaluation.predictions import EvaluationError, parse_hoi_entries, parse_predictions
 from student.evaluation.vcoco import (
     evaluate_vcoco,
-    overlap_plus_one,
     role_classes,
     split_verb,
     voc_ap_all_points,
@@ -170,7 +170,7 @@ def test_agent_goes_to_the_best_overlapping_person_even_if_another_has_the_actio
     p1b = [0, 20, 99, 219]
     gt = [gt_image([P1, p1b], [("cup", CUP)], [(0, 0, "hold_obj"), (1, -1, "stand")])]
     agent = [0, 15, 99, 214]  # IoU with P1 (185/215 rows) ~ .86 < IoU with P1b (195/205 rows) ~ .95
-    assert overlap_plus_one(np.array([agent] * 2, float), np.array([P1, p1b], float)).argmax() == 1
+    assert iou_touching_shared(np.array([agent] * 2, float), np.array([P1, p1b], float)).argmax() == 1
     assert evaluate(gt, [pred_image([(agent, CUP, "hold_obj", 0.9)])]).role_ap_1["hold_obj"] == 0.0
     assert evaluate(gt, [pred_image([(P1, CUP, "hold_obj", 0.9)])]).role_ap_1["hold_obj"] == pytest.approx(1.0)
 
@@ -208,7 +208,7 @@ def test_all_point_ap_of_a_hand_computed_curve():
 def test_overlap_counts_touching_boxes_as_one_shared_pixel():
     a = np.array([[0, 0, 9, 9], [0, 0, 9, 9]], float)
     b = np.array([[0, 0, 9, 9], [9, 0, 18, 9]], float)
-    np.testing.assert_allclose(overlap_plus_one(a, b), [1.0, 10 / 190])
+    np.testing.assert_allclose(iou_touching_shared(a, b), [1.0, 10 / 190])
 
 
 # ------------------------------------------------------------------------------------------------

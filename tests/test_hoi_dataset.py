@@ -1,4 +1,4 @@
-"""HOIDataset targets follow contracts.md; collate_fn pads and masks."""
+"""HOIDataset targets follow docs/contracts.md; collate_fn pads and masks."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from student.box_ops import (
     generalized_box_iou,
     normalize_xyxy,
 )
-from student.matcher import OUTPUT_KEYS, HungarianMatcher, LossError, has_object_box, verb_cost
+from student.losses.matcher import OUTPUT_KEYS, HungarianMatcher, LossError, has_object_box, verb_cost
 
 torch.set_num_threads(1)
 NUM_CLASSES = 80

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from student.builders import amp_settings
 from student.config import ConfigError, load_config
-from student.train_cli import amp_settings
 from teacher_server.engine import resolve_dtype
 from teacher_server.errors import ModelLoadError
 from teacher_server.precision import BF16_MIN_CAPABILITY, PrecisionError, choose_dtype, fp32_linear

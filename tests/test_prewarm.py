@@ -14,11 +14,10 @@ from conftest import RedisServer, free_port
 from teacher_fixtures import RunningTeacher, running_teacher, teacher_settings
 
 from student.__main__ import main
+from student.builders import build_train_dataset, correspondence_of
 from student.config import load_config
-from student.prewarm import PrewarmError, plan_items, prewarm
-from student.teacher_prefetch import EndpointPool
-from student.teacher_scores import TeacherScores
-from student.train_cli import build_train_dataset, correspondence_of
+from student.teacher import EndpointPool, TeacherScores
+from student.teacher.prewarm import PrewarmError, plan_items, prewarm
 from teacher_server import grpc_api
 from teacher_server.cache import open_score_cache
 

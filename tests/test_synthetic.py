@@ -169,7 +169,7 @@ def test_command_line(tmp_path, capsys):
     assert "train: 4 images" in output and "test: 2 images" in output
     assert len(json.loads((tmp_path / "annotations" / "trainval_hico.json").read_text())) == 4
     assert student_main(["make-synthetic", "--out", str(tmp_path), "--train", "-1", "--test", "2"]) == 2
-    assert "image counts must be >= 0" in capsys.readouterr().out
+    assert "image counts must be >= 0" in capsys.readouterr().err
 
 
 # -- the world's weaknesses: the teacher corpus, dropped co-occurring labels, unlabelled pairs ----

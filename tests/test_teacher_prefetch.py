@@ -15,18 +15,19 @@ import torch
 from conftest import RedisServer, free_port
 from teacher_fixtures import RunningTeacher, running_teacher, start_teacher, teacher_settings
 
+from student.builders import build_train_dataset, correspondence_of
 from student.config import load_config
 from student.data.collate import collate_fn
 from student.losses.distill import TEACHER_KEY
-from student.teacher_prefetch import (
+from student.teacher import (
     EndpointPool,
     PrefetchingLoader,
     ReadThroughBackend,
+    ScoreQuery,
     TeacherPrefetcher,
-    parse_endpoints,
+    TeacherScores,
 )
-from student.teacher_scores import ScoreQuery, TeacherScores
-from student.train_cli import build_train_dataset, correspondence_of
+from student.teacher.pool import parse_endpoints
 from teacher_server import grpc_api
 from teacher_server.cache import encode_score, open_score_cache, score_key, sentence_field
 from teacher_server.errors import TeacherError

@@ -13,7 +13,7 @@ from PIL import Image
 
 from student.losses import MarginTriplets
 from student.losses.distill import TEACHER_KEY
-from student.teacher_scores import GrpcTeacher, LocalTeacher, TeacherScores, build_backend
+from student.teacher import GrpcTeacher, LocalTeacher, TeacherScores, build_backend
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.classes import HICO_VERBS, NO_INTERACTION_INDEX, OBJECT_NAMES, hico_correspondence
@@ -206,7 +206,7 @@ def test_unreachable_grpc_teacher_is_skipped(images: Path) -> None:
 
 def test_triton_endpoint_selects_the_triton_client() -> None:
     from student.config import TeacherConfig
-    from student.teacher_scores import TritonTeacher, build_backend
+    from student.teacher import TritonTeacher, build_backend
 
     assert TeacherConfig(source="triton://127.0.0.1:8001").source == "triton://127.0.0.1:8001"
     backend = build_backend("triton://127.0.0.1:8001")

@@ -20,7 +20,7 @@ import torch
 from conftest import RedisServer, free_port
 
 from student.config import load_config
-from student.prewarm import plan_items
+from student.teacher.prewarm import plan_items
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -193,8 +193,10 @@ def test_prewarm_then_two_ranks_train_from_the_teachers_cache(
         timeout=600,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "distributed: 2 ranks (gloo)" in run.stdout
-    assert run.stdout.count("teacher: ") >= 1 and run.stdout.count("epoch 2/2") == 1  # rank 0 speaks alone
+    # Progress is logged on stderr, each line tagged with its rank; rank 1 logs warnings only.
+    assert "[rank 0] INFO student.training: distributed: 2 ranks (gloo)" in run.stderr
+    assert run.stderr.count("teacher: ") >= 1 and run.stderr.count("epoch 2/2") == 1  # rank 0 speaks alone
+    assert "[rank 1] INFO" not in run.stderr
     assert teacher_process.metric("hoidistill_teacher_cache_misses_total") == misses
     assert teacher_process.metric("hoidistill_teacher_images_encoded_total") == encoded
     assert teacher_process.metric("hoidistill_teacher_cache_hits_total") - hits == 2 * sentences

@@ -1,6 +1,6 @@
 """HICO-DET and V-COCO as a ``torch.utils.data.Dataset`` of (image, target) samples.
 
-A sample's target is the per-image dict of ``contracts.md``: ``obj_labels (P,)``,
+A sample's target is the per-image dict of ``docs/contracts.md``: ``obj_labels (P,)``,
 ``verb_labels (P, V)`` multi-hot (HOIs of the same (subject, object) boxes merged into one pair),
 ``verb_known (P,)`` bool (False for a pair of ``pairs_without_verbs``: its verbs are unknown, not negative),
 ``sub_boxes``/``obj_boxes (P, 4)`` cxcywh normalised, ``size``/``orig_size (2,)`` (h, w),

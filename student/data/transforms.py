@@ -11,7 +11,7 @@ image is a PIL image and the target holds absolute-pixel ``xyxy`` boxes:
 
 ``ToTensor`` + ``Normalize`` turn the image into an ImageNet-normalised tensor and ``BoxesToCxcywh``
 converts the boxes to ``cxcywh`` normalised by the final size (via ``student.box_ops``) and drops
-``has_object``: the result is the per-image target of ``contracts.md``.
+``has_object``: the result is the per-image target of ``docs/contracts.md``.
 
 Randomness comes from torch's global generator, which ``DataLoader`` seeds per worker; seed it
 (``torch.manual_seed``) for reproducible augmentation.

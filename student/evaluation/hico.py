@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from student.evaluation.boxes import iou_touching_apart
 from student.evaluation.predictions import EvaluationError, HoiSet, join_on_keys, segment_starts
 from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES
 
@@ -214,8 +215,8 @@ def match_triplets(
     same_classes = (predictions.labels[pred_sub] == ground_truth.labels[gt_sub]) & (
         predictions.labels[pred_obj] == ground_truth.labels[gt_obj]
     )
-    iou_sub = iou_plus_one(predictions.boxes[pred_sub], ground_truth.boxes[gt_sub])
-    iou_obj = iou_plus_one(predictions.boxes[pred_obj], ground_truth.boxes[gt_obj])
+    iou_sub = iou_touching_apart(predictions.boxes[pred_sub], ground_truth.boxes[gt_sub])
+    iou_obj = iou_touching_apart(predictions.boxes[pred_obj], ground_truth.boxes[gt_obj])
     match = same_classes & (iou_sub >= iou_threshold) & (iou_obj >= iou_threshold)
     pred, gt, overlap = pred[match], gt[match], np.minimum(iou_sub, iou_obj)[match]
 
@@ -228,23 +229,6 @@ def match_triplets(
     true_positive = np.zeros(len(kept), dtype=bool)
     true_positive[chosen_pred[winner]] = True
     return true_positive
-
-
-def iou_plus_one(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """Element-wise IoU of (K, 4) and (K, 4) xyxy boxes with the reference's +1 pixel convention.
-
-    Area = (x2 - x1 + 1) * (y2 - y1 + 1); boxes whose intervals do not strictly overlap
-    (min(x2) <= max(x1) or min(y2) <= max(y1)) have IoU 0, as in the reference evaluator.
-    """
-    width = np.minimum(boxes1[:, 2], boxes2[:, 2]) - np.maximum(boxes1[:, 0], boxes2[:, 0])
-    height = np.minimum(boxes1[:, 3], boxes2[:, 3]) - np.maximum(boxes1[:, 1], boxes2[:, 1])
-    overlaps = (width > 0) & (height > 0)
-    inter = np.where(overlaps, (width + 1) * (height + 1), 0.0)
-    area1 = (boxes1[:, 2] - boxes1[:, 0] + 1) * (boxes1[:, 3] - boxes1[:, 1] + 1)
-    area2 = (boxes2[:, 2] - boxes2[:, 0] + 1) * (boxes2[:, 3] - boxes2[:, 1] + 1)
-    union = area1 + area2 - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(overlaps & (union > 0), inter / union, 0.0)
 
 
 def voc_ap_11_point(recall: np.ndarray, precision: np.ndarray) -> float:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from student.box_ops import denormalize_cxcywh
+from student.evaluation.boxes import iou_touching_shared
 from student.evaluation.predictions import (
     COCO_IDS,
     NO_OBJECT_ID,
@@ -65,7 +66,7 @@ class TripletNms:
     ) -> np.ndarray:
         """Greedy NMS of every verb at once -> (Q, V) bool, True for the triplets kept."""
         num_queries, num_verbs = scores.shape
-        overlap = _pairwise_iou(sub_boxes) ** self.alpha * _pairwise_iou(obj_boxes) ** self.beta
+        overlap = _pairwise(sub_boxes) ** self.alpha * _pairwise(obj_boxes) ** self.beta
         suppresses = (overlap > self.threshold) & (obj_classes[:, None] == obj_classes[None, :])
         # Columns (verbs) are independent NMS problems with the same query-by-query overlap, so step r
         # handles the r-th best candidate of every verb in one vectorised update.
@@ -236,13 +237,6 @@ def _image_entry(
     }
 
 
-def _pairwise_iou(boxes: np.ndarray) -> np.ndarray:
-    """(Q, 4) xyxy -> (Q, Q) IoU with the +1 pixel convention (the reference triplet NMS's)."""
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    width = np.maximum(np.minimum(x2[:, None], x2[None]) - np.maximum(x1[:, None], x1[None]) + 1, 0)
-    height = np.maximum(np.minimum(y2[:, None], y2[None]) - np.maximum(y1[:, None], y1[None]) + 1, 0)
-    inter = width * height
-    area = (x2 - x1 + 1) * (y2 - y1 + 1)
-    union = area[:, None] + area[None] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
+def _pairwise(boxes: np.ndarray) -> np.ndarray:
+    """(Q, 4) xyxy -> (Q, Q) IoU, touching boxes sharing a pixel row (the reference triplet NMS's)."""
+    return iou_touching_shared(boxes[:, None], boxes[None])

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from student.evaluation.boxes import iou_touching_shared
 from student.evaluation.predictions import EvaluationError, HoiSet, join_on_keys, segment_starts
 from teacher_server.hoi.classes import VCOCO_VERBS
 
@@ -157,7 +158,7 @@ def evaluate_vcoco(
 
     # The agent goes to the best-overlapping person of its image (first person on ties).
     det, person = join_on_keys(images, gt.box_image[persons])
-    overlap = overlap_plus_one(agents[det], gt_boxes[persons[person]])
+    overlap = iou_touching_shared(agents[det], gt_boxes[persons[person]])
     order = np.lexsort((person, -overlap, det))
     det, person, overlap = det[order], person[order], overlap[order]
     first = segment_starts(det)
@@ -175,7 +176,7 @@ def evaluate_vcoco(
     # Role overlap with the person's ground-truth role box(es) of this verb (best one if several).
     det_keys = np.where(matched, best_person * num_verbs + verbs, -1)
     det, role = join_on_keys(det_keys, role_keys)
-    role_overlap = np.nan_to_num(overlap_plus_one(predicted_roles[det], role_boxes[role]), nan=0.0)
+    role_overlap = iou_touching_shared(predicted_roles[det], role_boxes[role])  # 0 for a NaN (no) role box
     has_gt_role = np.zeros(count, dtype=bool)
     has_gt_role[det] = True
     best_role_overlap = np.zeros(count)
@@ -221,23 +222,6 @@ def official_box_ends(boxes: np.ndarray) -> np.ndarray:
     converted[:, 2] = np.maximum(converted[:, 0], converted[:, 2] - 1)
     converted[:, 3] = np.maximum(converted[:, 1], converted[:, 3] - 1)
     return converted
-
-
-def overlap_plus_one(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """Element-wise IoU of (K, 4) and (K, 4) xyxy boxes as ``vsrl_eval`` computes it.
-
-    +1 pixel convention: intersection sides are clamped at 0 after adding 1, so boxes that touch
-    share one pixel row. NaN boxes give NaN.
-    """
-    right, left = np.minimum(boxes1[:, 2], boxes2[:, 2]), np.maximum(boxes1[:, 0], boxes2[:, 0])
-    bottom, top = np.minimum(boxes1[:, 3], boxes2[:, 3]), np.maximum(boxes1[:, 1], boxes2[:, 1])
-    width = np.maximum(right - left + 1, 0)
-    height = np.maximum(bottom - top + 1, 0)
-    inter = width * height
-    area1 = (boxes1[:, 2] - boxes1[:, 0] + 1) * (boxes1[:, 3] - boxes1[:, 1] + 1)
-    area2 = (boxes2[:, 2] - boxes2[:, 0] + 1) * (boxes2[:, 3] - boxes2[:, 1] + 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return inter / (area1 + area2 - inter)
 
 
 def voc_ap_all_points(recall: np.ndarray, precision: np.ndarray) -> float:

@@ -1,4 +1,11 @@
-"""Training losses of the student: the HOI criterion and the distillation terms."""
+"""The student's loss, in one folder.
+
+- ``matcher``: Hungarian matching of queries to ground-truth pairs, the output / target checks and
+  ``LossError``;
+- ``hoi``: the HOI detection terms (``HOICriterion``: boxes, object class, verb focal loss);
+- ``distill``: the distillation terms (``kl``, ``margin``, ``soft``) and the teacher's targets;
+- ``total``: the weighted total the optimiser minimises (``TrainingLoss``).
+"""
 
 from student.losses.distill import (
     DISTILL_VARIANTS,
@@ -14,20 +21,25 @@ from student.losses.distill import (
     teacher_verb_margin,
 )
 from student.losses.hoi import SOFT_TARGET_KEY, HOICriterion, LossWeights, soft_focal_sum, verb_focal_loss
-from student.matcher import HungarianMatcher, LossError
+from student.losses.matcher import HungarianMatcher, LossError
+from student.losses.total import MAIN_TERMS, LossResult, MarginTeacher, TrainingLoss
 
 __all__ = [
     "DISTILL_VARIANTS",
     "GROUND_TRUTH_VARIANTS",
+    "MAIN_TERMS",
     "SOFT_TARGET_KEY",
     "DistillSettings",
     "HOICriterion",
     "HungarianMatcher",
     "KLStats",
     "LossError",
+    "LossResult",
     "LossWeights",
     "MarginStats",
+    "MarginTeacher",
     "MarginTriplets",
+    "TrainingLoss",
     "kl_distill_loss",
     "margin_loss",
     "select_margin_triplets",

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from student.matcher import LossError, MatchIndices, check_outputs
+from student.losses.matcher import LossError, MatchIndices, check_outputs
 
 DistillVariant = Literal["kl", "margin", "soft"]
 DISTILL_VARIANTS: tuple[str, ...] = ("kl", "margin", "soft")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from student.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
-from student.matcher import HungarianMatcher, LossError, MatchIndices, check_outputs, has_object_box
+from student.losses.matcher import HungarianMatcher, LossError, MatchIndices, check_outputs, has_object_box
 
 LOSS_NAMES = ("obj_labels", "verb_labels", "boxes")
 VERB_KNOWN_KEY = "verb_known"

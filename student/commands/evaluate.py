@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from student.builders import resolve_device
+from student.checkpoint import load_checkpoint
+from student.commands.common import USER_ERRORS, report_error
 from student.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
+from student.evaluation import save_predictions
+from student.evaluation.report import format_table
+from student.inference import evaluate_model
+from student.model import HOIDetector
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +54,6 @@ def evaluation_config(checkpoint_config: dict, config_path: Path | None, overrid
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``python -m student evaluate``."""
-    from student.checkpoint import load_checkpoint
-    from student.evaluation import save_predictions
-    from student.evaluation.cli import format_table
-    from student.model import HOIDetector
-    from student.train_cli import USER_ERRORS, evaluate_model, resolve_device
-
     started = time.perf_counter()
     overrides = list(args.overrides or [])
     if args.device:
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         entries, result = evaluate_model(model, config, device, progress=not args.no_progress)
         assert result is not None  # one process: always scored
     except USER_ERRORS as error:
-        print(f"evaluate: {error}", file=sys.stderr)
-        return 2
+        return report_error("evaluate", error)
     output = args.output or args.checkpoint.with_name("preds.json")
     save_predictions(entries, output)
     position = checkpoint["position"]

@@ -33,7 +33,7 @@ def has_object_box(obj_boxes: Tensor) -> Tensor:
 
 
 def check_outputs(outputs: Mapping[str, Tensor], where: str = "outputs") -> tuple[int, int, int]:
-    """Check the model output dict against the interface; returns (B, Q, V).
+    """Check the model output dict against ``docs/contracts.md``; returns (B, Q, V).
 
     Raises ``LossError`` naming the key and the expected shape.
     """
@@ -54,7 +54,7 @@ def check_outputs(outputs: Mapping[str, Tensor], where: str = "outputs") -> tupl
 
 
 def check_targets(targets: Sequence[Mapping[str, Tensor]], batch: int, num_verbs: int) -> None:
-    """Check one target dict per image: consistent pair counts P and V verb columns.
+    """Check one target dict per image (``docs/contracts.md``): consistent pair counts P and V verb columns.
 
     Raises ``LossError`` naming ``targets[i]['field']``, the shape found and the one expected.
     """

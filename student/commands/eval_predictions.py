@@ -18,15 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from student.evaluation.hico import (
-    MAX_HOIS,
-    HicoResult,
-    count_triplets,
-    evaluate_hico,
-    load_correspondence,
-)
-from student.evaluation.predictions import DATASETS, EvaluationError, load_annotations, load_predictions
-from student.evaluation.vcoco import GROUND_TRUTH_BOXES, VcocoResult, evaluate_vcoco
+from student.evaluation.hico import MAX_HOIS
+from student.evaluation.predictions import DATASETS, EvaluationError
+from student.evaluation.report import evaluate_files, format_table
+from student.evaluation.vcoco import GROUND_TRUTH_BOXES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,60 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="end with one line of JSON metrics (percent)")
 
 
-def evaluate_files(
-    dataset: str,
-    annotations: Path,
-    predictions: Path,
-    *,
-    train_annotations: Path | None = None,
-    correspondence: Path | None = None,
-    max_hois: int = MAX_HOIS,
-    ground_truth_boxes: str = "detr",
-) -> HicoResult | VcocoResult:
-    """Load the files and evaluate; raises :class:`EvaluationError` on a malformed or missing input."""
-    if dataset == "hico" and (train_annotations is None or correspondence is None):
-        raise EvaluationError("--dataset hico needs --train-annotations and --correspondence")
-    ground_truth = load_annotations(annotations, dataset)
-    preds = load_predictions(predictions, dataset, ground_truth)
-    if dataset == "vcoco":
-        return evaluate_vcoco(preds, ground_truth, ground_truth_boxes=ground_truth_boxes)
-    train_counts = count_triplets(load_annotations(train_annotations, dataset))
-    return evaluate_hico(
-        preds,
-        ground_truth,
-        correspondence=load_correspondence(correspondence),
-        train_counts=train_counts,
-        max_hois=max_hois,
-    )
-
-
-def format_table(result: HicoResult | VcocoResult) -> str:
-    """Human-readable summary of a result."""
-
-    def cell(value: float | None) -> str:
-        return f"{value:8.2f}" if value is not None else "       -"
-
-    summary = result.summary()
-    if isinstance(result, HicoResult):
-        lines = [
-            f"HICO-DET mAP (%): {len(result.triplets)} triplet classes in the test set, {int(result.rare.sum())} rare",
-            f"{'':14}{'Full':>8}{'Rare':>8}{'Non-rare':>10}",
-        ]
-        for name, key in (("Default", "default"), ("Known-Object", "known_object")):
-            split = summary[key]
-            lines.append(f"{name:14}{cell(split['full'])}{cell(split['rare'])}  {cell(split['non_rare'])}")
-        lines.append(f"Mean max recall (%): {cell(summary['mean_max_recall']).strip()}")
-        return "\n".join(lines)
-    lines = [f"V-COCO role AP (%), {'':10}{'S1':>8}{'S2':>8}{'#pos':>7}"]
-    for name, ap1 in result.role_ap_1.items():
-        lines.append(f"  {name:28}{cell(_pct(ap1))}{cell(_pct(result.role_ap_2[name]))}{result.num_positives[name]:7d}")
-    lines.append(
-        f"Mean role AP (without 'point'): scenario 1 {cell(summary['scenario_1']).strip()}, "
-        f"scenario 2 {cell(summary['scenario_2']).strip()}"
-    )
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``python -m student eval-predictions``."""
     started = time.perf_counter()
@@ -138,7 +79,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary()))
     return 0
-
-
-def _pct(value: float) -> float | None:
-    return None if value != value else 100.0 * value  # NaN -> None

@@ -1,4 +1,4 @@
-"""``python -m student prewarm``: score every candidate sentence of every training image once.
+"""Prewarm: score every candidate sentence of every training image once (``python -m student prewarm``).
 
     python -m student prewarm --config student/configs/hico.yaml --teacher grpc://teacher:50051 \\
         data.root=/data/hico_20160224_det
@@ -19,14 +19,11 @@ when any failed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from student.teacher_prefetch import EndpointPool
+from student.teacher.pool import EndpointPool
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.digest import image_digest
 
@@ -100,16 +97,15 @@ def plan_items(config: Any) -> list[PrewarmItem]:
     The sentences are the ones ``TeacherScores.plan`` asks for during training (the same code
     builds them), over all the image's pairs (a superset when ``data.max_pairs`` truncates).
     """
-    from student.teacher_scores import TeacherScores
-    from student.train_cli import correspondence_of
-    from teacher_server.hoi.annotations import dataset_spec, load_annotations
+    from student.teacher.scores import TeacherScores
+    from teacher_server.hoi.annotations import dataset_spec, load_annotations, load_correspondence
 
     data = config.data
     image_root = data.path("train_images")
     sentences_of = TeacherScores(
         None,
         verbs=dataset_spec(data.dataset).verbs,
-        correspondence=correspondence_of(config),
+        correspondence=load_correspondence(data.path("correspondence"), data.dataset),
         image_root=image_root,
         prompt_variant=config.distill.prompt_variant,
     ).sentences_of_object
@@ -176,7 +172,6 @@ def prewarm(
     progress_file: Path | None = None,
     cache: Any | None = None,
     progress: bool = True,
-    say: Callable[[str], None] = print,
 ) -> PrewarmResult:
     """Score every item's sentences through ``pool``, skipping what is already done or cached."""
     if workers < 1 or images_per_request < 1:
@@ -195,7 +190,9 @@ def prewarm(
         result.skipped_cached = len(cached)
         record.record(item.digest for item in todo if item.digest in cached)
         todo = [item for item in todo if item.digest not in cached]
-    say(f"prewarm: {len(todo)} of {len(items)} images to score with {pool.description} ({workers} in parallel)")
+    log.info(
+        "prewarm: %d of %d images to score with %s (%d in parallel)", len(todo), len(items), pool.description, workers
+    )
     chunks = [todo[start : start + images_per_request] for start in range(0, len(todo), images_per_request)]
     lock = threading.Lock()
     bar = tqdm(total=len(todo), desc="prewarm", unit="img", disable=not progress, dynamic_ncols=True)
@@ -223,75 +220,3 @@ def prewarm(
         bar.close()
     result.seconds = time.perf_counter() - started
     return result
-
-
-# -- command line --------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``prewarm``: the training config (which images, which sentences) and the teacher."""
-    parser.add_argument("--config", type=Path, help="YAML recipe the training run uses (student/configs/*.yaml)")
-    parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for train (e.g. data.root=/data/hico)"
-    )
-    parser.add_argument(
-        "--teacher",
-        help="teacher endpoint(s): grpc://host:port[,grpc://host2:port] or triton://host:port "
-        "(default: the config's teacher.source)",
-    )
-    parser.add_argument("--redis", metavar="URL", help="score cache to read: images it fully holds are skipped")
-    parser.add_argument("--workers", type=int, default=4, help="requests in flight at once (default 4)")
-    parser.add_argument("--images-per-request", type=int, default=8, help="images per request (default 8)")
-    parser.add_argument(
-        "--progress-file",
-        type=Path,
-        help="finished images are recorded here (default <run.output_dir>/prewarm_done.txt)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=PREWARM_TIMEOUT_S,
-        help=f"seconds per request (default {PREWARM_TIMEOUT_S:g})",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``python -m student prewarm``; the last line printed is the result as JSON."""
-    from student.config import load_config
-    from student.train_cli import USER_ERRORS
-
-    try:
-        config = load_config(args.config, list(args.overrides or []))
-        endpoints = args.teacher or config.teacher.source
-        if not endpoints.startswith(("grpc://", "grpcs://", "triton://")):
-            raise PrewarmError(f"prewarm needs a teacher service (--teacher grpc://host:port), not {endpoints!r}")
-        items = plan_items(config)
-        progress_file = args.progress_file or Path(config.run.output_dir) / "prewarm_done.txt"
-        token = os.environ.get(config.teacher.token_env) or None
-        pool = EndpointPool(endpoints, token=token, timeout_s=args.timeout)
-        cache = None
-        if args.redis:
-            from teacher_server.cache import open_score_cache
-
-            cache = open_score_cache(args.redis)
-        try:
-            result = prewarm(
-                items,
-                pool,
-                workers=args.workers,
-                images_per_request=args.images_per_request,
-                progress_file=progress_file,
-                cache=cache,
-                progress=not args.no_progress,
-            )
-        finally:
-            pool.close()
-            if cache is not None:
-                cache.close()
-    except USER_ERRORS as error:
-        print(f"prewarm: {error}", file=sys.stderr)
-        return 2
-    print(result.describe())
-    print(result.to_json())
-    return 1 if result.failed_images else 0

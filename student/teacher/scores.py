@@ -1,7 +1,7 @@
 """The trainer's side of the teacher: sentences for a batch, their scores, ``teacher_verb_margin``.
 
-``--teacher none|local|grpc://host:port`` selects a backend; ``TeacherScores`` wraps it for the
-training loop:
+``--teacher none|local|grpc://host:port`` selects a backend (``student.teacher.backends``);
+``TeacherScores``, the adapter to the losses, wraps it for the training loop:
 
     teacher = TeacherScores.from_config(config.teacher, verbs=HICO_VERBS, correspondence=corre,
                                         image_root=train_images, prompt_variant="full")
@@ -23,158 +23,21 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from student.losses import MarginTriplets, teacher_verb_margin
-from student.losses.distill import TEACHER_KEY
+from student.losses.distill import TEACHER_KEY, MarginTriplets, teacher_verb_margin
+from student.teacher.backends import build_backend
+from student.teacher.types import BatchScores, ScorePlan, ScoreQuery, TeacherBackend, TeacherStats
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.classes import OBJECT_NAMES
 from teacher_server.hoi.prompts import Variant, candidate_sentences, triplet_sentence
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScoreQuery:
-    """The sentences one image needs scored."""
-
-    digest: str  # SHA-256 hex of the original image file
-    image_path: Path  # where its bytes are, sent only when the teacher does not hold the image
-    sentences: tuple[str, ...]
-
-
-class TeacherBackend(Protocol):
-    """Anything that turns (image, sentences) queries into ITM margins z = l_match - l_nomatch."""
-
-    description: str
-
-    def score(self, queries: Sequence[ScoreQuery]) -> list[list[float]]:
-        """Margins ``[i][j]`` of ``queries[i].sentences[j]``; raises ``TeacherError`` (or OSError)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class LocalTeacher:
-    """An in-process ``ItmEngine``: image bytes are read and encoded only for images it does not hold."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.description = f"local engine {engine.model_id} (fingerprint {engine.fingerprint}, {engine.device})"
-
-    @classmethod
-    def load(cls, model: str | Path, *, device: str = "auto", dtype: str = "auto", itm_start_token: str = "cls"):
-        """Load ``model`` (directory or hub id from the local cache) into an engine."""
-        from teacher_server.engine import EngineSettings, ItmEngine
-
-        settings = EngineSettings(device=device, dtype=dtype, itm_start_token=itm_start_token)
-        return cls(ItmEngine.from_pretrained(model, settings))
-
-    def score(self, queries: Sequence[ScoreQuery]) -> list[list[float]]:
-        from teacher_server.engine import ImageSentences
-
-        requests = []
-        for query in queries:
-            image = None
-            if not self.engine.has_image(query.digest):
-                image = self.engine.prepare_image(query.image_path.read_bytes(), digest=query.digest)
-            requests.append(ImageSentences(query.digest, image, list(query.sentences)))
-        return [[s.match_logit for s in scores] for scores in self.engine.score(requests)]
-
-    def close(self) -> None:
-        return None
-
-
-class GrpcTeacher:
-    """A teacher service reached with ``TeacherClient`` (digest first, bytes only when asked)."""
-
-    def __init__(self, target: str, *, token: str | None = None, timeout_s: float = 60.0) -> None:
-        from teacher_server.client import TeacherClient
-
-        self.client = TeacherClient(target, token=token, timeout_s=timeout_s)
-        self.description = f"gRPC teacher at {target}"
-
-    def score(self, queries: Sequence[ScoreQuery]) -> list[list[float]]:
-        results = self.client.score([q.image_path for q in queries], [list(q.sentences) for q in queries])
-        return [[s.match_logit for s in scores] for scores in results]
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class TritonTeacher(GrpcTeacher):
-    """A teacher served by Triton Inference Server (deploy/triton), reached with TritonTeacherClient."""
-
-    def __init__(self, url: str, *, token: str | None = None, timeout_s: float = 60.0) -> None:
-        from teacher_server.triton_client import TritonTeacherClient
-
-        self.client = TritonTeacherClient(url, token=token, timeout_s=timeout_s)
-        self.description = f"Triton teacher at {url} (model blip_itm)"
-
-
-def build_backend(
-    source: str,
-    *,
-    model: str | Path = "Salesforce/blip-itm-base-coco",
-    device: str = "auto",
-    dtype: str = "auto",
-    itm_start_token: str = "cls",
-    timeout_s: float = 60.0,
-    token: str | None = None,
-    redis_url: str | None = None,
-) -> TeacherBackend | None:
-    """``none`` -> None; ``local`` -> ``LocalTeacher(model)``; ``grpc://h:p`` / ``grpcs://h:p`` -> ``GrpcTeacher``;
-    ``triton://h:p`` -> ``TritonTeacher``; several comma-separated endpoints, or any with ``redis_url``,
-    -> ``student.teacher_prefetch.ReadThroughBackend`` (round robin, failover, Redis read first)."""
-    if source == "none":
-        return None
-    if source == "local":
-        return LocalTeacher.load(model, device=device, dtype=dtype, itm_start_token=itm_start_token)
-    if "," in source or (redis_url and source.startswith(("grpc://", "grpcs://", "triton://"))):
-        # Several endpoints (round robin, failover) and/or a Redis read-through before any RPC.
-        from student.teacher_prefetch import build_remote_teacher
-
-        return build_remote_teacher(source, redis_url=redis_url, token=token, timeout_s=timeout_s)
-    if source.startswith(("grpc://", "grpcs://")):
-        return GrpcTeacher(source, token=token, timeout_s=timeout_s)
-    if source.startswith("triton://"):
-        return TritonTeacher(source, token=token, timeout_s=timeout_s)
-    raise TeacherError(f"teacher {source!r}: expected 'none', 'local', 'grpc://host:port' or 'triton://host:port'")
-
-
-# -- the adapter -------------------------------------------------------------------------------
-
-
-@dataclass
-class TeacherStats:
-    """Counters since the adapter was made (the training log shows them)."""
-
-    batches: int = 0
-    pairs_requested: int = 0  # (image, sentence) lookups
-    memo_hits: int = 0
-    pairs_scored: int = 0  # sent to the backend
-    failed_batches: int = 0  # scoring failed and the ITM term of the batch was skipped
-
-
-@dataclass(frozen=True)
-class ScorePlan:
-    """What a batch needs: per target the image query (or None when it needs no score)."""
-
-    queries: tuple[ScoreQuery | None, ...]
-
-
-@dataclass
-class BatchScores:
-    """Margins by (digest, sentence) for one plan; ``failed`` when the teacher could not answer."""
-
-    margins: dict[tuple[str, str], float] = field(default_factory=dict)
-    failed: bool = False
 
 
 class TeacherScores:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
             drop_cooccurring=args.drop_cooccurring,
             verb_label_fraction=args.verb_label_fraction,
         )
-    except ValueError as error:
-        print(f"make-synthetic: {error}")
+    except ValueError as error:  # a size or a rate out of range, named by the message
+        print(f"make-synthetic: {error}", file=sys.stderr)
         return 2
     print(summary.describe())
     return 0
