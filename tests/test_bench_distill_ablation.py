@@ -122,3 +122,15 @@ def test_tiny_ablation_runs_every_cell_and_ends_with_json(tmp_path: Path) -> Non
     )
     assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["cells"] == report["cells"]
     assert again.stderr.count("(reused)") == 6
+    # The validation split: the same trainings, evaluated on other images.
+    val = subprocess.run(
+        [sys.executable, str(BENCH), *argv, "--eval-split", "val"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert val.returncode == 0 and val.stderr.count("(reused)") == 6, val.stderr[-2000:]
+    assert json.loads(val.stdout.strip().splitlines()[-1])["eval_split"] == "val"
+    assert (tmp_path / "seed3" / "none" / "preds-val.json").is_file()
+    assert (tmp_path / "seed3" / "none" / "preds-test.json").is_file()
