@@ -121,13 +121,13 @@ class DistillConfig(Section):
 
     section: ClassVar[str] = "distill"
 
-    variant: Literal["kl", "margin", "soft"] = "kl"
+    variant: Literal["kl", "margin", "soft"] = "soft"
     lambda_itm: Number = 1.0
     tau: Number = 1.0
     alpha: Number = 1.0
     top_k: int = 8
     score_threshold: Number = 0.2
-    confidence: Number = 0.7
+    confidence: Number = 0.8
     prompt_variant: PromptVariant = "full"
 
     @model_validator(mode="after")

@@ -52,7 +52,7 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     assert "[rank 0] INFO student.training: distributed: 2 ranks (gloo), 8 images per rank" in err
     assert "teacher scores, all ranks:" in text and "read from the Redis cache" in text
     assert "HICO-DET mAP (%) on the synthetic test split" in text
-    assert "trained (kl distillation)" in text
+    assert "trained (soft distillation)" in text
     lines = text.strip().splitlines()
     result = json.loads(lines[-1])
     assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc"}

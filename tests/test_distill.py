@@ -382,7 +382,7 @@ def test_selected_triplets_feed_the_margin_loss_end_to_end() -> None:
 
 def test_distill_settings_defaults_and_validation() -> None:
     settings = DistillSettings()
-    assert (settings.variant, settings.lambda_itm, settings.tau, settings.alpha) == ("kl", 1.0, 1.0, 1.0)
+    assert (settings.variant, settings.lambda_itm, settings.tau, settings.alpha) == ("soft", 1.0, 1.0, 1.0)
     for bad, field in (
         ({"variant": "mse"}, "variant"),
         ({"tau": 0.0}, "tau"),

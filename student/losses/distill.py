@@ -41,13 +41,13 @@ TEACHER_KEY = "teacher_verb_margin"
 class DistillSettings:
     """Settings of the distillation term: L_total = L_HOI + lambda_itm * L_ITM."""
 
-    variant: DistillVariant = "kl"
+    variant: DistillVariant = "soft"
     lambda_itm: float = 1.0
     tau: float = 1.0  # kl: temperature of both softmaxes (the term is scaled by tau^2); soft: of sigmoid(z / tau)
     alpha: float = 1.0  # margin: the positive margin of the paper's hinge (1 was its best)
     top_k: int = 8  # margin: at most this many negatives per image, most confident first
     score_threshold: float = 0.2  # margin: a triplet is "predicted" from this confidence up
-    confidence: float = 0.7  # soft: the teacher completes a verb it believes with sigmoid(z / tau) >= this
+    confidence: float = 0.8  # soft: the teacher completes a verb it believes with sigmoid(z / tau) >= this
 
     def __post_init__(self) -> None:
         if self.variant not in DISTILL_VARIANTS:
