@@ -9,8 +9,8 @@ teacher and the student alike):
 
 1. the synthetic world of seed s (``student.data.synthetic``): a training split with HICO-DET's
    weaknesses (the long tail; co-occurring labels dropped at ``--drop-cooccurring``, default 1:
-   never annotated; verb labels
-   on only ``--verb-label-fraction`` of the pairs), fully labelled validation and test splits,
+   never annotated; verb labels on only ``--verb-label-fraction`` of the pairs), fully labelled
+   validation and test splits,
    and the teacher's own corpus (balanced, fully labelled, seen by the teacher only);
 2. the teachers: ``finetuned``, a tiny BLIP fine-tuned on the corpus (``teacher_server
    finetune``, from random weights of seed s); ``random``, the same architecture with random
