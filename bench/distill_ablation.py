@@ -327,7 +327,6 @@ def score_run(run_dir: Path, split: str, dropped: Sequence[str]) -> tuple[dict[s
     from student.config import load_config
     from student.engine import score_predictions
     from student.evaluation import load_json
-    from teacher_server.hoi.classes import HICO_VERBS, OBJECT_NAMES
 
     config = load_config(run_dir / "config.yaml", list(SPLIT_FILES[split]))
     evaluation = score_predictions(
@@ -337,11 +336,7 @@ def score_run(run_dir: Path, split: str, dropped: Sequence[str]) -> tuple[dict[s
         train_annotations=config.data.path("train_annotations"),
         correspondence=correspondence_of(config),
     )
-    result = evaluation.result
-    per_triplet = {
-        f"{HICO_VERBS[verb]} {OBJECT_NAMES[obj]}": 100 * float(ap)
-        for (_, obj, verb), ap in zip(result.triplets, result.ap, strict=True)
-    }
+    per_triplet = evaluation.result.ap_by_triplet()
     default = evaluation.summary["default"]
     chosen = [per_triplet[name] for name in dropped if name in per_triplet]
     metrics = {

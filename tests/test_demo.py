@@ -39,7 +39,7 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     text, err = capfd.readouterr()
     assert code == 0, err + text
     # Progress goes to the log (stderr); the tables, the summary and the JSON to stdout.
-    assert "co-occurring verb labels dropped (rate 0.7" in err, "HICO-DET's missing labels, by default"
+    assert "co-occurring verb labels dropped (rate 1" in err, "HICO-DET's missing labels, by default"
     assert "teacher: a tiny BLIP fine-tuned on the 16 teacher-corpus images" in err
     assert "teacher: fine-tuned in" in err and (work / "teacher-finetuned" / "finetune.json").is_file()
     assert "random (its starting point)" in text and "fine-tuned on the corpus" in text
@@ -56,6 +56,11 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     lines = text.strip().splitlines()
     result = json.loads(lines[-1])
     assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc"}
+    # The triplets the training labels never show get their own rows (untrained and trained AP).
+    header = lines.index(next(line for line in lines if line.startswith("triplets the training labels leave out")))
+    world = json.loads((work / "data" / "synthetic.json").read_text())
+    rows = [line.split()[:2] for line in lines[header + 3 : header + 3 + len(world["dropped_triplets"])]]
+    assert [" ".join(row) for row in rows] == world["dropped_triplets"]
     assert result["teacher"] == "tiny BLIP fine-tuned on the synthetic teacher corpus"
     # The AUC printed in the quality table is the one the JSON reports.
     tuned_row = next(line for line in lines if line.startswith("fine-tuned on the corpus"))

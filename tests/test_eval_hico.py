@@ -222,6 +222,8 @@ def test_partial_ap_of_a_hand_computed_precision_recall_curve():
     result = evaluate(gt, preds)
     assert ap_of(result, "horse", "ride") == pytest.approx((3 * 1 + 3 * 2 / 3 + 2 * 0.6) / 11)
     assert result.max_recall[0] == pytest.approx(0.75)
+    # By name, in percent: what the demo and the ablation report for single triplets.
+    assert result.ap_by_triplet() == {"ride horse": pytest.approx(100 * (3 * 1 + 3 * 2 / 3 + 2 * 0.6) / 11)}
 
 
 def test_eleven_point_ap_uses_the_reference_recall_points():

@@ -21,11 +21,13 @@ import torch
 from student.builders import build_initial_model, build_train_dataset, resolve_device, seed_everything
 from student.commands.common import USER_ERRORS, report_error
 from student.config import ConfigError, load_config
+from student.data.synthetic import SUMMARY_FILE
 from student.demo import (
     DEMO_CONFIG,
     DEMO_DROP_COOCCURRING,
     DEMO_MAX_PEOPLE,
     DEMO_RANKS,
+    dropped_table,
     prepare_data,
     prepare_teacher,
     result_table,
@@ -174,7 +176,11 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     distill = f"{config.distill.variant} distillation" if config.teacher.enabled else "no distillation"
     print()
-    print(result_table([("untrained", before), (f"trained ({distill})", after)]))
+    rows = [("untrained", before), (f"trained ({distill})", after)]
+    print(result_table(rows))
+    dropped = json.loads((data_root / SUMMARY_FILE).read_text()).get("dropped_triplets", [])
+    if dropped and config.data.dataset == "hico":
+        print(dropped_table(dropped, rows))
     print(f"teacher: {teacher_name}; {scored_line}")
     print(f"run directory: {run_dir} (checkpoint.pth, preds.json, train_log.csv); total {seconds:.1f} s")
     print(

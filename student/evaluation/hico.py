@@ -82,6 +82,13 @@ class HicoResult:
             "mean_max_recall": _percent(self.mean_max_recall),
         }
 
+    def ap_by_triplet(self) -> dict[str, float]:
+        """Default AP in percent of each test triplet class, keyed ``"verb object"`` (``"ride horse"``)."""
+        return {
+            f"{HICO_VERBS[verb]} {OBJECT_NAMES[obj]}": 100.0 * float(ap)
+            for (_, obj, verb), ap in zip(self.triplets, self.ap, strict=True)
+        }
+
 
 def load_correspondence(path: str | Path) -> np.ndarray:
     """Read ``corre_hico.npy``: (117, 80) verb x object validity -> bool array."""
