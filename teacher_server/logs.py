@@ -49,6 +49,9 @@ def configure_logging(level: str = "INFO", log_format: str = "text", stream: Tex
     if log_format not in ("text", "json"):
         raise ValueError(f"log_format must be 'text' or 'json', not {log_format!r}")
     handler = logging.StreamHandler(stream)
+    # The handler's own level too: a logger set lower elsewhere (the student's setup_logging sets
+    # the project's loggers to INFO) must not let records under ``level`` through.
+    handler.setLevel(level)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Python's warnings as records too, so that a collector reading JSON sees no stray text line.

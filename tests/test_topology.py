@@ -129,6 +129,9 @@ def tiny_overrides(root: Path, output: Path, *extra: str) -> list[str]:
         "schedule.lr_drop=[10]",
         "run.num_threads=1",
         "run.log_every=1",
+        # kl: every matched pair with two scored candidates gets a term, whatever the tiny random
+        # teacher says (soft, the default, adds a term only where the teacher is confident).
+        "distill.variant=kl",
         *extra,
     ]
 

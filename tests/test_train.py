@@ -117,7 +117,8 @@ def test_train_with_the_local_teacher_adds_the_itm_term(
         "train",
         "--config",
         str(DEMO_CONFIG),
-        *tiny(data_root, tmp_path, f"teacher.model={tiny_blip_dir}", "run.eval_at_end=false"),
+        # kl: a term for every matched pair with >= 2 scored candidates, even from a random teacher.
+        *tiny(data_root, tmp_path, f"teacher.model={tiny_blip_dir}", "distill.variant=kl", "run.eval_at_end=false"),
         "--teacher",
         "local",
     )
@@ -210,7 +211,8 @@ def test_training_loss_has_the_itm_term_only_with_teacher_scores() -> None:
 
     without = TrainingLoss(criterion, DistillSettings())(outputs, [target])
     assert "loss_itm" not in without.terms
-    with_teacher = TrainingLoss(criterion, DistillSettings(lambda_itm=2.0), Enabled())(outputs, [target])  # type: ignore[arg-type]
+    kl = DistillSettings(variant="kl", lambda_itm=2.0)
+    with_teacher = TrainingLoss(criterion, kl, Enabled())(outputs, [target])  # type: ignore[arg-type]
     assert with_teacher.terms["itm_terms"] == 1 and with_teacher.terms["loss_itm"] > 0
     assert with_teacher.terms["loss"] == pytest.approx(without.terms["loss"] + 2.0 * with_teacher.terms["loss_itm"])
     with_teacher.total.backward()
