@@ -420,7 +420,7 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from teacher_server.__main__ import quiet_library_chatter
+    from teacher_server.cli import quiet_library_chatter
 
     args = parse_arguments(argv)
     quiet_library_chatter()

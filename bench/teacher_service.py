@@ -681,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
 
-    from teacher_server.__main__ import quiet_library_chatter
+    from teacher_server.cli import quiet_library_chatter
     from teacher_server.engine import ItmEngine
     from teacher_server.service import engine_settings
     from teacher_server.settings import ServerSettings

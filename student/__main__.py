@@ -1,18 +1,19 @@
 """Command line of the student: ``python -m student COMMAND ...`` (installed as ``hoi-student``).
 
 Each command lives in its own module of ``student.commands`` exposing ``add_arguments(parser)``
-and ``run(args) -> int``; this file only maps names to modules, imported lazily so that ``--help``
-stays fast, and sets up logging once for the process.
+and ``run(args) -> int``; this file only maps names to modules, which ``teacher_server.cli.dispatch``
+imports lazily so that ``--help`` stays fast, and sets up logging once for the process.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 
 from student.logs import LEVELS, setup_logging
+from teacher_server.cli import dispatch
+from teacher_server.cli import program_name as _program_name
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,56 +32,37 @@ DESCRIPTION = "The HOI student: make data, train, evaluate, prewarm the teacher'
 
 
 def program_name(argv0: str) -> str:
-    """How the user called us, for usage lines: the console script's name, or ``python -m student``.
-
-    Under ``python -m`` ``argv0`` is the path of this file; under the ``hoi-student`` console
-    script (or a copy a packager renamed) it is the script's own path.
-    """
-    name = Path(argv0).name
-    return MODULE_PROG if not name or name.endswith(".py") else name
+    """How the user called us, for usage lines: the console script's name, or ``python -m student``."""
+    return _program_name(argv0, MODULE_PROG)
 
 
-def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
-    """Parse ``argv`` (default: the process's arguments), run the chosen command, return its exit status.
-
-    ``prog`` names the program in usage lines; by default the console script's name when called
-    from the command line (``argv`` None), else ``python -m student``.
-    """
-    if prog is None:
-        prog = program_name(sys.argv[0]) if argv is None else MODULE_PROG
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+def add_global_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that come before the command: the log level."""
     parser.add_argument(
         "--log-level",
         type=str.lower,
         choices=LEVELS,
         help="level of every rank's log (default: info on rank 0, warning on the other ranks)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
-    # The command is the first argument naming one (flags before it take choices, never a command name).
-    wanted = next((arg for arg in argv if arg in COMMANDS), None)
-    for name, (module_name, help_text) in COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        # Only the chosen command's module is imported (and so only it pays for torch).
-        if name == wanted:
-            module = importlib.import_module(module_name)
-            module.add_arguments(command_parser)
-            command_parser.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    quiet_library_chatter()
-    return int(args._run(args) or 0)
 
 
-def quiet_library_chatter() -> None:
-    """Keep the terminal for our own output: no per-file progress bars or backend notices."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:  # the client-only install has no transformers
-        return
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments), run the chosen command, return its exit status.
+
+    ``prog`` names the program in usage lines; by default the console script's name when called
+    from the command line (``argv`` None), else ``python -m student``. Logging is set up once for
+    the process before the command runs.
+    """
+    return dispatch(
+        COMMANDS,
+        module_prog=MODULE_PROG,
+        description=DESCRIPTION,
+        argv=argv,
+        prog=prog,
+        add_global_arguments=add_global_arguments,
+        before_run=lambda args: setup_logging(args.log_level),
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog=MODULE_PROG))
+    sys.exit(main())

@@ -1,14 +1,16 @@
-"""Command line of the teacher: ``python -m teacher_server COMMAND ...``.
+"""Command line of the teacher: ``python -m teacher_server COMMAND ...`` (installed as ``hoi-teacher``).
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only maps names to modules, imported lazily so that ``--help`` stays fast.
+this file only maps names to modules, which ``teacher_server.cli.dispatch`` imports lazily so that
+``--help`` stays fast.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
+from collections.abc import Sequence
+
+from teacher_server.cli import dispatch
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,32 +24,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval-itm": ("teacher_server.itm_eval", "measure how well a teacher ranks the verbs of annotated pairs"),
 }
+MODULE_PROG = "python -m teacher_server"
+DESCRIPTION = "Command line of the teacher: score, serve, fine-tune and evaluate a BLIP ITM teacher."
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m teacher_server", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
-    wanted = argv[0] if argv and not argv[0].startswith("-") else None
-    for name, (module_name, help_text) in COMMANDS.items():
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        if name == wanted:  # only the chosen command pays for its imports (torch, grpc)
-            module = importlib.import_module(module_name)
-            module.add_arguments(command_parser)
-            command_parser.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
-    quiet_library_chatter()
-    return int(args._run(args) or 0)
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` (default: the process's arguments), run the chosen command, return its exit status.
 
-
-def quiet_library_chatter() -> None:
-    """Keep the terminal for our own output: no per-file progress bars or backend notices."""
-    try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:  # the client-only install has no transformers
-        return
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    ``prog`` names the program in usage lines; by default the console script's name when called
+    from the command line (``argv`` None), else ``python -m teacher_server``.
+    """
+    return dispatch(COMMANDS, module_prog=MODULE_PROG, description=DESCRIPTION, argv=argv, prog=prog)
 
 
 if __name__ == "__main__":
