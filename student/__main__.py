@@ -46,6 +46,10 @@ def add_global_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _setup_logging(args: argparse.Namespace) -> None:
+    setup_logging(args.log_level)
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     """Parse ``argv`` (default: the process's arguments), run the chosen command, return its exit status.
 
@@ -60,7 +64,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
         argv=argv,
         prog=prog,
         add_global_arguments=add_global_arguments,
-        before_run=lambda args: setup_logging(args.log_level),
+        before_run=_setup_logging,
     )
 
 

@@ -6,6 +6,8 @@ are ``cxcywh`` normalised by the image size. Every conversion between the two go
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,7 @@ def denormalize_cxcywh(boxes: Tensor, width: float | Tensor, height: float | Ten
     ``width``/``height`` may be tensors of shape (...,) to convert a batch of images at once.
     """
     if isinstance(width, Tensor):
+        height = cast(Tensor, height)  # both tensors, or both numbers
         scale = torch.stack((width, height, width, height), dim=-1).to(boxes)
         while scale.dim() < boxes.dim():
             scale = scale.unsqueeze(-2)

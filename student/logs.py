@@ -40,7 +40,7 @@ class RankFilter(logging.Filter):
         return True
 
 
-class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class CurrentStderrHandler(logging.StreamHandler):
     """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was at set-up.
 
     So a caller that redirects ``sys.stderr`` (``contextlib.redirect_stderr``, pytest's capture)
@@ -50,7 +50,7 @@ class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 

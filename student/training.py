@@ -200,7 +200,7 @@ def _train(
             position.batches_done,
             position.global_step,
         )
-    loss_fn = build_loss(config, teacher)  # type: ignore[arg-type]
+    loss_fn = build_loss(config, teacher)
     loader, sampler = build_train_loader(parts.train_set, config, context)
     batches: Any = loader
     if isinstance(teacher, TeacherPrefetcher):
@@ -229,7 +229,7 @@ def _train(
                 clip_max_norm=config.optim.clip_max_norm,
                 amp=parts.amp,
                 scaler=parts.scaler,
-                teacher=teacher,  # type: ignore[arg-type]
+                teacher=teacher,
                 hooks=step_hooks,
                 progress=run.progress and main,
             )
@@ -265,7 +265,7 @@ def _train(
                     )
             if main:
                 _write_epoch_row(output_dir / "epochs.csv", epoch_result, parts.optimizer, evaluation)
-            log.info(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))  # type: ignore[arg-type]
+            log.info(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))
             if not epoch_result.completed:
                 break
         result.position = position

@@ -383,7 +383,7 @@ class TeacherClient:
                     raise _status_error(status)
                 return response
             except grpc.RpcError as exc:
-                error = _rpc_error(exc, exc.trailing_metadata())  # type: ignore[attr-defined]
+                error = _rpc_error(exc, exc.trailing_metadata())
             except TeacherRpcError as exc:
                 error = exc
             wait = self._config.retry.delay(attempt, error, deadline)

@@ -126,7 +126,7 @@ def taught_tiny_teacher(
     if not (random_dir / "model.safetensors").is_file():
         make_tiny_model(random_dir, seed=seed, **LEARNABLE_TINY_SHAPES)
     examples = examples_from_annotations(annotations, images)
-    settings = FinetuneSettings(epochs=epochs, seed=seed, num_threads=num_threads, **TINY_FINETUNE)  # type: ignore[arg-type]
+    settings = FinetuneSettings(epochs=epochs, seed=seed, num_threads=num_threads, **TINY_FINETUNE)
     summary = tuned_dir / "finetune.json"
     finished = summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
     try:

@@ -16,6 +16,7 @@ Results equal the stock forward on the same weights (tests hold it to 1e-4 in fp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -244,11 +245,10 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
         ) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidInputError(field, f"image data is truncated or corrupt: {error}") from None
-    image = ImageOps.exif_transpose(image)
-    return image.convert("RGB")
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def itm_start_token_id(tokenizer: object, policy: str) -> int | None:
+def itm_start_token_id(tokenizer: Any, policy: str) -> int | None:
     """The id that replaces the first token of ITM text, or None to keep the tokenizer's ``[CLS]``.
 
     ``cls``: keep ``[CLS]`` (as transformers' ``BlipForImageTextRetrieval`` examples do); ``enc``:
@@ -270,8 +270,8 @@ def itm_start_token_id(tokenizer: object, policy: str) -> int | None:
 
 @dataclass(frozen=True)
 class _LoadedModel:
-    model: torch.nn.Module
-    processor: object
+    model: Any  # transformers' BlipForImageTextRetrieval
+    processor: Any  # transformers' BlipProcessor
     model_id: str
     weights_identity: str
 
@@ -289,7 +289,7 @@ def _weights_identity(model_dir: Path) -> str:
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 22), b""):
+            for block in iter(functools.partial(handle.read, 1 << 22), b""):
                 digest.update(block)
     return "sha256:" + digest.hexdigest()
 
@@ -310,17 +310,20 @@ def load_blip_itm(model: str | Path, *, revision: str | None, dtype: torch.dtype
                 "(make one with `python -m teacher_server make-tiny-model DIR`)"
             )
         source = str(local)
+    hub_revision = "main" if revision is None else revision  # transformers' own default
     try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
+        config = AutoConfig.from_pretrained(source, revision=hub_revision)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_explain_load_failure(source, error)) from None
     if config.model_type != "blip":
         raise ModelLoadError(f"{source!r} holds a {config.model_type!r} model, not a BLIP ITM model")
     try:
-        network, info = BlipForImageTextRetrieval.from_pretrained(
-            source, revision=revision, dtype=dtype, output_loading_info=True
+        # With output_loading_info the model comes with a dict of missing and unexpected keys.
+        loaded: Any = BlipForImageTextRetrieval.from_pretrained(
+            source, revision=hub_revision, dtype=dtype, output_loading_info=True
         )
-        processor = BlipProcessor.from_pretrained(source, revision=revision)
+        network, info = loaded
+        processor = BlipProcessor.from_pretrained(source, revision=hub_revision)
     except Exception as error:  # safetensors, json and tokenizer errors have no common base
         raise ModelLoadError(_explain_load_failure(source, error)) from None
     # Missing weights would be silently random: refuse them.
@@ -356,7 +359,7 @@ class ItmEngine:
     def __init__(
         self,
         model: torch.nn.Module,
-        processor: object,
+        processor: Any,
         *,
         model_id: str,
         weights_identity: str,
@@ -365,7 +368,9 @@ class ItmEngine:
         self.settings = settings or EngineSettings()
         self.device = resolve_device(self.settings.device)
         self.dtype = resolve_dtype(self.settings.dtype, self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        # Any: BLIP's submodules are walked by name (text_encoder.encoder.layer), which torch's
+        # Module typing (attributes are Tensor | Module) cannot follow.
+        self.model: Any = cast(Any, model).to(device=self.device, dtype=self.dtype).eval()
         self.model.requires_grad_(False)
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -581,7 +586,7 @@ class ItmEngine:
 
     def _text_layer(
         self,
-        layer: torch.nn.Module,
+        layer: Any,  # transformers' BlipTextLayer
         hidden: Tensor,
         self_mask: Tensor,
         keys_values: tuple[Tensor, Tensor],

@@ -36,6 +36,7 @@ def evaluate_files(
     preds = load_predictions(predictions, dataset, ground_truth)
     if dataset == "vcoco":
         return evaluate_vcoco(preds, ground_truth, ground_truth_boxes=ground_truth_boxes)
+    assert train_annotations is not None and correspondence is not None  # checked above for hico
     train_counts = count_triplets(load_annotations(train_annotations, dataset))
     return evaluate_hico(
         preds,

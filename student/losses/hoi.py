@@ -123,6 +123,8 @@ class HOICriterion(nn.Module):
     logging metric ``obj_class_error``; ``weighted_total`` turns it into the scalar to minimise.
     """
 
+    class_weight: Tensor  # (C + 1,) buffer: 1 per class, eos_coef for "no object"
+
     def __init__(
         self,
         *,
@@ -225,12 +227,12 @@ class HOICriterion(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             counts = counts / dist.get_world_size()
-        counts = counts.clamp(min=1).tolist()
+        values = counts.clamp(min=1).tolist()
         return PairCounts(
-            pairs=counts[0],
-            pairs_with_object=counts[1],
-            verb_positives=counts[2],
-            obj_class_weight=counts[3] if num_queries is not None else None,
+            pairs=values[0],
+            pairs_with_object=values[1],
+            verb_positives=values[2],
+            obj_class_weight=values[3] if num_queries is not None else None,
         )
 
     # -- one method per loss, selected by name -------------------------------------------------

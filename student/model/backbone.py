@@ -7,6 +7,8 @@ Parameter and buffer names follow torchvision (``conv1``, ``bn1``, ``layer1.0.co
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +31,11 @@ class FrozenBatchNorm2d(nn.Module):
     Initialised to the identity (up to eps), so a zero input stays exactly zero.
     """
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -38,7 +45,14 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
     ) -> None:
         # torchvision / plain BatchNorm2d checkpoints carry a counter we do not keep.
         state_dict.pop(prefix + "num_batches_tracked", None)
@@ -112,6 +126,12 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet trunk without pooling head or ``fc``: (B, 3, H, W) -> (B, C, ceil(H/32), ceil(W/32))."""
+
+    # Added by name in __init__ (add_module), as torchvision names them.
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, depth: int = 50, base_width: int = 64) -> None:
         super().__init__()

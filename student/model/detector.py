@@ -92,7 +92,8 @@ class HOIDetector(nn.Module):
         Frozen parameters are left out; empty groups are dropped (e.g. a frozen backbone).
         Each group carries a ``name`` ("backbone" or "transformer") for logging.
         """
-        backbone_params, other_params = [], []
+        backbone_params: list[nn.Parameter] = []
+        other_params: list[nn.Parameter] = []
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
                 (backbone_params if name.startswith("backbone.") else other_params).append(parameter)

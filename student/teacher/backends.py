@@ -123,7 +123,7 @@ class ReadThroughBackend:
             for (i, missing), scores in zip(todo, scored, strict=True):
                 for j, score in zip(missing, scores, strict=True):
                     results[i][j] = float(score.match_logit)
-        return [[float(value) for value in row] for row in results]  # type: ignore[arg-type]
+        return [[float(value) for value in row] for row in results]
 
     def close(self) -> None:
         self.pool.close()

@@ -155,7 +155,7 @@ class ProgressFile:
 
 def fully_cached(items: Sequence[PrewarmItem], cache: Any, fingerprint: str) -> set[str]:
     """Digests of the items whose every sentence the cache holds (one lookup per ``LOOKUP_BATCH``)."""
-    found = set()
+    found: set[str] = set()
     for start in range(0, len(items), LOOKUP_BATCH):
         chunk = items[start : start + LOOKUP_BATCH]
         hits = cache.lookup(fingerprint, [(item.digest, list(item.sentences)) for item in chunk])

@@ -18,7 +18,7 @@ from teacher_server.precision import fp32_linear
 
 
 def itm_logits(
-    model: torch.nn.Module, pixel_values: Tensor, image_index: Tensor, input_ids: Tensor, attention_mask: Tensor
+    model: Any, pixel_values: Tensor, image_index: Tensor, input_ids: Tensor, attention_mask: Tensor
 ) -> Tensor:
     """ITM logits (P, 2) [no-match, match] of P (image, sentence) pairs, vision run once per image.
 

@@ -59,7 +59,7 @@ class FinetuneResult:
 class _Run:
     """Everything one training run holds while it runs."""
 
-    model: torch.nn.Module
+    model: Any  # transformers' BlipForImageTextRetrieval
     processor: Any
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -217,7 +217,8 @@ def _start_run(model: str | Path, examples: FinetuneExamples, settings: Finetune
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms and embeddings (decay would shrink them to 0)."""
-    decay, keep = [], []
+    decay: list[torch.nn.Parameter] = []
+    keep: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         exempt = parameter.ndim < 2 or "embedding" in name or "norm" in name.lower()
         (keep if exempt else decay).append(parameter)

@@ -34,7 +34,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import numpy as np
 
@@ -235,7 +235,7 @@ class AnnotationFile:
     fixes: BoxFixes
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int subclass in Python; a JSON true is never a valid id.
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -352,6 +352,7 @@ def _parse_entry(
         fixed.boxes_clamped += check.fixed == "clamped"
         fixed.boxes_dropped += check.fixed == "dropped"
         if ok and check.box is not None:
+            assert _is_int(category)  # ok says so
             kept[j] = len(boxes)
             boxes.append(check.box)
             labels.append(coco_id_to_index(category))
@@ -396,11 +397,12 @@ def _parse_entry(
             continue
         if not ok:
             continue  # the boxes have problems: the checks below need them
-        if kept[subject] is None or (obj >= 0 and kept[obj] is None):
+        assert _is_int(subject) and _is_int(obj) and _is_int(verb_id)  # hoi_ok says so
+        kept_subject, kept_obj = kept[subject], kept[obj] if obj >= 0 else -1
+        if kept_subject is None or kept_obj is None:
             fixed.hois_dropped += 1  # box_policy dropped a box it uses
             continue
-        subject = kept[subject]
-        obj = kept[obj] if obj >= 0 else -1
+        subject, obj = kept_subject, kept_obj
         if labels[subject] != 0:
             problems.add(
                 where,
@@ -502,11 +504,12 @@ def _parse_pairs_without_verbs(
             continue
         if labels is None:
             continue  # the boxes have problems: the checks below need them
-        if kept[subject] is None or (obj >= 0 and kept[obj] is None):
+        kept_subject, kept_obj = kept[subject], kept[obj] if obj >= 0 else -1
+        if kept_subject is None or kept_obj is None:
             fixes.pairs_without_verbs_dropped += 1
             continue
         file_subject, file_obj = subject, obj  # messages name the file's indices
-        subject, obj = kept[subject], kept[obj] if obj >= 0 else -1
+        subject, obj = kept_subject, kept_obj
         if labels[subject] != 0:
             problems.add(
                 where,

@@ -28,9 +28,15 @@ Torch-free (class lists and numpy only): the teacher's HTTP API imports this mod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from teacher_server.hoi.classes import OBJECT_NAMES
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# (V, 80 or 81) bool verb x object validity: nested sequences or a numpy array.
+Correspondence: TypeAlias = "Sequence[Sequence[bool]] | np.ndarray"
 
 Variant = Literal["full", "verb", "object"]
 VARIANTS: tuple[Variant, ...] = ("full", "verb", "object")
@@ -125,7 +131,7 @@ def triplet_sentence(verb: str, obj: str | None, variant: Variant = "full") -> s
 
 def candidate_sentences(
     object_index: int,
-    correspondence: Sequence[Sequence[bool]],
+    correspondence: Correspondence,
     verbs: Sequence[str],
     variant: Variant = "full",
 ) -> list[tuple[int, str]]:
@@ -170,12 +176,12 @@ class SentenceTable:
         variant: the prompt variant (``VARIANTS``); ValueError naming ``prompt_variant`` otherwise.
     """
 
-    def __init__(self, correspondence: Sequence[Sequence[bool]], verbs: Sequence[str], variant: str = "full") -> None:
+    def __init__(self, correspondence: Correspondence, verbs: Sequence[str], variant: str = "full") -> None:
         if variant not in VARIANTS:
             raise ValueError(f"prompt_variant must be one of {list(VARIANTS)}, not {variant!r}")
         self.correspondence = correspondence
         self.verbs = tuple(verbs)
-        self.variant: Variant = variant  # type: ignore[assignment]  # checked against VARIANTS above
+        self.variant: Variant = variant  # checked against VARIANTS above
         self._candidates: dict[int, tuple[tuple[int, str], ...]] = {}
 
     def candidates(self, obj: int) -> tuple[tuple[int, str], ...]:

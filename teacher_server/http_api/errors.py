@@ -13,7 +13,7 @@ from __future__ import annotations
 import http
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -110,7 +110,7 @@ def field_path(loc: Sequence[int | str]) -> str:
     return path or "body"
 
 
-def validation_error(errors: Sequence[dict[str, Any]], skip: tuple[str, ...] = ()) -> HttpError:
+def validation_error(errors: Sequence[Mapping[str, Any]], skip: tuple[str, ...] = ()) -> HttpError:
     """422 for the first of pydantic's ``errors`` (the others are counted in the message)."""
     first = errors[0]
     loc = [part for part in first.get("loc", ()) if part not in skip]
