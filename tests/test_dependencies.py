@@ -4,6 +4,7 @@ import cycles; each room of the student imports only what it may."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,28 @@ FORBIDDEN = {
     ),
     "student.model": ("student.losses", "student.teacher", "student.engine", "student.config", "student.commands"),
 }
+
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def documented_forbidden_edges() -> dict[str, tuple[str, ...]]:
+    """The table of docs/architecture.md's "Forbidden edges": room -> the modules it may not import."""
+    section = ARCHITECTURE.read_text().split("## Forbidden edges", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([\w.]+)` \| (`.*`) \|$", section, flags=re.MULTILINE)
+    return {room: tuple(re.findall(r"`([\w.]+)`", cell)) for room, cell in rows}
+
+
+def test_the_architecture_doc_lists_the_edges_this_test_forbids() -> None:
+    assert documented_forbidden_edges() == {"teacher_server": ("student",), **FORBIDDEN}
+
+
+def test_every_path_the_architecture_doc_names_exists() -> None:
+    spans = re.findall(r"`([^`\s]+)`", ARCHITECTURE.read_text())
+    paths = [span for span in spans if "/" in span and not span.startswith(("http", "redis:"))]
+    assert len(paths) > 20  # the doc names real files; the scan finds them
+    missing = [path for path in paths if not any(ROOT.glob(path))]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
 def test_each_room_imports_only_what_it_may() -> None:
