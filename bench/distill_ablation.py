@@ -447,7 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in args.teachers:
                 measured = teacher_quality(teachers[name], seed_dir / "data", args.eval_split)
                 quality.setdefault(name, {})[seed] = measured
-                say(f"seed {seed}: teacher {name}: eval-itm AUC {measured['auc']:.3f}, top-1 {measured['top1']:.3f}")
+                completion = measured["completion"]
+                say(
+                    f"seed {seed}: teacher {name}: eval-itm AUC {measured['auc']:.3f}, top-1 {measured['top1']:.3f}, "
+                    f"belief >= {completion['confidence']:g} on {completion['true_rate']:.3f} of true verbs "
+                    f"and {completion['false_rate']:.3f} of false ones"
+                )
         return teachers
 
     def work(cell: Cell, seed: int) -> RunResult:
@@ -480,12 +485,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: {
             "auc": _round(100 * statistics.fmean(q[s]["auc"] for s in q)) if q else None,
             "top1": _round(100 * statistics.fmean(q[s]["top1"] for s in q)) if q else None,
-            "per_seed": {str(s): {"auc": q[s]["auc"], "top1": q[s]["top1"]} for s in sorted(q)},
+            # soft's completions at the default confidence: true verbs the teacher believes, false ones.
+            "completed_true": _round(100 * statistics.fmean(q[s]["completion"]["true_rate"] for s in q)) if q else None,
+            "completed_false": _round(100 * statistics.fmean(q[s]["completion"]["false_rate"] for s in q))
+            if q
+            else None,
+            "per_seed": {
+                str(s): {"auc": q[s]["auc"], "top1": q[s]["top1"], "completion": q[s]["completion"]} for s in sorted(q)
+            },
         }
         for name, q in quality.items()
     }
     for name, entry in teachers_summary.items():
-        print(f"teacher {name}: eval-itm AUC {entry['auc']} %, top-1 {entry['top1']} % (mean over seeds)")
+        print(
+            f"teacher {name}: eval-itm AUC {entry['auc']} %, top-1 {entry['top1']} %, believes "
+            f"{entry['completed_true']} % of true verbs, {entry['completed_false']} % of false ones (mean over seeds)"
+        )
     print(
         json.dumps(
             {

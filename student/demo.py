@@ -146,10 +146,16 @@ def quality_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     def cell(value: float | None) -> str:
         return f"{value:8.3f}" if value is not None else f"{'-':>8}"
 
-    header = f"{'teacher (eval-itm, test split)':34}{'AUC':>8}{'verb mAP':>10}{'top-1':>8}"
+    # true / false >= c: the shares of true and of false verbs the teacher believes at the soft
+    # distillation's confidence, i.e. what it would add to the student's labels, right and wrong.
+    header = f"{'teacher (eval-itm, test split)':34}{'AUC':>8}{'verb mAP':>10}{'top-1':>8}{'true>=c':>9}{'false>=c':>9}"
     lines = [header, "-" * len(header)]
     for name, summary in rows:
-        lines.append(f"{name:34}{cell(summary['auc'])}  {cell(summary['verb_map'])}{cell(summary['top1'])}")
+        completion = summary.get("completion") or {}
+        lines.append(
+            f"{name:34}{cell(summary['auc'])}  {cell(summary['verb_map'])}{cell(summary['top1'])} "
+            f"{cell(completion.get('true_rate'))} {cell(completion.get('false_rate'))}"
+        )
     return "\n".join(lines)
 
 

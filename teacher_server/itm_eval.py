@@ -12,7 +12,12 @@ Metrics (pure numpy functions, testable on hand-made scores):
   count 1/2): the chance that a true sentence outscores a false one;
 - ``average_precision``: per pair, non-interpolated AP of its verb ranking; ``verb_map`` is the
   mean over pairs;
-- ``top1``: the share of pairs whose best-scored candidate is a positive.
+- ``top1``: the share of pairs whose best-scored candidate is a positive;
+- ``completion``: what the student's ``soft`` distillation would take from this teacher. ``soft``
+  completes a verb the label leaves out when the teacher's belief sigmoid(margin) reaches its
+  ``confidence``; here, on fully labelled pairs, ``true_rate`` is the share of true verbs the
+  teacher believes that much (the knowledge it can add), ``false_rate`` the share of false verbs
+  (the wrong positives it would add), ``precision`` the true share of all believed verbs.
 
 Each overall and split into HICO-DET's rare / non-rare: a triplet is rare with fewer than 10
 instances in the training annotations; a pair is rare when one of its positive triplets is.
@@ -42,6 +47,8 @@ from teacher_server.hoi.annotations import (
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import VARIANTS, SentenceTable
 
+#: The student's default ``distill.confidence`` for ``soft`` (``student/losses/distill.py``).
+DEFAULT_CONFIDENCE = 0.8
 #: HICO-DET: a triplet with fewer training instances than this is rare.
 RARE_THRESHOLD = 10
 TRAIN_FILES = {"hico": "trainval_hico.json", "vcoco": "trainval_vcoco.json"}
@@ -109,6 +116,28 @@ def top1(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarr
     return float(labels[scores == scores.max()].mean())
 
 
+def completion_rates(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray, confidence: float
+) -> dict[str, float | None]:
+    """Shares of positives and negatives whose belief sigmoid(score) is at least ``confidence``.
+
+    ``true_rate`` over positives, ``false_rate`` over negatives (None without any), ``precision``:
+    positives among all believed items (None when none is believed).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence = {confidence}, expected 0 < confidence < 1")
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    # sigmoid(s) >= c  <=>  s >= logit(c): compare margins, no overflow for large |s|.
+    believed = scores >= np.log(confidence / (1 - confidence))
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    believed_total = int(believed.sum())
+    return {
+        "true_rate": float(believed[labels].mean()) if positives else None,
+        "false_rate": float(believed[~labels].mean()) if negatives else None,
+        "precision": float(believed[labels].sum() / believed_total) if believed_total else None,
+    }
+
+
 # ===================================================================================== per pair
 
 
@@ -150,9 +179,16 @@ class ItmQuality:
             "sentences": int(scores.size),
         }
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON of ``eval-itm --json``: overall metrics, then ``rare`` / ``non_rare`` (or null)."""
+    def summary(self, confidence: float = DEFAULT_CONFIDENCE) -> dict[str, Any]:
+        """The JSON of ``eval-itm --json``: overall metrics, ``rare`` / ``non_rare`` (or null), and
+        ``completion`` at ``confidence`` (``completion_rates``; null without pairs)."""
         result: dict[str, Any] = self.metrics(self.pairs)
+        if self.pairs:
+            scores = np.concatenate([pair.scores for pair in self.pairs])
+            labels = np.concatenate([pair.labels for pair in self.pairs])
+            result["completion"] = {"confidence": confidence, **completion_rates(scores, labels, confidence)}
+        else:
+            result["completion"] = None
         for name, rare in (("rare", True), ("non_rare", False)):
             if self.has_rare_split:
                 group = self.metrics([pair for pair in self.pairs if pair.rare is rare])
@@ -163,9 +199,9 @@ class ItmQuality:
         result["skipped"] = dict(self.skipped)
         return result
 
-    def table(self) -> str:
-        """A readable report: one row per split, metrics as fractions."""
-        summary = self.summary()
+    def table(self, confidence: float = DEFAULT_CONFIDENCE) -> str:
+        """A readable report: one row per split, metrics as fractions, then the completion rates."""
+        summary = self.summary(confidence)
         lines = [
             f"model {self.model} (fingerprint {self.fingerprint}) on {self.annotation_file}: {self.images} images, "
             f"{summary['pairs']} pairs, {summary['sentences']} sentences",
@@ -182,6 +218,12 @@ class ItmQuality:
             lines.append(f"{name:<10} {row['pairs']:>7} {cells}")
         if not self.has_rare_split:
             lines.append("no rare / non-rare split: no training annotations (give --train-annotations)")
+        if (completion := summary["completion"]) is not None:
+            lines.append(
+                f"belief >= {confidence:g} (what soft distillation completes): "
+                f"{_fraction(completion['true_rate'])} of true verbs, {_fraction(completion['false_rate'])} "
+                f"of false ones, precision {_fraction(completion['precision'])}"
+            )
         return "\n".join(lines)
 
 
@@ -407,6 +449,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--itm-start-token", default="cls", choices=["cls", "enc"], help="as the model was trained")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help=f"belief threshold of the completion rates, as distill.confidence (default {DEFAULT_CONFIDENCE})",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -415,6 +463,9 @@ def run(args: argparse.Namespace) -> int:
     """``eval-itm``: load the teacher, evaluate, print the table (and JSON); 2 on bad input."""
     from teacher_server.engine import EngineSettings, ItmEngine
 
+    if not 0 < args.confidence < 1:
+        print(f"eval-itm: --confidence = {args.confidence}, expected 0 < confidence < 1", file=sys.stderr)
+        return 2
     try:
         engine = ItmEngine.from_pretrained(
             args.model, EngineSettings(device=args.device, dtype=args.dtype, itm_start_token=args.itm_start_token)
@@ -434,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
     except (TeacherError, DatasetError) as error:
         print(f"eval-itm: {error}", file=sys.stderr)
         return 2
-    print(quality.table())
+    print(quality.table(args.confidence))
     if args.json:
-        print(json.dumps(quality.summary(), allow_nan=False))
+        print(json.dumps(quality.summary(args.confidence), allow_nan=False))
     return 0

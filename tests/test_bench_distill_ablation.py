@@ -116,6 +116,9 @@ def test_tiny_ablation_runs_every_cell_and_ends_with_json(tmp_path: Path) -> Non
         assert "variant: soft" in config and str(seed_dir / "teacher-finetuned") in config
         assert "source: none" in (seed_dir / "none" / "config.yaml").read_text()
     assert set(report["teachers"]) == {"finetuned", "random"}
+    for teacher in report["teachers"].values():  # soft's completions as eval-itm measured them, per seed
+        rates = [seed["completion"]["true_rate"] for seed in teacher["per_seed"].values()]
+        assert teacher["completed_true"] == pytest.approx(100 * statistics.fmean(rates), abs=0.011)
     # A second run reuses every finished run (same settings) instead of training again.
     again = subprocess.run(
         [sys.executable, str(BENCH), *argv], cwd=REPO, capture_output=True, text=True, timeout=900, check=False

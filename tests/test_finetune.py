@@ -441,12 +441,26 @@ def test_cli_errors_exit_2_with_the_cause(base_model: Path, tmp_path: Path, caps
         ("prompt_variant", "poem", "prompt_variant = 'poem', expected one of full, verb, object"),
         ("device", "tpu", "device = 'tpu', expected auto, cpu, cuda or cuda:N"),
         ("precision", "fp8", "precision = 'fp8', expected one of auto, fp32, bf16, fp16"),
-        ("max_steps", 0, "max_steps = 0 is outside"),
+        ("max_steps", 0, "max_steps = 0 is outside [1, 10000000000]"),
+        ("lr", True, "lr = True, expected a number in (0.0, 1.0]"),
+        ("lr", float("nan"), "lr = nan, expected a number in (0.0, 1.0]"),
+        ("epochs", True, "epochs = True, expected an integer in [1, 10000]"),
+        ("negatives", 2, "negatives: not a setting (the settings are epochs, batch_images,"),
     ],
 )
 def test_settings_name_the_field_and_range(field: str, value: object, message: str) -> None:
     with pytest.raises(FinetuneError, match=re.escape(message)):
         FinetuneSettings(**{field: value})
+
+
+def test_settings_report_every_problem_and_keep_their_types() -> None:
+    with pytest.raises(FinetuneError) as raised:
+        FinetuneSettings(epochs=0, lr=-1.0)
+    assert str(raised.value) == "epochs = 0 is outside [1, 10000]; lr = -1.0 is outside (0.0, 1.0]"
+    # An int is a number (stored as a float, so a checkpoint's settings compare equal on resume).
+    settings = FinetuneSettings(lr=1, grad_clip=0)
+    assert settings.to_dict()["lr"] == 1.0 and isinstance(settings.lr, float)
+    assert FinetuneSettings(**settings.to_dict()) == settings
 
 
 def test_mixed_precision_needs_cuda(base_model: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ from teacher_server.itm_eval import (
     ItmQuality,
     PairRanking,
     average_precision,
+    completion_rates,
     evaluate_itm,
     plan_pairs,
     roc_auc,
@@ -73,6 +75,24 @@ def test_top1_and_a_tied_top() -> None:
     assert top1([], []) is None
 
 
+def test_completion_rates_count_beliefs_at_the_confidence() -> None:
+    # sigmoid(s) >= 0.8 <=> s >= log 4 = 1.386: positives 3.0 and 2.0 believed, 0.0 not; of the
+    # negatives only 1.5. precision: 2 of the 3 believed items are true.
+    rates = completion_rates([3.0, 2.0, 0.0, 1.5, -2.0, 1.0], [1, 1, 1, 0, 0, 0], 0.8)
+    assert rates == {
+        "true_rate": pytest.approx(2 / 3),
+        "false_rate": pytest.approx(1 / 3),
+        "precision": pytest.approx(2 / 3),
+    }
+    # The threshold is the belief, not the margin: the same scores at 0.5 believe every s >= 0.
+    assert completion_rates([3.0, 0.0, -0.1], [1, 0, 0], 0.5) == {"true_rate": 1.0, "false_rate": 0.5, "precision": 0.5}
+    # A huge margin is not an overflow, and nothing believed leaves precision undefined.
+    assert completion_rates([1e308, -1e308], [1, 0], 0.99)["true_rate"] == 1.0
+    assert completion_rates([-5.0], [0], 0.8) == {"true_rate": None, "false_rate": 0.0, "precision": None}
+    with pytest.raises(ValueError, match=re.escape("confidence = 1.0, expected 0 < confidence < 1")):
+        completion_rates([1.0], [1], 1.0)
+
+
 def ranking(scores: list[float], labels: list[int], rare: bool | None) -> PairRanking:
     return PairRanking("x.jpg", 17, tuple(range(len(scores))), np.array(scores, float), np.array(labels, bool), rare)
 
@@ -86,10 +106,14 @@ def test_summary_pools_auc_and_averages_pairs() -> None:
     assert (summary["pairs"], summary["sentences"]) == (2, 4)
     assert summary["rare"] == {"auc": 1.0, "verb_map": 1.0, "top1": 1.0, "pairs": 1}
     assert summary["non_rare"] == {"auc": 0.0, "verb_map": 0.5, "top1": 0.0, "pairs": 1}
+    # Beliefs sigmoid(5), sigmoid(4) >= 0.8 (one true, one false); sigmoid(1) < 0.8.
+    assert summary["completion"] == {"confidence": 0.8, "true_rate": 0.5, "false_rate": 0.5, "precision": 0.5}
+    assert quality.summary(0.99)["completion"]["true_rate"] == 0.5  # sigmoid(5) = 0.9933
+    assert "belief >= 0.8 (what soft distillation completes): 0.500 of true verbs" in quality.table()
     no_split = ItmQuality([ranking([5, 4], [1, 0], None)], 1, {}, False)
     assert no_split.summary()["rare"] is None and "no rare / non-rare split" in no_split.table()
     empty = ItmQuality([], 0, {}, False).summary()
-    assert empty["auc"] is None and empty["pairs"] == 0
+    assert empty["auc"] is None and empty["pairs"] == 0 and empty["completion"] is None
     json.dumps(empty, allow_nan=False)  # nulls, never NaN
 
 
@@ -163,7 +187,7 @@ def test_eval_itm_end_to_end(tiny_blip_dir: Path, synthetic: Path, capsys) -> No
     )
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert set(summary) >= {"auc", "verb_map", "top1", "pairs", "sentences", "rare", "non_rare"}
+    assert set(summary) >= {"auc", "verb_map", "top1", "pairs", "sentences", "rare", "non_rare", "completion"}
     # Synthetic images have one person with one object; every pair but no_interaction is evaluated.
     entries = json.loads(annotations.read_text())
     no_interaction = HICO_VERBS.index("no_interaction") + 1
@@ -211,3 +235,5 @@ def test_eval_itm_errors_name_the_cause(tiny_blip_dir: Path, synthetic: Path, tm
     assert code == 2 and err.startswith("eval-itm: ") and "entry 1 (missing.jpg)" in err
     code, _, err = eval_cli(capsys, "--model", tmp_path / "nothing", "--annotations", broken, "--images", images)
     assert code == 2 and "eval-itm: model directory" in err
+    code, _, err = eval_cli(capsys, "--annotations", broken, "--images", images, "--confidence", "1.5")
+    assert code == 2 and err.strip() == "eval-itm: --confidence = 1.5, expected 0 < confidence < 1"

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.same_object_negatives,
         help=f"(a) per positive: valid verbs of its object the image lacks (default {defaults.same_object_negatives})",
     )
-    parser.add_argument(
+    train.add_argument(
         "--seen-verb-negatives",
         type=int,
         default=defaults.seen_verb_negatives,
