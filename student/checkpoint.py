@@ -15,15 +15,16 @@ masks per rank); rank 0 writes the checkpoint with the gathered states of all ra
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
+
+from teacher_server.rng_state import capture_rng_state
+from teacher_server.rng_state import restore_rng_state as _restore_rng_state
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT_VERSION = 1
@@ -52,54 +53,12 @@ class TrainingPosition:
 # -- random number generators ------------------------------------------------------------------
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """The state of every global RNG, as tensors and plain numbers (``weights_only``-loadable)."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of ``capture_rng_state``. CUDA states are restored when CUDA is present.
-
-    ``torch.set_rng_state``, ``torch.cuda.set_rng_state_all`` and ``.numpy()`` take CPU tensors
-    only: ``load_checkpoint`` keeps RNG states on the CPU, and states from elsewhere are copied
-    there first.
-    """
-    python = state["python"]
-    random.setstate((python["version"], tuple(int(w) for w in python["words"].tolist()), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["kind"],
-            numpy_state["keys"].cpu().numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) != torch.cuda.device_count():
-            raise CheckpointError(
-                f"checkpoint has RNG states of {len(cuda_states)} CUDA devices, this process sees "
-                f"{torch.cuda.device_count()}"
-            )
-        torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in cuda_states])
+    """``teacher_server.rng_state.restore_rng_state``; a CUDA device-count mismatch is a ``CheckpointError``."""
+    try:
+        _restore_rng_state(state)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint: {error}") from None
 
 
 def rank_rng_state(checkpoint: Mapping[str, Any], rank: int = 0) -> Mapping[str, Any] | None:

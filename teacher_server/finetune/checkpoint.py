@@ -6,13 +6,11 @@ A checkpoint holds tensors and plain values only, so it loads with ``torch.load(
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from teacher_server.errors import FinetuneError
@@ -49,39 +47,6 @@ class EpochLog:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.steps, 1)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as tensors and numbers (``weights_only``-loadable)."""
-    version, words, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    """Inverse of ``capture_rng`` (CUDA states only where CUDA is present)."""
-    python = state["python"]
-    random.setstate((python["version"], tuple(int(w) for w in python["words"].tolist()), python["gauss"]))
-    saved = state["numpy"]
-    np.random.set_state(
-        (saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["cached"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_atomically(path: Path, write: Callable[[Any], None]) -> None:

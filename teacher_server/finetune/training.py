@@ -29,15 +29,14 @@ from teacher_server.finetune.checkpoint import (
     CHECKPOINT_NAME,
     EpochLog,
     Position,
-    capture_rng,
     load_checkpoint,
-    restore_rng,
     write_atomically,
 )
 from teacher_server.finetune.examples import FinetuneExamples, TrainingPair, epoch_order, sample_pairs
 from teacher_server.finetune.objective import ImageStore, ItmTokens, balanced_itm_loss, itm_logits
 from teacher_server.finetune.settings import FinetuneSettings
 from teacher_server.precision import PrecisionError, choose_dtype, device_capability
+from teacher_server.rng_state import capture_rng_state, restore_rng_state
 
 SUMMARY_NAME = "finetune.json"
 
@@ -261,7 +260,10 @@ def _restore(run: _Run, checkpoint: Mapping[str, Any], examples: FinetuneExample
         run.scaler.load_state_dict(checkpoint["scaler"])
     run.position = Position(**checkpoint["position"])
     run.epochs = [EpochLog(**log) for log in checkpoint["epochs"]]
-    restore_rng(checkpoint["rng"])
+    try:
+        restore_rng_state(checkpoint["rng"])
+    except ValueError as error:
+        raise FinetuneError(f"cannot resume: {error}") from None
 
 
 def _save_checkpoint(out: Path, run: _Run, examples: FinetuneExamples, settings: FinetuneSettings) -> None:
@@ -273,7 +275,7 @@ def _save_checkpoint(out: Path, run: _Run, examples: FinetuneExamples, settings:
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "position": asdict(run.position),
         "epochs": [asdict(log) for log in run.epochs],
-        "rng": capture_rng(),
+        "rng": capture_rng_state(),
         "settings": settings.to_dict(),
         "data_digest": examples.digest(),
         "data": examples.summary(),
