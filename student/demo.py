@@ -180,10 +180,11 @@ def dropped_table(dropped: list[str], rows: list[tuple[str, Any]]) -> str:
     """AP (%) of the triplets whose training labels were dropped, per (name, EvalResult) row."""
     lines = ["triplets the training labels leave out (their AP, %): learned from the teacher, if at all"]
     aps = [(name, evaluation.result.ap_by_triplet()) for name, evaluation in rows]
-    header = f"{'triplet':34}" + "".join(f"{name[:18]:>20}" for name, _ in aps)
+    width = max(12, *(len(name) + 2 for name, _ in aps))  # whole names: "trained (soft distillation)"
+    header = f"{'triplet':34}" + "".join(f"{name:>{width}}" for name, _ in aps)
     lines += [header, "-" * len(header)]
     for triplet in dropped:
-        cells = "".join(f"{ap[triplet]:20.2f}" if triplet in ap else f"{'-':>20}" for _, ap in aps)
+        cells = "".join(f"{ap[triplet]:{width}.2f}" if triplet in ap else f"{'-':>{width}}" for _, ap in aps)
         lines.append(f"{triplet:34}{cells}")
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -155,16 +156,21 @@ def barrier(context: DistributedContext) -> None:
 def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
     """``DistributedDataParallel`` around ``model`` when distributed, else ``model`` itself.
 
-    ``broadcast_buffers=False``: the detector's only buffers are frozen batch-norm statistics,
-    which never change, so re-sending them before every forward would be wasted traffic. With it
-    DDP's initial copy of rank 0's state leaves the buffers out, so they are sent here once: each
-    rank seeds with ``seed + rank``, and batch-norm statistics calibrated on its own random CNN
-    would otherwise differ from rank to rank for the whole run.
+    Buffers go from rank 0 to every rank once, at wrapping, and never before a forward: the
+    detector's only buffers are frozen batch-norm statistics, which never change, so re-sending
+    them every step would be wasted traffic; but each rank seeds with ``seed + rank``, and
+    statistics calibrated on its own random CNN would otherwise differ from rank to rank for the
+    whole run. torch >= 2.13 says this as ``forward_sync_buffers=False`` (``broadcast_buffers`` is
+    deprecated there); older versions' ``broadcast_buffers=False`` also skips the initial copy,
+    so the buffers are sent here.
     """
     if not context.is_distributed:
         return model
     device_ids = [context.device.index] if context.device.type == "cuda" else None
-    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(model, device_ids=device_ids, forward_sync_buffers=False)
+    wrapped = ddp(model, device_ids=device_ids, broadcast_buffers=False)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     return wrapped

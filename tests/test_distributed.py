@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,9 @@ def rank_main(rank: int, world: int, port: int, root: str, output: str) -> None:
         # state, and each rank calibrated its statistics on its own (seed + rank) random CNN.
         probe = torch.nn.BatchNorm1d(2)
         probe.running_mean.fill_(float(rank))
-        wrap_model(probe, context)
+        with warnings.catch_warnings():  # and without torch's deprecation of broadcast_buffers
+            warnings.simplefilter("error", FutureWarning)
+            wrap_model(probe, context)
         assert probe.running_mean.tolist() == [0.0, 0.0]
         losses, parameters = run_training(Path(root), Path(output), context)
         # The ranks' step losses and parameters, each rank filling its own slot, merged on every rank.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -91,13 +92,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-model", help="teacher model directory or hub id (default: resolved offline)")
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="student config (default: demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (there are none when stderr is not a terminal)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``python -m student demo``."""
     started = time.perf_counter()
-    progress = not args.no_progress
+    # Bars only for a person watching: a log file or CI output gets the lines, not every redraw.
+    progress = not args.no_progress and sys.stderr.isatty()
     work_dir = args.work_dir
     data_root = work_dir / "data"
     run_dir = work_dir / "train"
