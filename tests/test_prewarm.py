@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RedisServer, free_port
-from teacher_fixtures import RunningTeacher, running_teacher, teacher_settings
+from teacher_fixtures import RunningTeacher, reference_engine, reference_scores, running_teacher, teacher_settings
 
 from student.__main__ import main
 from student.builders import build_train_dataset, correspondence_of
@@ -70,7 +70,7 @@ def test_plan_items_are_the_sentences_training_asks_for(data_root: Path, tmp_pat
 
 
 def test_prewarm_fills_the_cache_and_resumes(
-    data_root: Path, tmp_path: Path, teacher: RunningTeacher, redis_server: RedisServer
+    data_root: Path, tmp_path: Path, teacher: RunningTeacher, redis_server: RedisServer, tiny_blip_dir: Path
 ) -> None:
     config = load_config(DEMO_CONFIG, overrides(data_root, tmp_path))
     items = plan_items(config)
@@ -83,11 +83,17 @@ def test_prewarm_fills_the_cache_and_resumes(
         first = prewarm(items, pool, workers=3, images_per_request=2, progress_file=progress_file, progress=False)
         assert first.scored_images == len(items) and first.failed_images == 0
         assert first.sentences == sum(len(item.sentences) for item in items)
-        # Every sentence is now in Redis under the teacher's fingerprint, equal to a direct score.
+        # Every sentence is now in Redis under the teacher's fingerprint, equal to what a separate
+        # engine on the same weights computes (not to the service, which would answer from Redis).
         cached = cache.lookup(fingerprint, [(item.digest, list(item.sentences)) for item in items])
         assert all(hit is not None for row in cached for hit in row)
-        direct = pool.score([items[0].path], [list(items[0].sentences)])[0]
-        assert [h.match_logit for h in cached[0]] == pytest.approx([s.match_logit for s in direct], abs=1e-5)
+        engine = reference_engine(tiny_blip_dir)
+        assert engine.fingerprint == fingerprint
+        for item, row in zip(items, cached, strict=True):
+            expected = reference_scores(engine, item.path.read_bytes(), item.sentences)
+            # float32 in Redis: logits of a few units round at ~1e-7; 1e-5 leaves batching noise room.
+            assert [h.match_logit for h in row] == pytest.approx([s.match_logit for s in expected], abs=1e-5)
+            assert [h.match_prob for h in row] == pytest.approx([s.match_prob for s in expected], abs=1e-5)
 
         # A re-run skips everything from the progress file: no Score call at all.
         calls = score_calls(teacher)
