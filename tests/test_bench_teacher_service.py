@@ -1,8 +1,9 @@
 """Smoke test of ``bench/teacher_service.py``: a real tiny run, then its JSON line.
 
 The run is the bench's default path (``python -m teacher_server serve`` as a child process) with
-the score cache in a real Redis (the session's ``redis_server``), at reduced counts. It checks
-the shape of the result and what the bench measured (metrics and scores), never how fast.
+the score cache in a real Redis that only this test uses, at reduced counts. It checks the shape
+of the result, never how fast; and, apart from the bench's own report, what the server left in
+Redis: exactly the pairs the bench sent to the service, each equal to a reference engine's score.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import redis
+from teacher_fixtures import reference_engine
+
+from teacher_server.cache import KEY_PREFIX, decode_score
+from teacher_server.engine import ImageSentences
+from teacher_server.hoi.digest import image_digest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "teacher_service.py"
@@ -51,9 +58,31 @@ def bench() -> ModuleType:
     return load_bench()
 
 
-def test_tiny_run_ends_with_the_measured_json(redis_server) -> None:
+def service_workload(bench: ModuleType) -> tuple[dict[str, tuple[bytes, list[str]]], set[str]]:
+    """Replays the bench's deterministic images (``ImageFactory(seed=0)``, drawn in its order):
+    (digest -> (image, sentences)) of every image sent to the service, and the digests only the in-process
+    engine saw. Counts from ``SMOKE_ARGS``."""
+    factory, texts = bench.ImageFactory(seed=0), bench.sentences
+    service: dict[str, tuple[bytes, list[str]]] = {}
+    engine_only: set[str] = set()
+
+    def sent(blobs: list[bytes], sentences: list[str]) -> None:
+        service.update({image_digest(blob): (blob, sentences) for blob in blobs})
+
+    sent(factory.fresh(2), texts(4))  # warm-up: 2 images x min(--sentences, 8)
+    for _ in range(2):  # (a) --reps 2: --images 2 in-process, 2 others through the service
+        engine_only.update(image_digest(blob) for blob in factory.fresh(2))
+        sent(factory.fresh(2), texts(4))
+    sent(factory.fresh(1), texts(5))  # (b) --cold-reps 1, --latency-sentences 5
+    for clients in LEVELS:  # (c) max(--conc-requests 2, clients) requests of 1 image x 3 sentences
+        for _ in range(max(2, clients)):
+            sent(factory.fresh(1), texts(3))
+    return service, engine_only
+
+
+def test_tiny_run_ends_with_the_measured_json(private_redis, bench: ModuleType, tiny_blip_dir: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCH), *SMOKE_ARGS, "--redis-url", redis_server.url],
+        [sys.executable, str(BENCH), *SMOKE_ARGS, "--redis-url", private_redis.url],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -109,6 +138,28 @@ def test_tiny_run_ends_with_the_measured_json(redis_server) -> None:
     assert checks["b_cold_cached_scores"] == 0
     assert checks["b_warm_all_cached"] and checks["b_warm_cache_hits"] == 3 * 5
     assert result["loadavg_before"] and result["loadavg_after"]
+
+    # What the server left in Redis, read apart from the bench: one key per image sent to the
+    # service (none for the in-process engine's images), one field per sentence, each value the
+    # score a separate engine on the same weights (the tiny model, seed 0) computes.
+    service, engine_only = service_workload(bench)
+    assert len(service) == 2 + 2 * 2 + 1 + (2 + 3) and len(engine_only) == 2 * 2
+    engine = reference_engine(tiny_blip_dir)
+    prefix = f"{KEY_PREFIX}:{engine.fingerprint}:"
+    with redis.Redis.from_url(private_redis.url) as client:
+        keys = sorted(key.decode() for key in client.scan_iter(match=f"{KEY_PREFIX}:*"))
+        assert keys == sorted(f"{prefix}{{{digest}}}" for digest in service)
+        for digest, (image, sentences) in service.items():
+            stored = client.hgetall(f"{prefix}{{{digest}}}")
+            assert sorted(stored) == sorted(sentence.encode() for sentence in sentences)
+            assert client.ttl(f"{prefix}{{{digest}}}") > 0  # every write sets the lifetime (cache_ttl_s)
+            expected = engine.score([ImageSentences(digest, engine.prepare_image(image), tuple(sentences))])[0]
+            for sentence, want in zip(sentences, expected, strict=True):
+                got = decode_score(stored[sentence.encode()])
+                assert got is not None
+                # float32 in Redis; batching and threads change the last bits only (1e-5 of a logit).
+                assert got.match_logit == pytest.approx(want.match_logit, abs=1e-5), (digest, sentence)
+                assert got.match_prob == pytest.approx(want.match_prob, abs=1e-5), (digest, sentence)
 
 
 def test_percentiles_interpolate_linearly(bench: ModuleType) -> None:
