@@ -206,13 +206,35 @@ def test_unknown_dtype_and_device_are_refused(tiny_blip_dir: Path) -> None:
             ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cuda:0"))
 
 
+# bf16 keeps 8 significant bits: each rounding is off by at most u = 2**-8 relative. The tiny
+# model's logit comes out of 2 vision + 2 text layers of bf16 matmuls over activations of order 1;
+# allow 8 such roundings relative to (1 + |logit|) (the 1: activations stay of order 1 when the
+# logit is near 0). Measured on this model: at most 2u (0.012 on a logit of 1.5). Compared on
+# logits, not probabilities: the sigmoid's slope (<= 1/4) would hide 4x the error.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def bf16_logit_bound(logit: float) -> float:
+    return 8 * BF16_UNIT_ROUNDOFF * (1.0 + abs(logit))
+
+
 def test_bf16_runs_and_stays_close_to_fp32(tiny_blip_dir: Path, engine: ItmEngine) -> None:
     half = ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(dtype="bf16"))
     data = png_bytes(7)
     request = [ImageSentences(image_digest(data), engine.prepare_image(data), SENTENCES)]
-    for low, full in zip(half.score(request)[0], engine.score(request)[0], strict=True):
-        assert low.match_prob == pytest.approx(full.match_prob, abs=0.05)
+    expected = engine.score(request)[0]
+    for sentence, low, full in zip(SENTENCES, half.score(request)[0], expected, strict=True):
+        assert abs(low.match_logit - full.match_logit) <= bf16_logit_bound(full.match_logit), sentence
     assert half.fingerprint != engine.fingerprint
+
+    # The bound separates a wrong path: the same bf16 model starting its ITM text with [ENC]
+    # instead of [CLS] moves some logit by ~0.3, 4x the bound (its probabilities stay within 0.05).
+    wrong = ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(dtype="bf16", itm_start_token="enc"))
+    misses = [
+        abs(low.match_logit - full.match_logit) - bf16_logit_bound(full.match_logit)
+        for low, full in zip(wrong.score(request)[0], expected, strict=True)
+    ]
+    assert max(misses) > 0
 
 
 def test_a_bf16_engine_computes_its_itm_head_in_fp32(tiny_blip_dir: Path) -> None:
