@@ -292,15 +292,41 @@ def test_an_engine_failure_fails_its_batch_only(engine: ItmEngine) -> None:
 
 
 def test_retry_hint_follows_measured_engine_speed(engine: ItmEngine) -> None:
-    async def scenario() -> tuple[float, float]:
-        batcher = DynamicBatcher([engine], max_delay_ms=0)
-        await batcher.start()
-        before = batcher.retry_hint()
-        await asyncio.gather(*batcher.submit([item(engine, 1, SENTENCES)]))
-        after = batcher.retry_hint()  # empty queue: the shortest hint
-        await batcher.stop()
-        return before, after
+    gated = GatedEngine(engine)
+    gated.gate.set()  # open while the batcher learns the engine's speed
 
-    before, after = run(scenario)
+    async def scenario() -> tuple[float, float, float, float]:
+        batcher = DynamicBatcher([gated], max_delay_ms=0)
+        await batcher.start()
+        before = batcher.retry_hint()  # nothing timed yet: the default
+        await asyncio.gather(*batcher.submit([item(engine, 1, SENTENCES)]))
+        empty = batcher.retry_hint()  # measured, but nothing queued: the shortest hint
+        # Hold the engine on one item so that what follows stays queued, then queue 6-sentence
+        # items until the estimate (queued sentences x measured seconds per sentence) clears the
+        # 10 ms floor; as many sentences again, one per item, must double it.
+        gated.gate.clear()
+        gated.entered.clear()
+        running = batcher.submit([item(engine, 2, SENTENCES[:1])])
+        await gated.wait_entered()
+        futures: list[asyncio.Future] = []
+        while batcher.retry_hint() <= 0.01:
+            assert len(futures) < 100, "the hint does not grow with the queue"
+            futures += batcher.submit([item(engine, 100 + len(futures), SENTENCES)])
+        first = batcher.retry_hint()
+        for seed in range(len(futures) * len(SENTENCES)):
+            futures += batcher.submit([item(engine, 1000 + seed, SENTENCES[:1])])
+        second = batcher.retry_hint()
+        batcher.max_queue = batcher.queued_items
+        with pytest.raises(OverloadedError) as caught:  # a refusal carries the same estimate
+            batcher.submit([item(engine, 9999, SENTENCES)])
+        assert caught.value.retry_after_s == second
+        gated.gate.set()
+        await asyncio.gather(*running, *futures)
+        await batcher.stop()
+        return before, empty, first, second
+
+    before, empty, first, second = run(scenario)
     assert before == 0.5
-    assert after == 0.01
+    assert empty == 0.01
+    assert 0.01 < first < second < 60.0
+    assert second == pytest.approx(2 * first, rel=1e-9)  # proportional to the queued sentences
