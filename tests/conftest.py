@@ -31,6 +31,7 @@ class RedisServer:
 
     port: int
     workdir: Path
+    persistent: bool = False  # an append-only file in ``workdir``: a restart keeps the data
     process: subprocess.Popen | None = None
 
     @property
@@ -51,7 +52,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persistent else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.workdir),
             ],
