@@ -65,13 +65,62 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     # The AUC printed in the quality table is the one the JSON reports.
     tuned_row = next(line for line in lines if line.startswith("fine-tuned on the corpus"))
     assert float(tuned_row.split()[4]) == pytest.approx(result["teacher_auc"], abs=1e-3)
-    assert 0 <= result["map_untrained"] <= 100 and 0 <= result["map_trained"] <= 100
+    assert_maps_are_the_predictions(work, lines, result, capfd)
     assert result["seconds"] > 0
     assert (work / "train" / "checkpoint.pth").is_file() and (work / "train" / "preds.json").is_file()
     scored = next(line for line in lines if line.startswith("teacher: tiny BLIP fine-tuned"))
     assert "scored 0 " not in scored  # the teacher really scored sentences
     # Prewarmed: training asked the teacher service for nothing new.
     assert "during training the teacher service ran 0 pairs through BLIP" in scored
+
+
+def assert_maps_are_the_predictions(
+    work: Path, lines: list[str], result: dict, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The JSON's mAPs are the table's, and the trained one is what ``eval-predictions`` computes
+    from the run's preds.json, whose structure is checked here apart from the demo's own scoring."""
+    trained_row = next(line for line in lines if line.startswith("trained (soft distillation)")).split()
+    untrained_row = next(line for line in lines if line.startswith("untrained ")).split()
+    assert trained_row[3] == f"{result['map_trained']:.2f}" and untrained_row[1] == f"{result['map_untrained']:.2f}"
+    annotations = work / "data" / "annotations"
+    predictions = json.loads((work / "train" / "preds.json").read_text())
+    test_images = json.loads((annotations / "test_hico.json").read_text())
+    # One entry per test image, in annotation order. The n queries (of model.decoder.num_queries=4)
+    # that a kept HOI uses list their person boxes first (COCO id 1), then their object boxes
+    # (every synthetic pair has an object); each HOI names its own query's two boxes and a HICO verb.
+    assert [entry["file_name"] for entry in predictions] == [image["file_name"] for image in test_images]
+    for entry in predictions:
+        boxes, hois = entry["predictions"], entry["hoi_prediction"]
+        assert hois, entry["file_name"]
+        used = len({hoi["subject_id"] for hoi in hois})
+        assert 1 <= used <= 4 and len(boxes) == 2 * used
+        assert all(box["category_id"] == 1 for box in boxes[:used]) and all(len(box["bbox"]) == 4 for box in boxes)
+        assert {hoi["subject_id"] for hoi in hois} == set(range(used))
+        for hoi in hois:
+            assert hoi["object_id"] == used + hoi["subject_id"], hoi
+            assert 1 <= hoi["category_id"] <= 117 and 0 <= hoi["score"] <= 1, hoi
+    capfd.readouterr()
+    code = main(
+        [
+            "eval-predictions",
+            "--dataset",
+            "hico",
+            "--annotations",
+            str(annotations / "test_hico.json"),
+            "--train-annotations",
+            str(annotations / "trainval_hico.json"),
+            "--correspondence",
+            str(annotations / "corre_hico.npy"),
+            "--predictions",
+            str(work / "train" / "preds.json"),
+            "--json",
+        ]
+    )
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics == json.loads((work / "train" / "metrics.json").read_text())
+    assert metrics["default"]["full"] == pytest.approx(result["map_trained"], abs=0.005)
 
 
 def test_demo_data_is_written_once(tmp_path: Path) -> None:
