@@ -11,7 +11,8 @@ import asyncio
 import io
 import random
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from PIL import Image
 
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
 from teacher_server.server import TeacherServer
-from teacher_server.service import ScoringService
+from teacher_server.service import ScoringService, engine_settings
 from teacher_server.settings import ServerSettings
 
 T = TypeVar("T")
@@ -225,3 +226,19 @@ class GatedEngine:
     async def wait_entered(self) -> None:
         while not self.entered.is_set():
             await asyncio.sleep(0.005)
+
+
+def gated_service(settings: ServerSettings) -> tuple[ScoringService, GatedEngine]:
+    """A service of ``settings`` whose one engine replica waits at a gate: while the gate is shut,
+    the first work sits in the engine and later work in the queue, however slow the machine."""
+    engine = ItmEngine.from_pretrained(settings.model, engine_settings(settings, settings.device[0]))
+    gated = GatedEngine(engine)
+    return ScoringService([gated], settings), gated
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll ``condition`` (every 5 ms) until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)

@@ -17,12 +17,14 @@ import torch
 from conftest import free_port
 from teacher_fixtures import (
     RunningTeacher,
+    gated_service,
     png_bytes,
     reference_engine,
     reference_scores,
     running_teacher,
     start_teacher,
     teacher_settings,
+    wait_until,
 )
 
 from teacher_server import grpc_api
@@ -161,17 +163,34 @@ def test_retries_unavailable_until_the_server_is_up(tiny_blip_dir, engine):
 
 def test_retries_resource_exhausted_honouring_the_hint(tiny_blip_dir, engine):
     """A full queue answers RESOURCE_EXHAUSTED + retry-after-ms; the client waits and gets its scores."""
-    settings = teacher_settings(tiny_blip_dir, max_delay_ms=800.0, max_queue=1)
-    with running_teacher(settings) as slow, TeacherClient(slow.target, max_retries=20, backoff_s=0.05) as client:
-        occupant = threading.Thread(target=lambda: client.score([png_bytes(45)], [SENTENCES[:1]]))
-        occupant.start()  # sits in the batcher for max_delay_ms, filling the queue
-        deadline = time.monotonic() + 30
-        while slow.metric("hoidistill_teacher_queue_items") < 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        scores = client.score([png_bytes(46)], [SENTENCES])
-        occupant.join(timeout=60)
-        assert score_calls(slow, "RESOURCE_EXHAUSTED") >= 1
-    assert_equal_to_engine(engine, png_bytes(46), SENTENCES, scores[0])
+    # One request held in the engine (a gate, not a delay) and one filling the queue (max_queue=1):
+    # the client under test is refused until the test opens the gate, however slow the machine.
+    settings = teacher_settings(tiny_blip_dir, max_queue=1)
+    service, gated = gated_service(settings)
+    results: dict[int, list[list[TeacherScore]]] = {}
+    with (
+        running_teacher(settings, service) as held,
+        TeacherClient(held.target, max_retries=20, backoff_s=0.05) as client,
+    ):
+
+        def score(seed: int, sentences: list[str]) -> threading.Thread:
+            thread = threading.Thread(
+                target=lambda: results.setdefault(seed, client.score([png_bytes(seed)], [sentences]))
+            )
+            thread.start()
+            return thread
+
+        callers = [score(44, SENTENCES[:1])]
+        assert gated.entered.wait(timeout=60)
+        callers.append(score(45, SENTENCES[:1]))
+        wait_until(lambda: held.metric("hoidistill_teacher_queue_items") == 1, "the second request is queued")
+        callers.append(score(46, SENTENCES))
+        wait_until(lambda: score_calls(held, "RESOURCE_EXHAUSTED") >= 1, "the third request is refused")
+        gated.gate.set()
+        for thread in callers:
+            thread.join(timeout=60)
+    assert sorted(results) == [44, 45, 46]
+    assert_equal_to_engine(engine, png_bytes(46), SENTENCES, results[46][0])
 
 
 def test_gives_up_after_max_retries():

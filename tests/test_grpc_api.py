@@ -15,7 +15,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from teacher_fixtures import (
+    GatedEngine,
     RunningTeacher,
+    gated_service,
     png_bytes,
     reference_engine,
     reference_scores,
@@ -350,34 +352,41 @@ def test_rpc_failure_mapping():
     assert internal.code == grpc.StatusCode.INTERNAL and "boom" not in internal.message
 
 
-# ----------------------------------------------------- a slow batcher: deadlines, overload, drain
+# ----------------------------------------------------- a held engine: deadlines, overload, drain
 @pytest.fixture
-def slow_teacher(tiny_blip_dir: Path) -> Iterator[RunningTeacher]:
-    """Work waits 3 s in the batcher (max_delay_ms) and one work item fills the queue."""
-    settings = teacher_settings(tiny_blip_dir, max_delay_ms=3000.0, max_queue=1, drain_timeout_s=20.0)
-    with running_teacher(settings) as running:
-        yield running
+def held_teacher(tiny_blip_dir: Path) -> Iterator[tuple[RunningTeacher, GatedEngine]]:
+    """The engine waits at a gate the test opens, and one work item fills the queue: what is
+    queued stays queued while the gate is shut, however slow the machine (no timing windows)."""
+    settings = teacher_settings(tiny_blip_dir, max_queue=1, drain_timeout_s=20.0)
+    service, gated = gated_service(settings)
+    with running_teacher(settings, service) as running:
+        yield running, gated
+        gated.gate.set()  # never leave the engine thread waiting
 
 
-def test_deadline_overload_and_graceful_drain(slow_teacher: RunningTeacher):
-    with grpc.insecure_channel(slow_teacher.target) as channel:
+def score_in_thread(stub, request: pb.ScoreRequest, results: dict) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.setdefault(request.request_id, stub.Score(request, timeout=60)))
+    thread.start()
+    return thread
+
+
+def test_deadline_overload_and_graceful_drain(held_teacher: tuple[RunningTeacher, GatedEngine]):
+    teacher, gated = held_teacher
+    with grpc.insecure_channel(teacher.target) as channel:
         stub = pb_grpc.TeacherServiceStub(channel)
-        # A request budget far below the batching delay: DEADLINE_EXCEEDED, its work dropped.
+        results: dict[str, pb.ScoreResponse] = {}
+        held = score_in_thread(stub, pb.ScoreRequest(request_id="held", items=[item(png_bytes(99), ["a"])]), results)
+        assert gated.entered.wait(timeout=60)  # in the engine now; the queue is empty
+        # A request budget that runs out while queued behind the held one: DEADLINE_EXCEEDED, its work dropped.
         request = pb.ScoreRequest(timeout_ms=200, items=[item(png_bytes(100), ["a person ride a horse"])])
         error = rpc_error(stub.Score, request, timeout=30)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_until(lambda: slow_teacher.metric("hoidistill_teacher_queue_items") == 0)
+        wait_until(lambda: teacher.metric("hoidistill_teacher_queue_items") == 0)
 
         # One request queued fills the queue: the next is refused with a retry hint.
-        results = {}
-        first = threading.Thread(
-            target=lambda: results.setdefault(
-                "first",
-                stub.Score(pb.ScoreRequest(items=[item(png_bytes(101), ["a person ride a horse"])]), timeout=60),
-            )
-        )
-        first.start()
-        wait_until(lambda: slow_teacher.metric("hoidistill_teacher_queue_items") == 1)
+        first_request = pb.ScoreRequest(request_id="first", items=[item(png_bytes(101), ["a person ride a horse"])])
+        first = score_in_thread(stub, first_request, results)
+        wait_until(lambda: teacher.metric("hoidistill_teacher_queue_items") == 1)
         error = rpc_error(
             stub.Score, pb.ScoreRequest(items=[item(png_bytes(102), ["a person eat a pizza"])]), timeout=30
         )
@@ -385,11 +394,15 @@ def test_deadline_overload_and_graceful_drain(slow_teacher: RunningTeacher):
         hint = dict(error.trailing_metadata())["retry-after-ms"]
         assert int(hint) > 0 and f"retry after {hint} ms" in error.details()
 
-        # SIGTERM path: shutdown while the first request is still queued; it completes.
-        stopper = threading.Thread(target=slow_teacher.stop)
+        # SIGTERM path: shutdown begins while the first request is still queued; then the engine
+        # is released and both held and queued work complete.
+        stopper = threading.Thread(target=teacher.stop)
         stopper.start()
-        first.join(timeout=60)
-        stopper.join(timeout=60)
+        wait_until(lambda: teacher.server.drain.active)
+        gated.gate.set()
+        for thread in (held, first, stopper):
+            thread.join(timeout=60)
+        assert results["held"].items[0].status == pb.ITEM_STATUS_OK
         assert results["first"].items[0].status == pb.ITEM_STATUS_OK
         error = rpc_error(
             stub.Score, pb.ScoreRequest(items=[item(png_bytes(103), ["a person ride a horse"])]), timeout=5
@@ -397,14 +410,17 @@ def test_deadline_overload_and_graceful_drain(slow_teacher: RunningTeacher):
         assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_open_stream_is_answered_then_closed_unavailable_on_drain(slow_teacher: RunningTeacher):
-    with grpc.insecure_channel(slow_teacher.target) as channel:
+def test_open_stream_is_answered_then_closed_unavailable_on_drain(held_teacher: tuple[RunningTeacher, GatedEngine]):
+    teacher, gated = held_teacher
+    with grpc.insecure_channel(teacher.target) as channel:
         requests = OpenRequests()
         call = pb_grpc.TeacherServiceStub(channel).ScoreStream(iter(requests), timeout=60)
         requests.put(pb.ScoreRequest(request_id="in-flight", items=[item(png_bytes(110), ["a person ride a horse"])]))
-        wait_until(lambda: slow_teacher.metric("hoidistill_teacher_queue_items") == 1)
-        stopper = threading.Thread(target=slow_teacher.stop)
+        assert gated.entered.wait(timeout=60)  # held in the engine until the drain has begun
+        stopper = threading.Thread(target=teacher.stop)
         stopper.start()
+        wait_until(lambda: teacher.server.drain.active)
+        gated.gate.set()
         responses = []
         with pytest.raises(grpc.RpcError):  # the client never half-closes: the server ends the stream
             for response in call:

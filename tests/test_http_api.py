@@ -13,7 +13,6 @@ import io
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,11 +23,13 @@ import httpx
 import pytest
 from PIL import Image
 from teacher_fixtures import (
+    gated_service,
     make_certificates,
     png_bytes,
     reference_engine,
     reference_scores,
     teacher_settings,
+    wait_until,
 )
 
 from teacher_server.auth import AuthConfigError
@@ -96,15 +97,20 @@ class RunningHttp:
             self.loop.close()
 
 
-def start_http(settings: ServerSettings, *, start_service: bool = True) -> RunningHttp:
-    """Load the model of ``settings``, start the service (unless told not to) and the HTTP server."""
+def start_http(
+    settings: ServerSettings, *, start_service: bool = True, service: ScoringService | None = None
+) -> RunningHttp:
+    """Load the model of ``settings`` (unless ``service`` is given), start the service (unless told
+    not to) and the HTTP server."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="http-test-loop", daemon=True)
     thread.start()
     drain = Drain()
+    given = service
 
     async def build() -> tuple[ScoringService, HttpServer]:
-        service = ScoringService.from_settings(settings)  # engines get the settings' limits
+        # Engines get the settings' limits.
+        service = given if given is not None else ScoringService.from_settings(settings)
         if start_service:
             await service.start()
         try:
@@ -124,8 +130,10 @@ def start_http(settings: ServerSettings, *, start_service: bool = True) -> Runni
 
 
 @contextmanager
-def running_http(settings: ServerSettings, *, start_service: bool = True) -> Iterator[RunningHttp]:
-    running = start_http(settings, start_service=start_service)
+def running_http(
+    settings: ServerSettings, *, start_service: bool = True, service: ScoringService | None = None
+) -> Iterator[RunningHttp]:
+    running = start_http(settings, start_service=start_service, service=service)
     try:
         yield running
     finally:
@@ -576,31 +584,42 @@ def test_not_ready_and_draining_answer_503_with_retry_after(tiny_blip_dir: Path)
 
 
 def test_full_queue_is_429_and_a_passed_deadline_504(tiny_blip_dir: Path) -> None:
-    # One queue slot, and a batcher that waits a minute for more work: the first request sits in
-    # the queue until its own deadline, and the second finds the queue full.
-    settings = teacher_settings(tiny_blip_dir, max_queue=1, max_delay_ms=60_000.0, max_batch_sentences=512)
-    with running_http(settings) as teacher, teacher.client() as client:
+    # The engine waits at a gate the test opens (not a timing window): while it is shut, the first
+    # request sits in the engine, and what comes next waits in the one-slot queue.
+    settings = teacher_settings(tiny_blip_dir, max_queue=1)
+    service, gated = gated_service(settings)
+    with running_http(settings, service=service) as teacher, teacher.client() as client:
         outcome: dict[str, httpx.Response] = {}
 
-        def first() -> None:
-            outcome["first"] = client.post(
-                "/v1/score?timeout_ms=4000", json={"image": b64(png_bytes(140)), "sentences": ["a"]}
+        def post(name: str, seed: int, query: str = "") -> threading.Thread:
+            body = {"image": b64(png_bytes(seed)), "sentences": [name]}
+            thread = threading.Thread(
+                target=lambda: outcome.setdefault(name, client.post(f"/v1/score{query}", json=body))
             )
+            thread.start()
+            return thread
 
-        waiting = threading.Thread(target=first)
-        waiting.start()
-        for _ in range(2000):
-            if teacher.metric("hoidistill_teacher_queue_items") == 1:
-                break
-            time.sleep(0.005)
-        assert teacher.metric("hoidistill_teacher_queue_items") == 1
-        full = client.post("/v1/score", json={"image": b64(png_bytes(141)), "sentences": ["b"]})
+        held = post("held", 139)
+        assert gated.entered.wait(timeout=60)
+        # Queued behind the held request, past its own deadline: 504, and its slot is freed.
+        late = assert_error(
+            client.post("/v1/score?timeout_ms=200", json={"image": b64(png_bytes(140)), "sentences": ["a"]}),
+            504,
+            None,
+            "deadline exceeded",
+        )
+        assert late["code"] == "DEADLINE_EXCEEDED"
+        wait_until(lambda: teacher.metric("hoidistill_teacher_queue_items") == 0, "the late work is dropped")
+        waiting = post("waiting", 141)
+        wait_until(lambda: teacher.metric("hoidistill_teacher_queue_items") == 1, "a request is queued")
+        full = client.post("/v1/score", json={"image": b64(png_bytes(142)), "sentences": ["b"]})
         error = assert_error(full, 429, None, "queue is full", "max_queue=1")
         assert error["code"] == "RESOURCE_EXHAUSTED" and error["retry_after_ms"] >= 1
         assert int(full.headers["retry-after"]) >= 1
+        gated.gate.set()
+        held.join(timeout=60)
         waiting.join(timeout=60)
-        late = assert_error(outcome["first"], 504, None, "deadline exceeded")
-        assert late["code"] == "DEADLINE_EXCEEDED"
+        assert outcome["held"].status_code == 200 and outcome["waiting"].status_code == 200
 
 
 # ---------------------------------------------------------------------------------- the server
