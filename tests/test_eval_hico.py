@@ -293,9 +293,10 @@ def _iou(a, b) -> float:
     return inter / (area - inter)
 
 
-def _loop_evaluate(gt: list, preds: list, correspondence: np.ndarray, max_hois: int) -> dict:
+def _loop_triplets(gt: list) -> dict[tuple, int]:
+    """Instances per (subject class, object class, verb) of ground-truth images."""
     index_of = {coco: i for i, coco in enumerate(COCO_OBJECT_IDS)}
-    positives: dict[tuple, int] = {}
+    counts: dict[tuple, int] = {}
     for image in gt:
         boxes = image["annotations"]
         for h in image["hoi_annotation"]:
@@ -304,14 +305,33 @@ def _loop_evaluate(gt: list, preds: list, correspondence: np.ndarray, max_hois: 
                 index_of[boxes[h["object_id"]]["category_id"]],
                 h["category_id"] - 1,
             )
-            positives[t] = positives.get(t, 0) + 1
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def _loop_ap(rows: list, positives: int) -> tuple[float, float]:
+    """(11-point AP, max recall) of (score, hit) rows."""
+    if not rows:
+        return 0.0, 0.0
+    rows = sorted(rows, key=lambda r: -r[0])
+    tp = np.cumsum([r[1] for r in rows])
+    fp = np.cumsum([not r[1] for r in rows])
+    return voc_ap_11_point(tp / positives, tp / np.maximum(tp + fp, 1)), float(tp[-1] / positives)
+
+
+def _loop_evaluate(gt: list, preds: list, correspondence: np.ndarray, max_hois: int) -> dict[tuple, tuple]:
+    """Per test triplet class: (Default AP, Known-Object AP, max recall)."""
+    index_of = {coco: i for i, coco in enumerate(COCO_OBJECT_IDS)}
+    positives = _loop_triplets(gt)
     records: dict[tuple, list] = {t: [] for t in positives}
+    known_object: dict[tuple, list] = {t: [] for t in positives}
     for image, pred in zip(gt, preds, strict=True):
         boxes = pred["predictions"]
         label = [index_of[b["category_id"]] for b in boxes]
         hois = [h for h in pred["hoi_prediction"] if correspondence[h["category_id"] - 1, label[h["object_id"]]]]
         hois = sorted(hois, key=lambda h: -h["score"])[:max_hois]
         gt_boxes, gt_hois = image["annotations"], image["hoi_annotation"]
+        objects_here = {index_of[gt_boxes[g["object_id"]]["category_id"]] for g in gt_hois}
         taken = [False] * len(gt_hois)
         for h in hois:
             best, best_overlap = None, 0.0
@@ -331,13 +351,13 @@ def _loop_evaluate(gt: list, preds: list, correspondence: np.ndarray, max_hois: 
             if hit:
                 taken[best] = True
             records[t].append((h["score"], hit))
-    aps = {}
-    for t, rows in records.items():
-        rows = sorted(rows, key=lambda r: -r[0])
-        tp = np.cumsum([r[1] for r in rows])
-        fp = np.cumsum([not r[1] for r in rows])
-        aps[t] = voc_ap_11_point(tp / positives[t], tp / np.maximum(tp + fp, 1)) if rows else 0.0
-    return aps
+            if t[1] in objects_here:  # Known-Object: only images whose ground truth has this object
+                known_object[t].append((h["score"], hit))
+    result = {}
+    for t, count in positives.items():
+        ap, max_recall = _loop_ap(records[t], count)
+        result[t] = (ap, _loop_ap(known_object[t], count)[0], max_recall)
+    return result
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -377,11 +397,37 @@ def test_vectorised_evaluator_agrees_with_the_loop_statement_on_random_data(seed
 
     gt = [random_image("annotations") for _ in range(25)]
     preds = [random_image("predictions") for _ in range(25)]
-    result = evaluate(gt, preds, correspondence=correspondence, max_hois=20)
+    # A training split of its own: 12 triplet classes over ~100 HOIs put some classes on each
+    # side of the rare limit (fewer than 10 training instances), and leave some out of training.
+    train = [random_image("annotations") for _ in range(25)]
+    result = evaluate(gt, preds, train=train, correspondence=correspondence, max_hois=20)
     expected = _loop_evaluate(gt, preds, correspondence, max_hois=20)
     assert set(result.triplets) == set(expected)
-    got = dict(zip(result.triplets, result.ap.tolist(), strict=True))
-    for t, ap in expected.items():
-        assert got[t] == pytest.approx(ap), t
-    assert result.default.full == pytest.approx(np.mean(list(expected.values())))
+    train_counts = _loop_triplets(train)
+    rare = {t: train_counts.get(t, 0) < 10 for t in expected}
+    assert dict(zip(result.triplets, result.rare.tolist(), strict=True)) == rare
+    for name, values in (
+        ("default", result.ap),
+        ("known_object", result.ap_known_object),
+        ("max_recall", result.max_recall),
+    ):
+        got = dict(zip(result.triplets, values.tolist(), strict=True))
+        column = ("default", "known_object", "max_recall").index(name)
+        for t, row in expected.items():
+            assert got[t] == pytest.approx(row[column]), (name, t)
+
+    def mean(column: int, classes: list) -> float:
+        return float(np.mean([expected[t][column] for t in classes])) if classes else math.nan
+
+    everything = list(expected)
+    rare_classes = [t for t in everything if rare[t]]
+    common_classes = [t for t in everything if not rare[t]]
+    for split, column in ((result.default, 0), (result.known_object, 1)):
+        assert split.full == pytest.approx(mean(column, everything))
+        assert split.rare == pytest.approx(mean(column, rare_classes), nan_ok=True)
+        assert split.non_rare == pytest.approx(mean(column, common_classes), nan_ok=True)
+    assert result.mean_max_recall == pytest.approx(mean(2, everything))
+    # Every seed exercises both sides of the split and a Known-Object AP unlike the Default one.
+    assert rare_classes and common_classes
+    assert any(expected[t][0] != pytest.approx(expected[t][1]) for t in everything)
     assert not math.isnan(result.default.full)

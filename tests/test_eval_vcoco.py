@@ -230,7 +230,7 @@ def _official(box: list) -> list:
     return [x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)]
 
 
-def _loop_role_ap(gt: list, preds: list, scenario: int) -> dict[str, float]:
+def _loop_role_ap(gt: list, preds: list, scenario: int, *, ignore_persons_without_actions: bool) -> dict[str, float]:
     result = {}
     for c in role_classes():
         npos, rows = 0, []
@@ -264,8 +264,8 @@ def _loop_role_ap(gt: list, preds: list, scenario: int) -> dict[str, float]:
                     continue
                 overlaps = [_overlap(_official(boxes[p]["bbox"]), agent) for p in persons]
                 j = persons[int(np.argmax(overlaps))]
-                if j not in subjects:
-                    continue  # a person without annotation: skipped
+                if j not in subjects and ignore_persons_without_actions:
+                    continue  # a person without annotation: skipped (else a false positive below)
                 if roles[j]:
                     role_overlap = max(_overlap(r, role) for r in roles[j])
                 elif scenario == 2 or role is None or not any(role):
@@ -322,12 +322,18 @@ def test_vectorised_evaluator_agrees_with_the_loop_statement_on_random_data(seed
 
     gt = [random_image("annotations") for _ in range(20)]
     preds = [random_image("predictions") for _ in range(20)]
-    result = evaluate(gt, preds)
-    for scenario, got in ((1, result.role_ap_1), (2, result.role_ap_2)):
-        expected = _loop_role_ap(gt, preds, scenario)
-        assert set(got) == set(expected)
-        for name, ap in expected.items():
-            if np.isnan(ap):
-                assert np.isnan(got[name]), name
-            else:
-                assert got[name] == pytest.approx(ap), (scenario, name)
+    differs = False
+    for ignore in (True, False):
+        result = evaluate(gt, preds, ignore_persons_without_actions=ignore)
+        for scenario, got in ((1, result.role_ap_1), (2, result.role_ap_2)):
+            expected = _loop_role_ap(gt, preds, scenario, ignore_persons_without_actions=ignore)
+            assert set(got) == set(expected)
+            for name, ap in expected.items():
+                if np.isnan(ap):
+                    assert np.isnan(got[name]), name
+                else:
+                    assert got[name] == pytest.approx(ap), (ignore, scenario, name)
+            if not ignore:
+                skipped = _loop_role_ap(gt, preds, scenario, ignore_persons_without_actions=True)
+                differs |= any(not np.isnan(ap) and ap != pytest.approx(skipped[n]) for n, ap in expected.items())
+    assert differs  # the data has detections on persons without actions: the option matters
