@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from teacher_fixtures import GatedEngine
+from testkit.teacher import GatedEngine
 
 from teacher_server.batcher import BatchItem, DynamicBatcher, ShuttingDownError
 from teacher_server.engine import (
@@ -43,11 +43,6 @@ def image_bytes(seed: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu"))
 
 
 @pytest.fixture

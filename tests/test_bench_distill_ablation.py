@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "distill_ablation.py"
 
 

@@ -19,13 +19,13 @@ from types import ModuleType
 
 import pytest
 import redis
-from teacher_fixtures import reference_engine
+from testkit import REPO
+from testkit.teacher import reference_engine
 
 from teacher_server.cache import KEY_PREFIX, decode_score
 from teacher_server.engine import ImageSentences
 from teacher_server.hoi.digest import image_digest
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "teacher_service.py"
 LEVELS = (1, 3)
 SMOKE_ARGS = [

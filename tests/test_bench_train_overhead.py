@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "train_overhead.py"
 STEPS, REPS, BATCH = 2, 2, 2
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from testkit import DEMO_CONFIG
+from testkit.servers import free_port
 from torch import nn
 
 from student.checkpoint import (
@@ -28,8 +29,6 @@ from student.checkpoint import (
 )
 from student.config import load_config
 from student.training import train
-
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
 
 
 def _draws() -> tuple:
@@ -179,12 +178,8 @@ def test_resolve_resume(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def six_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 6, 2, seed=5, image_size=64, progress=False)
-    return root
+def six_images(synthetic_data) -> Path:
+    return synthetic_data(6, 2, seed=5)
 
 
 def _config(root: Path, output: Path, max_steps: int, *extra: str):

@@ -14,14 +14,15 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from conftest import free_port
-from teacher_fixtures import (
+from testkit import REPO
+from testkit.servers import free_port
+from testkit.teacher import (
     RunningTeacher,
     gated_service,
     png_bytes,
-    reference_engine,
     reference_scores,
     running_teacher,
+    score_calls,
     start_teacher,
     teacher_settings,
     wait_until,
@@ -41,23 +42,12 @@ from teacher_server.engine import ItmEngine
 torch.set_num_threads(1)
 
 SENTENCES = ["a person ride a horse", "a person eat a pizza"]
-SCORE_METHOD = f"{grpc_api.SERVICE_NAME}/Score"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def teacher(tiny_blip_dir: Path) -> Iterator[RunningTeacher]:
     with running_teacher(teacher_settings(tiny_blip_dir, max_images_per_request=2)) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return reference_engine(tiny_blip_dir)
-
-
-def score_calls(teacher: RunningTeacher, code: str = "OK") -> float:
-    return teacher.metric("hoidistill_teacher_requests_total", {"method": SCORE_METHOD, "code": code})
 
 
 def assert_equal_to_engine(engine: ItmEngine, image: bytes, sentences: list[str], got: list[TeacherScore]):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testkit import REPO
 
 from student.config import (
     ConfigError,
@@ -15,7 +16,7 @@ from student.config import (
     load_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "student" / "configs"
+CONFIGS = REPO / "student" / "configs"
 
 
 def test_hico_recipe_is_the_papers() -> None:

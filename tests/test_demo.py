@@ -8,21 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+from testkit.student import TINY_SIZES
 
 from student.__main__ import main
 from student.demo import prepare_data
-
-TINY = [
-    "data.scales=[64]",
-    "data.max_size=96",
-    "data.test_scale=64",
-    "model.backbone.base_width=8",
-    "model.transformer.d_model=32",
-    "model.transformer.dim_feedforward=64",
-    "model.transformer.num_encoder_layers=1",
-    "model.decoder.num_queries=4",
-    "run.num_threads=1",
-]
 
 
 def test_demo_runs_end_to_end_and_ends_with_json(
@@ -34,7 +23,7 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     work = tmp_path / "demo"
     argv = ["demo", "--work-dir", str(work), "--train", "12", "--test", "4", "--epochs", "2", "--image-size", "64"]
     argv += ["--corpus", "16", "--teacher-epochs", "1"]
-    code = main([*argv, "--no-progress", *TINY])
+    code = main([*argv, "--no-progress", *TINY_SIZES])
     # capfd: the torchrun ranks write to the file descriptors, not to this process's sys.stdout.
     text, err = capfd.readouterr()
     assert code == 0, err + text

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import REPO
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -24,8 +24,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_the_teacher_package_never_imports_the_student_package():
     offenders = {
-        str(path.relative_to(ROOT)): sorted(n for n in imported_modules(path) if n.split(".")[0] == "student")
-        for path in (ROOT / "teacher_server").rglob("*.py")
+        str(path.relative_to(REPO)): sorted(n for n in imported_modules(path) if n.split(".")[0] == "student")
+        for path in (REPO / "teacher_server").rglob("*.py")
     }
     offenders = {path: names for path, names in offenders.items() if names}
     assert not offenders, f"teacher_server imports the student package: {offenders}"
@@ -47,8 +47,8 @@ def project_modules() -> dict[str, Path]:
     """Dotted name -> file of every module of the project (a package is its ``__init__.py``)."""
     modules = {}
     for package in PACKAGES:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
             if "_proto" in parts:  # generated stubs
                 continue
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -167,6 +167,6 @@ def test_only_the_dispatcher_imports_the_commands() -> None:
 
 def test_the_evaluation_package_imports_without_torch() -> None:
     code = "import sys, student.evaluation, student.evaluation.report; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

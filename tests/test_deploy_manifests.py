@@ -44,12 +44,12 @@ import kubernetes_validate
 import pytest
 import redis
 import yaml
-from conftest import RedisServer, free_port
 from referencing import Registry, Resource
+from testkit import REPO
+from testkit.servers import RedisServer, free_port
 
 from teacher_server.settings import ServerSettings, settings_from_args
 
-REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
 COMPOSE_CPU = REPO / "docker-compose.cpu.yml"
 DOCKER_DIR = REPO / "deploy" / "docker"

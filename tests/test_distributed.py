@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from testkit import DEMO_CONFIG
+from testkit.servers import free_port
+from testkit.student import tiny_overrides, write_synthetic
 
 from student.config import load_config
 from student.distributed import (
@@ -33,7 +35,6 @@ from student.distributed import (
 from student.engine import EpochSampler, StepInfo, train_one_epoch
 
 torch.set_num_threads(1)
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
 GLOBAL_BATCH = 4
 EPOCHS = 2
 # Loss of every step, 2 ranks (mean of the ranks) vs 1 process with the same global batch.
@@ -47,36 +48,17 @@ IMAGE_WIDTH = 72  # px: the synthetic widths are 64, 72 or 80 at image_size 64
 TRAIN_IMAGES = 12
 
 
-def tiny_overrides(root: Path, output: Path) -> list[str]:
-    return [
-        f"data.root={root}",
-        f"run.output_dir={output}",
-        "data.scales=[64]",
-        "data.max_size=96",
-        "data.test_scale=64",
-        "data.crop=false",
-        "data.num_workers=0",
-        "model.backbone.base_width=8",
-        "model.transformer.d_model=32",
-        "model.transformer.dim_feedforward=64",
-        "model.transformer.num_encoder_layers=1",
-        "model.decoder.num_queries=4",
-        "optim.lr=1e-3",
-        "optim.backbone_lr=1e-3",
-        "teacher.source=none",
-        "run.progress=false",
-        "run.num_threads=1",
-    ]
+def tiny_run(root: Path, output: Path) -> list[str]:
+    return tiny_overrides(
+        root, output, "optim.lr=1e-3", "optim.backbone_lr=1e-3", "teacher.source=none", "run.progress=false"
+    )
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from PIL import Image
 
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 6 * TRAIN_IMAGES, 2, seed=5, image_size=64, progress=False)
+    root = write_synthetic(tmp_path_factory.mktemp("synthetic"), 6 * TRAIN_IMAGES, 2, seed=5)  # edited below
     # Keep TRAIN_IMAGES images of one width: padding is then the same however a batch is split.
     path = root / "annotations" / "trainval_hico.json"
     entries = json.loads(path.read_text())
@@ -95,7 +77,7 @@ def run_training(root: Path, output: Path, context: DistributedContext) -> tuple
     from student.engine import SeededSamples
 
     torch.set_num_threads(1)
-    config = load_config(DEMO_CONFIG, tiny_overrides(root, output))
+    config = load_config(DEMO_CONFIG, tiny_run(root, output))
     seed_everything(config.run.seed)
     model = wrap_model(build_model(config, context.device), context)
     optimizer = build_optimizer(unwrap_model(model), config)  # type: ignore[arg-type]

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
@@ -42,7 +42,7 @@ def runnable_blocks() -> list[tuple[Path, str, str, int]]:
 
 def test_every_shell_and_python_block_is_tagged() -> None:
     untagged = [
-        f"{path.relative_to(ROOT)}:{line}"
+        f"{path.relative_to(REPO)}:{line}"
         for path in DOCS
         for language, tags, _, line in code_blocks(path)
         if language in {"bash", "python"} and not tags & {"run", "norun"}
@@ -54,15 +54,15 @@ def test_every_shell_and_python_block_is_tagged() -> None:
 @pytest.mark.parametrize(
     ("path", "language", "body", "line"),
     runnable_blocks(),
-    ids=[f"{p.relative_to(ROOT)}:{line}" for p, _, _, line in runnable_blocks()],
+    ids=[f"{p.relative_to(REPO)}:{line}" for p, _, _, line in runnable_blocks()],
 )
 def test_documented_block_runs(path: Path, language: str, body: str, line: int, tmp_path: Path) -> None:
     # The docs say `.venv/bin/python`; run them with the interpreter running the tests.
     body = body.replace(".venv/bin/python", sys.executable)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)}
     command = ["bash", "-euo", "pipefail", "-c", body] if language == "bash" else [sys.executable, "-c", body]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    where = f"{path.relative_to(ROOT)}:{line}"
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    where = f"{path.relative_to(REPO)}:{line}"
     assert result.returncode == 0, (
         f"{where} failed ({result.returncode})\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     )

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from teacher_fixtures import teacher_settings
-from test_http_api import RunningHttp, running_http
+from testkit import REPO
+from testkit.http import RunningHttp, running_http
+from testkit.teacher import teacher_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "teacher.md"
+DOC = REPO / "docs" / "teacher.md"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 TOKEN = "docs-token"
 
@@ -39,7 +39,7 @@ def run_block(language: str, body: str, teacher: RunningHttp, **env: str) -> str
     body = body.replace(".venv/bin/python", sys.executable)
     command = ["bash", "-euo", "pipefail", "-c", body] if language == "bash" else [sys.executable, "-c", body]
     environment = {**os.environ, "TEACHER": teacher.url, **env}
-    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, f"{language} block failed ({done.returncode}):\n{body}\n{done.stdout}\n{done.stderr}"
     return done.stdout
 

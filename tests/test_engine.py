@@ -52,11 +52,6 @@ def stock(tiny_blip_dir: Path) -> tuple[BlipForImageTextRetrieval, BlipProcessor
     return BlipForImageTextRetrieval.from_pretrained(tiny_blip_dir).eval(), BlipProcessor.from_pretrained(tiny_blip_dir)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu", dtype="fp32"))
-
-
 def stock_scores(stock, data: bytes, sentence: str, *, enc_token: bool) -> tuple[float, float]:
     model, processor = stock
     inputs = processor(images=Image.open(io.BytesIO(data)).convert("RGB"), text=sentence, return_tensors="pt")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from testkit import REPO
 
 from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, VCOCO_VERBS, hico_correspondence
 
-ROOT = Path(__file__).resolve().parents[1]
 HORSE = COCO_OBJECT_IDS[OBJECT_NAMES.index("horse")]
 CUP = COCO_OBJECT_IDS[OBJECT_NAMES.index("cup")]
 RIDE = HICO_VERBS.index("ride") + 1
@@ -22,7 +22,7 @@ PERSON_BOX, HORSE_BOX, CUP_BOX = [10, 10, 60, 110], [50, 60, 150, 160], [200, 20
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "student", "eval-predictions", *args],
-        cwd=ROOT,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,

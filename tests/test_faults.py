@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import redis
 import torch
-from conftest import RedisServer, free_port
-from teacher_fixtures import reference_engine, reference_scores
-from test_topology import DEMO_CONFIG, REPO, TeacherProcess, clean_env, tiny_overrides, torchrun_command
+from testkit import DEMO_CONFIG, REPO
+from testkit.processes import TeacherProcess, clean_env, topology_overrides, torchrun_command
+from testkit.servers import RedisServer, free_port
+from testkit.teacher import reference_engine, reference_scores
 
 from teacher_server.cache import decode_score
 
@@ -26,12 +27,8 @@ WAIT_S = 180
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 12, 4, seed=6, image_size=64, progress=False)
-    return root
+def data_root(synthetic_data) -> Path:
+    return synthetic_data(12, 4, seed=6)
 
 
 def steps_logged(path: Path) -> list[dict[str, float]]:
@@ -76,7 +73,7 @@ def test_teacher_killed_mid_epoch_training_goes_on_and_uses_it_again(
     teacher = TeacherProcess(tiny_blip_dir, private_redis.url)
     teacher.start()
     log = tmp_path / "run" / "train_log.csv"
-    overrides = tiny_overrides(
+    overrides = topology_overrides(
         data_root,
         tmp_path / "run",
         "schedule.epochs=500",  # stopped by the test once recovery is seen
@@ -136,7 +133,7 @@ def test_redis_restarted_mid_epoch_no_crash_and_no_wrong_scores(
     teacher = TeacherProcess(tiny_blip_dir, private_redis.url)
     teacher.start()
     log = tmp_path / "run" / "train_log.csv"
-    overrides = tiny_overrides(
+    overrides = topology_overrides(
         data_root,
         tmp_path / "run",
         "schedule.epochs=6",
@@ -207,7 +204,7 @@ def child_pids(parent: int) -> list[int]:
 
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(data_root: Path, tmp_path: Path) -> None:
     output = tmp_path / "run"
-    overrides = tiny_overrides(data_root, output, "schedule.epochs=8", "run.eval_at_end=false")
+    overrides = topology_overrides(data_root, output, "schedule.epochs=8", "run.eval_at_end=false")
     command = torchrun_command(
         2,
         "train",

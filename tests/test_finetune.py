@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import BlipForImageTextRetrieval
 
-from student.data.synthetic import write_synthetic_dataset
 from teacher_server.__main__ import main
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, itm_start_token_id, load_blip_itm
 from teacher_server.errors import FinetuneError, ModelLoadError
@@ -47,10 +46,8 @@ def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 32, 8, seed=0, image_size=64, max_people=1, progress=False)
-    return root
+def synthetic(synthetic_data) -> Path:
+    return synthetic_data(32, 8, seed=0, max_people=1)
 
 
 def train_examples(root: Path):

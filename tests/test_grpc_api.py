@@ -14,12 +14,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from teacher_fixtures import (
+from testkit.teacher import (
+    LONG_SENTENCE,
+    SCORE_METHOD,
     GatedEngine,
     RunningTeacher,
     gated_service,
     png_bytes,
-    reference_engine,
     reference_scores,
     running_teacher,
     teacher_settings,
@@ -28,16 +29,13 @@ from teacher_fixtures import (
 from teacher_server import grpc_api
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2 as pb
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.engine import ItmEngine
 from teacher_server.errors import InvalidInputError, OverloadedError
 from teacher_server.service import ShuttingDownError
 
 torch.set_num_threads(1)
 
 SENTENCES = ["a person ride a horse", "a person eat a pizza", "a person hold a cup"]
-LONG_SENTENCE = "a person ride a horse and hold a cup with a dog on a bench"  # > 16 tokens
 MAX_MESSAGE_BYTES = 200_000
-SCORE_METHOD = f"{grpc_api.SERVICE_NAME}/Score"
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +49,6 @@ def teacher(tiny_blip_dir: Path) -> Iterator[RunningTeacher]:
     )
     with running_teacher(settings) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return reference_engine(tiny_blip_dir)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from testkit.servers import free_port
 
 from student.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from student.losses import HOICriterion, HungarianMatcher, LossError, LossWeights, soft_focal_sum, verb_focal_loss

@@ -6,39 +6,33 @@ the HTTP server in their own event loop in a background thread; tests call them 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
 import socket
 import ssl
 import threading
-from collections.abc import Coroutine, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 from PIL import Image
-from teacher_fixtures import (
+from testkit.http import RunningHttp, b64, running_http, start_http
+from testkit.teacher import (
     gated_service,
     make_certificates,
     png_bytes,
-    reference_engine,
     reference_scores,
     teacher_settings,
     wait_until,
 )
 
 from teacher_server.auth import AuthConfigError
-from teacher_server.grpc_api import Drain
 from teacher_server.hoi.prompts import triplet_sentence
 from teacher_server.http_api.bodies import parse_triplet_text
-from teacher_server.http_api.server import HttpServer, HttpServerError, serve_http
-from teacher_server.service import ScoringService
-from teacher_server.settings import ServerSettings
+from teacher_server.http_api.server import HttpServerError
 
 T = TypeVar("T")
 TOKEN = "s3cret-token"
@@ -51,97 +45,6 @@ LIMITS = {
     "max_image_pixels": 200_000,
     "max_message_bytes": 120_000,
 }
-
-
-# ------------------------------------------------------------------------------------- harness
-@dataclass
-class RunningHttp:
-    """A scoring service and its HTTP server, running in ``loop`` on a background thread."""
-
-    settings: ServerSettings
-    service: ScoringService
-    server: HttpServer
-    drain: Drain
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-    stopped: bool = False
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.settings.tls_cert else "http"
-        return f"{scheme}://127.0.0.1:{self.server.port}"
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self.service.metrics.value(name, labels)
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
-
-    def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-
-        async def shutdown() -> None:
-            await self.server.stop()
-            await self.service.stop(drain_timeout_s=5)
-
-        try:
-            self.call(shutdown())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=30)
-            self.loop.close()
-
-
-def start_http(
-    settings: ServerSettings, *, start_service: bool = True, service: ScoringService | None = None
-) -> RunningHttp:
-    """Load the model of ``settings`` (unless ``service`` is given), start the service (unless told
-    not to) and the HTTP server."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="http-test-loop", daemon=True)
-    thread.start()
-    drain = Drain()
-    given = service
-
-    async def build() -> tuple[ScoringService, HttpServer]:
-        # Engines get the settings' limits.
-        service = given if given is not None else ScoringService.from_settings(settings)
-        if start_service:
-            await service.start()
-        try:
-            return service, await serve_http(service, settings, drain=drain)
-        except BaseException:
-            await service.stop(drain_timeout_s=0)
-            raise
-
-    try:
-        service, server = asyncio.run_coroutine_threadsafe(build(), loop).result(120)
-    except BaseException:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=30)
-        loop.close()
-        raise
-    return RunningHttp(settings, service, server, drain, loop, thread)
-
-
-@contextmanager
-def running_http(
-    settings: ServerSettings, *, start_service: bool = True, service: ScoringService | None = None
-) -> Iterator[RunningHttp]:
-    running = start_http(settings, start_service=start_service, service=service)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def solid_png(size: tuple[int, int]) -> bytes:
@@ -172,11 +75,6 @@ def teacher(tiny_blip_dir: Path) -> Iterator[RunningHttp]:
 def client(teacher: RunningHttp) -> Iterator[httpx.Client]:
     with teacher.client() as http_client:
         yield http_client
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path):
-    return reference_engine(tiny_blip_dir)
 
 
 # ------------------------------------------------------------------------------------- scoring

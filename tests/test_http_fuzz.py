@@ -23,8 +23,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from teacher_fixtures import png_bytes, teacher_settings
-from test_http_api import RunningHttp, running_http
+from testkit.http import RunningHttp, running_http
+from testkit.teacher import png_bytes, teacher_settings
 
 from teacher_server.hoi.prompts import triplet_sentence
 from teacher_server.http_api.bodies import parse_triplet_text

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from student.data.synthetic import write_synthetic_dataset
 from teacher_server.__main__ import main
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
 from teacher_server.hoi.annotations import load_annotations
@@ -144,10 +143,8 @@ def test_pair_rules(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 24, 12, seed=1, image_size=64, max_people=1, progress=False)
-    return root
+def synthetic(synthetic_data) -> Path:
+    return synthetic_data(24, 12, seed=1, max_people=1)
 
 
 def eval_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

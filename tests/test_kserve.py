@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
-from teacher_fixtures import (
+from testkit.teacher import (
+    LONG_SENTENCE,
     RunningTeacher,
     png_bytes,
-    reference_engine,
     reference_scores,
     running_teacher,
     teacher_settings,
@@ -26,13 +26,11 @@ from tritonclient.grpc import service_pb2_grpc as kv2_grpc
 from tritonclient.utils import InferenceServerException
 
 from teacher_server import kserve
-from teacher_server.engine import ItmEngine
 from teacher_server.errors import InvalidInputError
 
 torch.set_num_threads(1)
 
 MODEL = "blip_itm"
-LONG_SENTENCE = "a person ride a horse and hold a cup with a dog on a bench"  # > 16 tokens
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,6 @@ def teacher(tiny_blip_dir: Path) -> Iterator[RunningTeacher]:
     settings = teacher_settings(tiny_blip_dir, max_sentences_per_image=8, max_sentence_tokens=16)
     with running_teacher(settings) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return reference_engine(tiny_blip_dir)
 
 
 @pytest.fixture

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from testkit import REPO
 
 
 def tracked_python_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=False)
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True, check=False)
     if listed.returncode != 0:  # not a git checkout (e.g. an sdist): lint what is there
         return ["."]
     return listed.stdout.split()
@@ -18,7 +17,7 @@ def tracked_python_files() -> list[str]:
 
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "ruff", *args, "--force-exclude", *tracked_python_files()]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
 
 
 def test_ruff_check_is_clean() -> None:

@@ -10,30 +10,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RedisServer, free_port
-from teacher_fixtures import RunningTeacher, reference_engine, reference_scores, running_teacher, teacher_settings
+from testkit import DEMO_CONFIG
+from testkit.servers import RedisServer, free_port
+from testkit.teacher import (
+    RunningTeacher,
+    reference_engine,
+    reference_scores,
+    running_teacher,
+    score_calls,
+    teacher_settings,
+)
 
 from student.__main__ import main
 from student.builders import build_train_dataset, correspondence_of
 from student.config import load_config
 from student.teacher import EndpointPool, TeacherScores
 from student.teacher.prewarm import PrewarmError, plan_items, prewarm
-from teacher_server import grpc_api
 from teacher_server.cache import open_score_cache
 
 torch.set_num_threads(1)
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
-SCORE_METHOD = f"{grpc_api.SERVICE_NAME}/Score"
-
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 10, 2, seed=3, image_size=64, progress=False)
-    return root
+def data_root(synthetic_data) -> Path:
+    return synthetic_data(10, 2, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,6 @@ def teacher(tiny_blip_dir: Path, redis_server: RedisServer) -> Iterator[RunningT
 
 def overrides(root: Path, output: Path) -> list[str]:
     return [f"data.root={root}", f"run.output_dir={output}", "data.scales=[64]", "data.max_size=96"]
-
-
-def score_calls(teacher: RunningTeacher) -> float:
-    return teacher.metric("hoidistill_teacher_requests_total", {"method": SCORE_METHOD, "code": "OK"})
 
 
 def test_plan_items_are_the_sentences_training_asks_for(data_root: Path, tmp_path: Path) -> None:

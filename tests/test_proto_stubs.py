@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import REPO
 
 from teacher_server import protogen
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def files_under(root: Path) -> dict[str, bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -11,25 +10,17 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from teacher_fixtures import png_bytes
+from testkit import REPO
+from testkit.processes import READY_TIMEOUT_S, clean_env
+from testkit.servers import free_port
+from testkit.teacher import png_bytes
 
 from teacher_server.client import TeacherClient
 from teacher_server.settings import ServerSettings, flag_name
-
-REPO = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 120
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOIDISTILL_")}
-    env.update(extra)
-    return env
 
 
 class ServeProcess:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from teacher_fixtures import (
+from testkit.teacher import (
     Certificates,
     RunningTeacher,
     make_certificates,

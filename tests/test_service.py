@@ -15,7 +15,7 @@ import pytest
 import redis
 import torch
 from PIL import Image
-from teacher_fixtures import GatedEngine
+from testkit.teacher import GatedEngine
 
 from teacher_server.cache import score_key
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
@@ -65,11 +65,6 @@ def run(scenario: Callable[[], Awaitable[T]]) -> T:
 async def started(service: ScoringService) -> ScoringService:
     await service.start()
     return service
-
-
-@pytest.fixture
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,12 @@ import logging
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from testkit import REPO
 
 from student.__main__ import main, program_name
 from student.logs import PROJECT_LOGGERS, CurrentStderrHandler, process_rank, setup_logging
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -32,7 +30,7 @@ def clean_logging() -> Iterator[None]:
 
 def test_program_name_follows_how_it_was_called() -> None:
     assert program_name("/opt/venv/bin/hoi-student") == "hoi-student"
-    assert program_name(str(ROOT / "student" / "__main__.py")) == "python -m student"
+    assert program_name(str(REPO / "student" / "__main__.py")) == "python -m student"
 
 
 def test_usage_lines_name_the_console_script(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -45,7 +43,7 @@ def test_usage_lines_name_the_console_script(monkeypatch: pytest.MonkeyPatch, ca
 
 def test_usage_lines_under_python_m_name_the_module() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "student", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "student", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and done.stdout.startswith("usage: python -m student ")
     assert "--log-level" in done.stdout

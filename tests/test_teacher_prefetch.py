@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import redis
 import torch
-from conftest import RedisServer, free_port
-from teacher_fixtures import RunningTeacher, running_teacher, start_teacher, teacher_settings
+from testkit import DEMO_CONFIG
+from testkit.servers import RedisServer, free_port
+from testkit.teacher import RunningTeacher, running_teacher, score_calls, start_teacher, teacher_settings
 
 from student.builders import build_train_dataset, correspondence_of
 from student.config import load_config
@@ -28,21 +29,15 @@ from student.teacher import (
     TeacherScores,
 )
 from student.teacher.pool import parse_endpoints
-from teacher_server import grpc_api
 from teacher_server.cache import encode_score, open_score_cache, score_key, sentence_field
 from teacher_server.errors import TeacherError
 
 torch.set_num_threads(1)
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
-SCORE_METHOD = f"{grpc_api.SERVICE_NAME}/Score"
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 8, 2, seed=4, image_size=64, progress=False)
+def config(synthetic_data) -> Any:
+    root = synthetic_data(8, 2, seed=4)
     return load_config(DEMO_CONFIG, [f"data.root={root}", "data.scales=[64]", "data.max_size=96", "data.crop=false"])
 
 
@@ -66,10 +61,6 @@ def adapter(config: Any, backend: Any, **kwargs: Any) -> TeacherScores:
         image_root=config.data.path("train_images"),
         **kwargs,
     )
-
-
-def score_calls(teacher: RunningTeacher) -> float:
-    return teacher.metric("hoidistill_teacher_requests_total", {"method": SCORE_METHOD, "code": "OK"})
 
 
 def fresh_targets(batch: tuple[Any, Any, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -25,11 +25,6 @@ CUP = OBJECT_NAMES.index("cup")
 NO_OBJECT = 80
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu", dtype="fp32"))
-
-
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
     for index, color in enumerate(((200, 30, 30), (30, 200, 30))):
@@ -171,7 +166,7 @@ def test_bad_arguments(images: Path) -> None:
 
 
 def test_grpc_teacher_gives_the_same_margins(tiny_blip_dir: Path, engine: ItmEngine, images: Path) -> None:
-    from teacher_fixtures import running_teacher, teacher_settings
+    from testkit.teacher import running_teacher, teacher_settings
 
     local_targets = [_target(images, "img0.png", [HORSE, CUP])]
     _adapter(LocalTeacher(engine), images).annotate(local_targets)
@@ -191,7 +186,7 @@ def test_grpc_teacher_gives_the_same_margins(tiny_blip_dir: Path, engine: ItmEng
 
 
 def test_unreachable_grpc_teacher_is_skipped(images: Path) -> None:
-    from conftest import free_port
+    from testkit.servers import free_port
 
     shutil.copy(images / "img0.png", images / "copy.png")
     backend = build_backend(f"grpc://127.0.0.1:{free_port()}", timeout_s=1.0)

@@ -5,91 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import queue
-import re
 import subprocess
 import sys
-import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RedisServer, free_port
+from testkit import DEMO_CONFIG, REPO
+from testkit.processes import TeacherProcess, clean_env, topology_overrides, torchrun_command
+from testkit.servers import RedisServer
 
 from student.config import load_config
 from student.teacher.prewarm import plan_items
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = REPO / "student" / "configs" / "demo.yaml"
-READY_TIMEOUT_S = 120
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HOIDISTILL_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-class TeacherProcess:
-    """``python -m teacher_server serve`` on fixed ports; ``start`` again after ``kill`` to restart it."""
-
-    def __init__(self, model_dir: Path, redis_url: str | None = None) -> None:
-        self.model_dir = model_dir
-        self.redis_url = redis_url
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"grpc://127.0.0.1:{self.grpc_port}"
-
-    def start(self) -> None:
-        args = ["--model", str(self.model_dir), "--device", "cpu", "--dtype", "fp32", "--host", "127.0.0.1"]
-        args += ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port)]
-        if self.redis_url:
-            args += ["--redis-url", self.redis_url]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "teacher_server", "serve", *args],
-            cwd=REPO,
-            env=clean_env(HOIDISTILL_MAX_DELAY_MS="1"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        lines: queue.Queue[str | None] = queue.Queue()
-
-        def pump() -> None:
-            assert self.process is not None and self.process.stdout is not None
-            for line in self.process.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-        seen = []
-        while True:
-            line = lines.get(timeout=READY_TIMEOUT_S)
-            if line is None:
-                raise AssertionError("teacher exited before it was ready:\n" + "".join(seen))
-            seen.append(line)
-            if line.startswith("teacher ready"):
-                return
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-
-    def metric(self, name: str) -> float:
-        """One unlabelled sample of the teacher's /metrics (0 when absent)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-        return float(found.group(1)) if found else 0.0
 
 
 @pytest.fixture
@@ -101,39 +31,8 @@ def teacher_process(tiny_blip_dir: Path, private_redis: RedisServer) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 12, 4, seed=6, image_size=64, progress=False)
-    return root
-
-
-def tiny_overrides(root: Path, output: Path, *extra: str) -> list[str]:
-    """demo.yaml shrunk to a seconds-long run (the same sizes as the trainer's own tests)."""
-    return [
-        f"data.root={root}",
-        f"run.output_dir={output}",
-        "data.scales=[64]",
-        "data.max_size=96",
-        "data.test_scale=64",
-        "data.crop=false",
-        "data.num_workers=0",
-        "model.backbone.base_width=8",
-        "model.transformer.d_model=32",
-        "model.transformer.dim_feedforward=64",
-        "model.transformer.num_encoder_layers=1",
-        "model.decoder.num_queries=4",
-        "optim.batch_size=2",
-        "schedule.epochs=2",
-        "schedule.lr_drop=[10]",
-        "run.num_threads=1",
-        "run.log_every=1",
-        # kl: every matched pair with two scored candidates gets a term, whatever the tiny random
-        # teacher says (soft, the default, adds a term only where the teacher is confident).
-        "distill.variant=kl",
-        *extra,
-    ]
+def data_root(synthetic_data) -> Path:
+    return synthetic_data(12, 4, seed=6)
 
 
 def student(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -150,18 +49,6 @@ def student(*args: str, timeout: float = 300, check: bool = True) -> subprocess.
     return result
 
 
-def torchrun_command(nproc: int, *args: str, max_restarts: int = 0) -> list[str]:
-    return [
-        *TORCHRUN,
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        f"--max_restarts={max_restarts}",
-        "-m",
-        "student",
-        *args,
-    ]
-
-
 def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open() as handle:
         return list(csv.DictReader(handle))
@@ -172,9 +59,9 @@ def test_prewarm_then_two_ranks_train_from_the_teachers_cache(
 ) -> None:
     output = tmp_path / "run"
     config_args = ["--config", str(DEMO_CONFIG), "--teacher", teacher_process.endpoint]
-    prewarm = student("prewarm", *config_args, "--no-progress", *tiny_overrides(data_root, tmp_path / "prewarm"))
+    prewarm = student("prewarm", *config_args, "--no-progress", *topology_overrides(data_root, tmp_path / "prewarm"))
     assert '"failed_images": 0' in prewarm.stdout
-    items = plan_items(load_config(DEMO_CONFIG, tiny_overrides(data_root, output)))
+    items = plan_items(load_config(DEMO_CONFIG, topology_overrides(data_root, output)))
     sentences = sum(len(item.sentences) for item in items)
     misses = teacher_process.metric("hoidistill_teacher_cache_misses_total")
     hits = teacher_process.metric("hoidistill_teacher_cache_hits_total")
@@ -184,7 +71,7 @@ def test_prewarm_then_two_ranks_train_from_the_teachers_cache(
 
     # The student's own memo is off, so both epochs ask the teacher; the cache answers all of it.
     # eval.batch_size=1: no padding, so the sharded evaluation below can be compared exactly.
-    overrides = tiny_overrides(
+    overrides = topology_overrides(
         data_root, output, "teacher.memo_entries=0", "teacher.deadline_s=60", "eval.batch_size=1"
     )
     run = subprocess.run(

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import DEMO_CONFIG
+from testkit.student import tiny_overrides
 from torch import nn
 
 from student.__main__ import main
@@ -31,44 +33,27 @@ from student.losses import DistillSettings, HOICriterion, TrainingLoss
 from student.losses.distill import TEACHER_KEY
 from student.training import train
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "student" / "configs" / "demo.yaml"
-
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from student.data.synthetic import write_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(root, 12, 4, seed=1, image_size=64, progress=False)
-    return root
+def data_root(synthetic_data) -> Path:
+    return synthetic_data(12, 4, seed=1)
 
 
 def tiny(root: Path, output: Path, *extra: str) -> list[str]:
-    """Overrides that turn demo.yaml into a seconds-long run on ``root``."""
-    return [
-        f"data.root={root}",
-        f"run.output_dir={output}",
-        "data.scales=[64]",
-        "data.max_size=96",
-        "data.test_scale=64",
-        "data.crop=false",
-        "data.num_workers=0",
-        "model.backbone.base_width=8",
-        "model.transformer.d_model=32",
-        "model.transformer.dim_feedforward=64",
-        "model.transformer.num_encoder_layers=1",
-        "model.decoder.num_queries=4",
+    """Overrides that turn demo.yaml into a seconds-long run on ``root``, without a teacher."""
+    return tiny_overrides(
+        root,
+        output,
         "optim.batch_size=4",
         "optim.lr=1e-3",
         "optim.backbone_lr=1e-3",
         "schedule.epochs=2",
         "schedule.lr_drop=[1]",
         "run.progress=false",
-        "run.num_threads=1",
         "run.log_every=1",
         "teacher.source=none",
         *extra,
-    ]
+    )
 
 
 def run_cli(*argv: str) -> tuple[int, str, str]:

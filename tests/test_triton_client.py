@@ -15,7 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from teacher_fixtures import RunningTeacher, png_bytes, reference_engine, running_teacher, teacher_settings
+from testkit import REPO
+from testkit.teacher import RunningTeacher, png_bytes, reference_engine, running_teacher, teacher_settings
 
 from teacher_server.client import TeacherRpcError
 from teacher_server.engine import ItmEngine
@@ -30,7 +31,6 @@ from teacher_server.triton_client import (
 
 torch.set_num_threads(1)
 TOKEN = "triton-client-test-token"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_importable_without_torch() -> None:
         "assert 'transformers' not in sys.modules\n"
         "print(t.TritonTeacherClient.__name__)"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "TritonTeacherClient"
 
@@ -189,7 +189,7 @@ def test_arguments_are_checked_before_any_call(client) -> None:
 
 
 def test_unreachable_endpoint_fails_within_the_deadline() -> None:
-    from conftest import free_port
+    from testkit.servers import free_port
 
     address = f"127.0.0.1:{free_port()}"
     with (

@@ -28,9 +28,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
-from conftest import free_port
 from PIL import Image
-from teacher_fixtures import png_bytes, reference_engine
+from testkit import REPO
+from testkit.servers import free_port
+from testkit.teacher import LONG_SENTENCE, png_bytes, reference_engine
 from tritonclient.utils import InferenceServerException
 
 from teacher_server.client import TeacherRpcError
@@ -40,16 +41,14 @@ from teacher_server.triton_client import TritonTeacherClient
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SETUP = ROOT / "deploy" / "triton" / "setup-env.sh"
-LAUNCH = ROOT / "deploy" / "triton" / "tritonserver.sh"
-VENV = Path(os.environ.get("HOIDISTILL_TRITON_VENV", ROOT / ".venv-triton"))
+SETUP = REPO / "deploy" / "triton" / "setup-env.sh"
+LAUNCH = REPO / "deploy" / "triton" / "tritonserver.sh"
+VENV = Path(os.environ.get("HOIDISTILL_TRITON_VENV", REPO / ".venv-triton"))
 MODEL = "blip_itm"
 START_TIMEOUT_S = 300.0
 BUILD_TIMEOUT_S = 1800.0
 # Small limits, so that the tests can cross them with small inputs.
 LIMITS = {"HOIDISTILL_MAX_SENTENCE_TOKENS": "16", "HOIDISTILL_MAX_IMAGE_PIXELS": "10000"}
-LONG_SENTENCE = "a person ride a horse and hold a cup with a dog on a bench"  # > 16 tokens
 
 
 # ------------------------------------------------------------------------------------ the server

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from teacher_fixtures import png_bytes, teacher_settings
-from test_http_api import RunningHttp, running_http
+from testkit import REPO
+from testkit.http import RunningHttp, running_http
+from testkit.teacher import png_bytes, teacher_settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -32,7 +33,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 VIEWPORT = {"width": 1280, "height": 800}
-ASSET = Path(__file__).resolve().parents[1] / "teacher_server" / "assets" / "person_riding_horse.jpg"
+ASSET = REPO / "teacher_server" / "assets" / "person_riding_horse.jpg"
 XSS = "<img src=x onerror=alert(1)>"
 FRESH_RGB = (0x25, 0x63, 0xC9)  # --fresh in style.css
 CACHED_RGB = (0x1F, 0x8A, 0x4C)  # --cached

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from teacher_server import grpc_api
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
 from teacher_server.server import TeacherServer
 from teacher_server.service import ScoringService, engine_settings
@@ -27,6 +28,8 @@ from teacher_server.settings import ServerSettings
 
 T = TypeVar("T")
 START_TIMEOUT_S = 120.0
+SCORE_METHOD = f"{grpc_api.SERVICE_NAME}/Score"
+LONG_SENTENCE = "a person ride a horse and hold a cup with a dog on a bench"  # > 16 tokens
 
 
 def teacher_settings(model_dir: Path, **overrides: Any) -> ServerSettings:
@@ -83,6 +86,11 @@ class RunningTeacher:
             self.loop.close()
 
 
+def score_calls(teacher: RunningTeacher, code: str = "OK") -> float:
+    """Score RPCs the teacher answered with ``code``, from its metrics."""
+    return teacher.metric("hoidistill_teacher_requests_total", {"method": SCORE_METHOD, "code": code})
+
+
 def start_teacher(settings: ServerSettings, service: ScoringService | None = None) -> RunningTeacher:
     """Build (loading the model unless ``service`` is given) and start a server in a new thread."""
     loop = asyncio.new_event_loop()
@@ -128,8 +136,6 @@ def reference_engine(model_dir: Path) -> ItmEngine:
 
 
 def reference_scores(engine: ItmEngine, image: bytes, sentences: Sequence[str]) -> list[ItmScore]:
-    from teacher_server.engine import ImageSentences
-
     prepared = engine.prepare_image(image)
     return engine.score([ImageSentences(prepared.digest, prepared, list(sentences))])[0]
 
