@@ -67,12 +67,6 @@ async def started(service: ScoringService) -> ScoringService:
     return service
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_blip_dir: Path) -> ItmEngine:
-    """An independent engine on the same weights: the scores every answer must equal."""
-    return ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu"))
-
-
 def assert_engine_scores(reference: ItmEngine, item: ScoreItem, result: ItemResult) -> None:
     assert item.image is not None
     prepared = reference.prepare_image(item.image)

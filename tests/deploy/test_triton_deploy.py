@@ -31,7 +31,7 @@ import tritonclient.grpc as triton
 from PIL import Image
 from testkit import REPO
 from testkit.servers import free_port
-from testkit.teacher import LONG_SENTENCE, png_bytes, reference_engine
+from testkit.teacher import LONG_SENTENCE, png_bytes
 from tritonclient.utils import InferenceServerException
 
 from teacher_server.client import TeacherRpcError
@@ -164,11 +164,6 @@ def running_triton(model_dir: Path, workdir: Path, env: dict[str, str]) -> Itera
 def server(tiny_blip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     with running_triton(tiny_blip_dir, tmp_path_factory.mktemp("triton"), LIMITS) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_blip_dir: Path) -> ItmEngine:
-    return reference_engine(tiny_blip_dir)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,7 @@ from testkit.teacher import (
     RunningTeacher,
     reference_engine,
     reference_scores,
-    running_teacher,
     score_calls,
-    teacher_settings,
 )
 
 from student.__main__ import main
@@ -34,12 +31,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def data_root(synthetic_data) -> Path:
     return synthetic_data(10, 2, seed=3)
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_blip_dir: Path, redis_server: RedisServer) -> Iterator[RunningTeacher]:
-    with running_teacher(teacher_settings(tiny_blip_dir, redis_url=redis_server.url)) as running:
-        yield running
 
 
 def overrides(root: Path, output: Path) -> list[str]:

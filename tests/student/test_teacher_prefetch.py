@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import redis
 import torch
 from testkit import DEMO_CONFIG
 from testkit.servers import RedisServer, free_port
-from testkit.teacher import RunningTeacher, running_teacher, score_calls, start_teacher, teacher_settings
+from testkit.teacher import RunningTeacher, score_calls, start_teacher, teacher_settings
 
 from student.builders import build_train_dataset, correspondence_of
 from student.config import load_config
@@ -45,12 +45,6 @@ def config(synthetic_data) -> Any:
 def batches(config: Any) -> list[tuple[Any, Any, list[dict[str, Any]]]]:
     dataset = build_train_dataset(config)
     return [collate_fn([dataset[i], dataset[i + 1]]) for i in range(0, len(dataset) - 1, 2)]
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_blip_dir: Path, redis_server: RedisServer) -> Iterator[RunningTeacher]:
-    with running_teacher(teacher_settings(tiny_blip_dir, redis_url=redis_server.url)) as running:
-        yield running
 
 
 def adapter(config: Any, backend: Any, **kwargs: Any) -> TeacherScores:

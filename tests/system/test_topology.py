@@ -7,32 +7,16 @@ import csv
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from testkit import DEMO_CONFIG, REPO
 from testkit.processes import TeacherProcess, clean_env, topology_overrides, torchrun_command
-from testkit.servers import RedisServer
 
 from student.config import load_config
 from student.teacher.prewarm import plan_items
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def teacher_process(tiny_blip_dir: Path, private_redis: RedisServer) -> Iterator[TeacherProcess]:
-    teacher = TeacherProcess(tiny_blip_dir, private_redis.url)
-    teacher.start()
-    yield teacher
-    teacher.kill()
-
-
-@pytest.fixture(scope="module")
-def data_root(synthetic_data) -> Path:
-    return synthetic_data(12, 4, seed=6)
 
 
 def student(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,18 +17,13 @@ import redis
 import torch
 from testkit import DEMO_CONFIG, REPO
 from testkit.processes import TeacherProcess, clean_env, topology_overrides, torchrun_command
-from testkit.servers import RedisServer, free_port
+from testkit.servers import RedisServer
 from testkit.teacher import reference_engine, reference_scores
 
 from teacher_server.cache import decode_score
 
 torch.set_num_threads(1)
 WAIT_S = 180
-
-
-@pytest.fixture(scope="module")
-def data_root(synthetic_data) -> Path:
-    return synthetic_data(12, 4, seed=6)
 
 
 def steps_logged(path: Path) -> list[dict[str, float]]:
@@ -68,10 +63,9 @@ def start_student(*args: str) -> subprocess.Popen:
 
 
 def test_teacher_killed_mid_epoch_training_goes_on_and_uses_it_again(
-    tiny_blip_dir: Path, private_redis: RedisServer, data_root: Path, tmp_path: Path
+    teacher_process: TeacherProcess, data_root: Path, tmp_path: Path
 ) -> None:
-    teacher = TeacherProcess(tiny_blip_dir, private_redis.url)
-    teacher.start()
+    teacher = teacher_process
     log = tmp_path / "run" / "train_log.csv"
     overrides = topology_overrides(
         data_root,
@@ -108,16 +102,6 @@ def test_teacher_killed_mid_epoch_training_goes_on_and_uses_it_again(
         process.kill()
         process.wait(timeout=30)
         teacher.kill()
-
-
-@pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A real Redis of this test that keeps its data across ``stop``/``start`` (append-only file)."""
-    server = RedisServer(port=free_port(), workdir=tmp_path / "redis", persistent=True)
-    server.workdir.mkdir()
-    server.start()
-    yield server
-    server.stop()
 
 
 def redis_contents(url: str) -> dict[str, dict[bytes, bytes]]:

@@ -45,12 +45,6 @@ def image_bytes(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture
-def reference(tiny_blip_dir: Path) -> ItmEngine:
-    """A second engine on the same weights: what the batcher's answers must equal."""
-    return ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu"))
-
-
 def item(engine: ItmEngine, seed: int, sentences: Sequence[str], *, with_image: bool = True) -> BatchItem:
     data = image_bytes(seed)
     image = engine.prepare_image(data) if with_image else None
