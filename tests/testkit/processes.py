@@ -20,6 +20,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without HOIDISTILL_ settings (every default applies), one thread per
+    process, unbuffered output (lines arrive as they are printed); then ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOIDISTILL_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
