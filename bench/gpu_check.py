@@ -11,7 +11,7 @@ CUDA ones as skipped. It prints one table row per check as it finishes, then a l
 ``{"cuda": bool, "device": str, "passed": [...], "failed": [...], "skipped": [...], "details": {...}}``.
 Exit status: 0 when no check failed (a CPU host: the CPU parts passed), 1 otherwise.
 
-CPU parts (they also run in the test suite, ``tests/test_gpu_check.py``): RNG states restored
+CPU parts (they also run in the test suite, ``tests/system/test_gpu_check.py``): RNG states restored
 from a checkpoint loaded with a non-CPU map_location; the precision rules (bf16 from compute
 capability 8.0); frozen batch norm and heads under autocast; the batched matcher cost; the
 engine's fused attention and its parity with stock BLIP; the V-COCO box convention; top-k before

@@ -5,7 +5,7 @@ mirroring the proto package path (``hoidistill/teacher/v1/teacher.proto`` become
 ``teacher_server/_proto/hoidistill/teacher/v1/teacher_pb2.py``). protoc writes imports relative to
 the proto root (``from hoidistill.teacher.v1 import teacher_pb2``); they are rewritten to
 ``teacher_server._proto.hoidistill...`` so the stubs import as part of this package.
-``tests/test_proto_stubs.py`` regenerates into a temporary directory and fails when the committed
+``tests/teacher/test_proto_stubs.py`` regenerates into a temporary directory and fails when the committed
 stubs differ.
 """
 

@@ -1,77 +1,26 @@
-"""Shared fixtures: real servers and tiny real models, never mocks."""
+"""Fixtures of every area: real Redis servers, the tiny BLIP model, engines, synthetic data.
+
+Each area's own fixtures are in ``teacher/``, ``student/``, ``deploy/`` and ``system/``
+``conftest.py``; helpers that are not fixtures are in the ``testkit`` package.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from testkit.servers import RedisServer, free_port
+from testkit.student import write_synthetic
+
+if TYPE_CHECKING:
+    from teacher_server.engine import ItmEngine
 
 # Tests never reach a model hub: everything they load, they build and save themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class RedisServer:
-    """A real ``redis-server`` this test session owns; ``stop``/``start`` simulate an outage."""
-
-    port: int
-    workdir: Path
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed: `make test` installs Debian's redis-server")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +49,29 @@ def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-blip")
     make_tiny_model(directory, seed=0)
     return directory
+
+
+@pytest.fixture
+def engine(tiny_blip_dir: Path) -> ItmEngine:
+    """A fresh fp32 CPU engine on the tiny model, its own vision cache and counters (loads in
+    about 0.1 s): the engine under test, or the reference that served scores must equal."""
+    from testkit.teacher import reference_engine
+
+    return reference_engine(tiny_blip_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``synthetic_data(train, test, seed=...)``: a synthetic dataset root (64 px images), written
+    once per set of arguments in the session and shared; treat it as read-only."""
+    written: dict[tuple, Path] = {}
+
+    def get(train: int, test: int, *, seed: int, **options) -> Path:
+        key = (train, test, seed, tuple(sorted(options.items())))
+        if key not in written:
+            root = tmp_path_factory.mktemp("synthetic")
+            write_synthetic(root, train, test, seed=seed, **options)
+            written[key] = root
+        return written[key]
+
+    return get

@@ -1,7 +1,7 @@
 """Evaluation: HICO-DET mAP and V-COCO role AP of preds.json files, and the model post-processing.
 
 Importing this package pulls in numpy only, and no module of it imports model, loss or training
-code (``tests/test_dependencies.py``): ``hico`` and ``vcoco`` (the protocols), ``boxes`` (their IoU
+code (``tests/system/test_dependencies.py``): ``hico`` and ``vcoco`` (the protocols), ``boxes`` (their IoU
 conventions), ``predictions`` (reading and writing preds.json), ``report`` (files in, a table
 out). ``student.evaluation.postprocess`` (model outputs -> preds.json entries; it needs torch) is
 imported on its own:

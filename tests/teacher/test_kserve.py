@@ -1,0 +1,286 @@
+"""KServe v2 endpoints against a real server, through the real ``tritonclient.grpc`` client."""
+
+from __future__ import annotations
+
+import queue
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from testkit.teacher import (
+    LONG_SENTENCE,
+    RunningTeacher,
+    png_bytes,
+    reference_scores,
+    running_teacher,
+    teacher_settings,
+)
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as kv2
+from tritonclient.grpc import service_pb2_grpc as kv2_grpc
+from tritonclient.utils import InferenceServerException
+
+from teacher_server import kserve
+from teacher_server.errors import InvalidInputError
+
+torch.set_num_threads(1)
+
+MODEL = "blip_itm"
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_blip_dir: Path) -> Iterator[RunningTeacher]:
+    settings = teacher_settings(tiny_blip_dir, max_sentences_per_image=8, max_sentence_tokens=16)
+    with running_teacher(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def client(teacher: RunningTeacher) -> Iterator[triton.InferenceServerClient]:
+    client = triton.InferenceServerClient(url=teacher.target)
+    yield client
+    client.close()
+
+
+def pair_inputs(
+    images: list[bytes], texts: list[bytes | str], *, image_type: str = "BYTES", text_type: str = "BYTES"
+) -> list[triton.InferInput]:
+    image_input = triton.InferInput("IMAGE", [len(images)], image_type)
+    image_input.set_data_from_numpy(np.array(images, dtype=np.object_))
+    text_input = triton.InferInput("TEXT", [len(texts)], text_type)
+    encoded = [t.encode() if isinstance(t, str) else t for t in texts]
+    text_input.set_data_from_numpy(np.array(encoded, dtype=np.object_))
+    return [image_input, text_input]
+
+
+def infer_error(client: triton.InferenceServerClient, *args, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(*args, **kwargs)
+    return caught.value
+
+
+def assert_serving(client: triton.InferenceServerClient) -> None:
+    result = client.infer(MODEL, pair_inputs([png_bytes(999)], ["a person pet a dog"]))
+    assert result.as_numpy("MATCH_PROB").shape == (1,)
+
+
+# --------------------------------------------------------------------------------- server, model
+def test_server_and_model_endpoints(client, teacher):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    assert not client.is_model_ready("no_such_model")
+    metadata = client.get_server_metadata()
+    assert metadata.name == "hoidistill-teacher"
+
+    model = client.get_model_metadata(MODEL)
+    assert model.name == MODEL and list(model.versions) == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
+        ("IMAGE", "BYTES", [-1]),
+        ("TEXT", "BYTES", [-1]),
+    ]
+    assert [(t.name, t.datatype) for t in model.outputs] == [("MATCH_PROB", "FP32"), ("MATCH_LOGIT", "FP32")]
+
+    config = client.get_model_config(MODEL).config
+    assert config.name == MODEL and config.max_batch_size == 0
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("IMAGE", mc.TYPE_STRING, [-1]),
+        ("TEXT", mc.TYPE_STRING, [-1]),
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("MATCH_PROB", mc.TYPE_FP32, [-1]),
+        ("MATCH_LOGIT", mc.TYPE_FP32, [-1]),
+    ]
+    assert config.parameters["fingerprint"].string_value == teacher.service.fingerprint
+
+
+def test_unknown_model_name_is_not_found(client):
+    for call in (
+        lambda: client.get_model_metadata("nope"),
+        lambda: client.get_model_config("nope"),
+        lambda: client.infer("nope", pair_inputs([png_bytes(1)], ["a person ride a horse"])),
+    ):
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert caught.value.status() == "StatusCode.NOT_FOUND"
+        assert "'nope'" in caught.value.message() and "blip_itm" in caught.value.message()
+    assert_serving(client)
+
+
+# -------------------------------------------------------------------------------------- scoring
+def test_infer_equals_engine_and_repeated_images_are_encoded_once(client, teacher, engine):
+    first, second = png_bytes(1), png_bytes(2)
+    images = [first, second, first, first, second]
+    texts = [
+        "a person ride a horse",
+        "a person eat a pizza",
+        "a person hold a cup",
+        "a person ride a horse",
+        "a person ride a horse",
+    ]
+    encoded_before = teacher.metric("hoidistill_teacher_images_encoded_total")
+    result = client.infer(MODEL, pair_inputs(images, texts))
+    assert teacher.metric("hoidistill_teacher_images_encoded_total") == encoded_before + 2
+
+    probs, logits = result.as_numpy("MATCH_PROB"), result.as_numpy("MATCH_LOGIT")
+    assert probs.dtype == np.float32 and probs.shape == (5,)
+    for index, (image, text) in enumerate(zip(images, texts, strict=True)):
+        expected = reference_scores(engine, image, [text])[0]
+        assert logits[index] == pytest.approx(expected.match_logit, abs=1e-6)
+        assert probs[index] == pytest.approx(expected.match_prob, abs=1e-6)
+
+
+def test_requested_output_only(client, engine):
+    image = png_bytes(3)
+    result = client.infer(
+        MODEL, pair_inputs([image], ["a person ride a horse"]), outputs=[triton.InferRequestedOutput("MATCH_LOGIT")]
+    )
+    assert result.as_numpy("MATCH_PROB") is None
+    expected = reference_scores(engine, image, ["a person ride a horse"])[0]
+    assert result.as_numpy("MATCH_LOGIT")[0] == pytest.approx(expected.match_logit, abs=1e-6)
+
+
+def test_bytes_contents_instead_of_raw(teacher, engine):
+    """Clients other than tritonclient may send ``contents.bytes_contents``: same answer."""
+    image = png_bytes(4)
+    request = kv2.ModelInferRequest(model_name=MODEL, id="req-7")
+    for name, values in (("IMAGE", [image, image]), ("TEXT", [b"a person ride a horse", b"a person eat a pizza"])):
+        tensor = request.inputs.add(name=name, datatype="BYTES", shape=[2])
+        tensor.contents.bytes_contents.extend(values)
+    with grpc.insecure_channel(teacher.target) as channel:
+        response = kv2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert response.id == "req-7" and response.model_name == MODEL
+    by_name = {
+        o.name: np.frombuffer(raw, dtype="<f4")
+        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    expected = reference_scores(engine, image, ["a person ride a horse", "a person eat a pizza"])
+    assert by_name["MATCH_LOGIT"] == pytest.approx([e.match_logit for e in expected], abs=1e-6)
+
+
+def test_stream_infer(client, engine):
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        images = [png_bytes(5), png_bytes(6)]
+        for k, image in enumerate(images):
+            client.async_stream_infer(MODEL, pair_inputs([image], ["a person ride a horse"]), request_id=str(k))
+        client.async_stream_infer("nope", pair_inputs([images[0]], ["a person ride a horse"]), request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and "nope" in str(errors[0])
+    results = {r.get_response().id: r for r, e in got if e is None}
+    for k, image in enumerate(images):
+        expected = reference_scores(engine, image, ["a person ride a horse"])[0]
+        assert results[str(k)].as_numpy("MATCH_LOGIT")[0] == pytest.approx(expected.match_logit, abs=1e-6)
+
+
+def test_statistics_count_inferences(client):
+    before = client.get_inference_statistics(MODEL).model_stats[0].inference_stats.success.count
+    assert_serving(client)
+    stats = client.get_inference_statistics(MODEL).model_stats[0]
+    assert stats.name == MODEL and stats.inference_stats.success.count == before + 1
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("images", "texts", "kwargs", "field", "detail"),
+    [
+        pytest.param(
+            [b"not an image"], ["a person ride a horse"], {}, "IMAGE[0]", "not a decodable image", id="corrupt-image"
+        ),
+        pytest.param(
+            [png_bytes(7), png_bytes(8)], ["a person ride a horse", ""], {}, "TEXT[1]", "empty", id="empty-text"
+        ),
+        pytest.param(
+            [png_bytes(7), png_bytes(8)],
+            ["a person ride a horse"] * 3,
+            {},
+            "IMAGE, TEXT",
+            "same length",
+            id="mismatched-lengths",
+        ),
+        pytest.param([png_bytes(7)], [b"h\xffllo"], {}, "TEXT[0]", "not valid UTF-8", id="non-utf8"),
+        pytest.param(
+            [png_bytes(7), png_bytes(7)],
+            ["a person ride a horse", LONG_SENTENCE],
+            {},
+            "TEXT[1]",
+            "limit of 16 tokens",
+            id="sentence-too-long",
+        ),
+        pytest.param(
+            [png_bytes(7)] * 9,
+            [f"a person ride a horse {k}" for k in range(9)],
+            {},
+            "TEXT (sentences of IMAGE[0])",
+            "limit of 8 sentences",
+            id="too-many-sentences",
+        ),
+        pytest.param([b""], ["a person ride a horse"], {}, "IMAGE[0]", "empty", id="empty-image"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(client, images, texts, kwargs, field, detail):
+    error = infer_error(client, MODEL, pair_inputs(images, texts, **kwargs))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message().startswith(f"{field}: ")
+    assert detail in error.message()
+    assert_serving(client)
+
+
+def test_wrong_datatype(client):
+    inputs = pair_inputs([png_bytes(9)], ["a person ride a horse"])
+    wrong = triton.InferInput("TEXT", [1], "FP32")
+    wrong.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    error = infer_error(client, MODEL, [inputs[0], wrong])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message().startswith("TEXT: datatype FP32") and "expected BYTES" in error.message()
+    assert_serving(client)
+
+
+def test_missing_and_unknown_inputs(client):
+    inputs = pair_inputs([png_bytes(9)], ["a person ride a horse"])
+    error = infer_error(client, MODEL, inputs[:1])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and error.message().startswith("TEXT: input missing")
+    extra = triton.InferInput("EXTRA", [1], "BYTES")
+    extra.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    error = infer_error(client, MODEL, [*inputs, extra])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and error.message().startswith("EXTRA: unknown input")
+    error = infer_error(client, MODEL, inputs, outputs=[triton.InferRequestedOutput("SCORE")])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and "unknown output 'SCORE'" in error.message()
+    assert_serving(client)
+
+
+def test_unimplemented_endpoints(client):
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_model_repository_index()
+    assert caught.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+# ------------------------------------------------------------------------------ pure functions
+def test_decode_bytes_tensor():
+    raw = b"".join(struct.pack("<I", len(e)) + e for e in (b"ab", b"", b"xyz"))
+    assert kserve.decode_bytes_tensor(raw, 3, "TEXT") == [b"ab", b"", b"xyz"]
+    with pytest.raises(InvalidInputError, match="shape says 2"):
+        kserve.decode_bytes_tensor(raw, 2, "TEXT")
+    with pytest.raises(InvalidInputError, match="claims 100 bytes"):
+        kserve.decode_bytes_tensor(struct.pack("<I", 100) + b"abc", 1, "TEXT")
+    with pytest.raises(InvalidInputError, match="inside the length prefix"):
+        kserve.decode_bytes_tensor(b"\x01\x00", 1, "TEXT")
+
+
+def test_plan_pairs_groups_by_image_and_deduplicates_sentences():
+    a, b = png_bytes(1), png_bytes(2)
+    plan = kserve.plan_pairs([a, b, a, a], ["x", "y", "z", "x"])
+    assert [item.sentences for item in plan.items] == [("x", "z"), ("y",)]
+    assert plan.slots == [(0, 0), (1, 0), (0, 1), (0, 0)]
+    renamed = kserve.tensor_field(InvalidInputError("items[0].sentences[1]", "bad"), plan)
+    assert renamed.field == "TEXT[2]"
+    assert kserve.tensor_field(InvalidInputError("items[1].image", "bad"), plan).field == "IMAGE[1]"

@@ -1,0 +1,223 @@
+"""The scoring page in headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
+
+A real teacher (tiny BLIP, scoring service, uvicorn) serves the page; the browser uploads or drops
+an image, types sentences or triplets, and the test reads the ranked bars, checks that markup in
+user text stays text, and looks at the pixels of a screenshot.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from testkit import REPO
+from testkit.http import RunningHttp, running_http
+from testkit.teacher import png_bytes, teacher_settings
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1280, "height": 800}
+ASSET = REPO / "teacher_server" / "assets" / "person_riding_horse.jpg"
+XSS = "<img src=x onerror=alert(1)>"
+FRESH_RGB = (0x25, 0x63, 0xC9)  # --fresh in style.css
+CACHED_RGB = (0x1F, 0x8A, 0x4C)  # --cached
+TOKEN = "page-token"
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_blip_dir: Path) -> Iterator[RunningHttp]:
+    with running_http(teacher_settings(tiny_blip_dir, max_sentence_tokens=32)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class Visit:
+    """A page plus what it did: requested URLs, dialogs (alert = script ran), console errors."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.requests: list[str] = []
+        self.dialogs: list[str] = []
+        self.console_errors: list[str] = []
+        page.on("request", lambda request: self.requests.append(request.url))
+        page.on("dialog", self._dialog)
+        page.on("console", lambda message: message.type == "error" and self.console_errors.append(message.text))
+
+    def _dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def only_visited(self, origin: str) -> None:
+        foreign = [url for url in self.requests if not url.startswith((origin, "blob:", "data:"))]
+        assert not foreign, f"the page reached beyond its server: {foreign}"
+
+
+@pytest.fixture
+def visit(browser: Browser) -> Iterator[Visit]:
+    context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1)
+    try:
+        yield Visit(context.new_page())
+    finally:
+        context.close()
+
+
+def score(page: Page, mode: str, text: str) -> None:
+    page.check(f'input[name="mode"][value="{mode}"]')
+    page.fill("#lines", text)
+    page.click("#score-button")
+
+
+def drop_file(page: Page, name: str, data: bytes) -> None:
+    """Drop a file on the drop zone as a person dragging it from the desktop would."""
+    page.evaluate(
+        """([name, encoded]) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            document.getElementById("drop-zone").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        [name, base64.b64encode(data).decode("ascii")],
+    )
+
+
+def test_upload_sentences_render_ranked_bars_as_text(visit: Visit, teacher: RunningHttp, tmp_path: Path) -> None:
+    page = visit.page
+    page.goto(f"{teacher.url}/")
+    expect(page.locator("#model-info")).to_contain_text(teacher.service.fingerprint)
+    page.set_input_files("#image-input", str(ASSET))
+    expect(page.locator("#preview")).to_be_visible()
+    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+
+    sentences = ["a person ride a horse", XSS, "a person feed a horse", "a person hold a cup"]
+    score(page, "sentences", "\n".join(sentences) + "\n\n")  # blank lines are ignored
+    rows = page.locator("#results li")
+    expect(rows).to_have_count(4)
+
+    labels = page.locator("#results .label").all_text_contents()
+    assert sorted(labels) == sorted(sentences)
+    assert page.locator("#results img").count() == 0  # the markup stayed text
+    assert not visit.dialogs
+    values = [float(text) for text in page.locator("#results .value").all_text_contents()]
+    assert values == sorted(values, reverse=True)
+    assert page.locator("#results .origin").all_text_contents() == ["new"] * 4
+
+    # The page shows the order the API ranks in (the same scores, now cached).
+    api = httpx.post(
+        f"{teacher.url}/v1/score?sort=desc",
+        timeout=60,
+        files={"image": ("a.jpg", ASSET.read_bytes())},
+        data={"sentences": sentences},
+    ).json()
+    assert [row["sentence"] for row in api["scores"]] == labels
+    assert values == [round(row["match_prob"], 3) for row in api["scores"]]
+
+    screenshot = tmp_path / "page.png"
+    page.screenshot(path=str(screenshot))
+    data = screenshot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    assert image.size == (VIEWPORT["width"], VIEWPORT["height"])
+    box = page.locator("#results .bar").first.bounding_box()
+    assert box is not None and box["width"] > 10, box
+    bar = image.crop(
+        (
+            int(box["x"]) + 1,
+            int(box["y"]) + 1,
+            int(box["x"] + box["width"]) - 1,
+            int(box["y"] + box["height"]) - 1,
+        )
+    )
+    pixels = np.asarray(bar, dtype=np.int32).reshape(-1, 3)
+    share = float((np.abs(pixels - np.array(FRESH_RGB)).max(axis=1) <= 12).mean())
+    assert share > 0.9, f"bar area is mostly not the bar colour ({share:.0%})"
+
+    # Scoring again: every answer now comes from the cache, and the bars say so.
+    page.click("#score-button")
+    expect(page.locator("#results .origin").first).to_have_text("cached")
+    assert page.locator("#results .origin").all_text_contents() == ["cached"] * 4
+    expect(page.locator("#summary")).to_contain_text("4 scored, 4 from the cache")
+    colour = page.locator("#results .bar").first.evaluate("bar => getComputedStyle(bar).backgroundColor")
+    assert colour == f"rgb({CACHED_RGB[0]}, {CACHED_RGB[1]}, {CACHED_RGB[2]})"
+    visit.only_visited(teacher.url)
+    assert not visit.console_errors
+
+
+def test_dropped_image_and_triplets(visit: Visit, teacher: RunningHttp) -> None:
+    page = visit.page
+    page.goto(f"{teacher.url}/")
+    drop_file(page, "dropped <b>name</b>.png", png_bytes(7, (64, 48)))
+    expect(page.locator("#drop-label")).to_contain_text("dropped <b>name</b>.png")
+    expect(page.locator("#preview")).to_be_visible()
+    score(page, "triplets", "ride horse\nhop_on airplane\n<b>bold</b> cup")
+    expect(page.locator("#results li")).to_have_count(3)
+    labels = page.locator("#results .label").all_text_contents()
+    assert sorted(labels) == sorted(
+        ["a person ride a horse", "a person hop on an airplane", "a person <b>bold</b> a cup"]
+    )
+    assert page.locator("#results b, #drop-zone b").count() == 0
+    visit.only_visited(teacher.url)
+
+
+def test_errors_are_shown_as_text(visit: Visit, teacher: RunningHttp) -> None:
+    page = visit.page
+    page.goto(f"{teacher.url}/")
+    page.click("#score-button")
+    expect(page.locator("#status")).to_have_text("Pick or drop an image first.")
+    page.set_input_files("#image-input", str(ASSET))
+    score(page, "sentences", "a person ride a horse\n" + "<i>long</i> " * 20)
+    status = page.locator("#status")
+    expect(status).to_contain_text("Error 422: sentences[1]:")
+    expect(status).to_contain_text("over the limit of 32 tokens")
+    expect(status).to_have_class("error")
+    assert page.locator("#status i").count() == 0
+    expect(page.locator("#results li")).to_have_count(0)
+
+
+def test_token_is_asked_for_and_sent(visit: Visit, tiny_blip_dir: Path) -> None:
+    with running_http(teacher_settings(tiny_blip_dir, auth_token=TOKEN)) as teacher:
+        page = visit.page
+        page.goto(f"{teacher.url}/")
+        expect(page.locator("#model-info")).to_contain_text("needs an access token")
+        page.set_input_files("#image-input", str(ASSET))
+        score(page, "triplets", "ride horse")
+        expect(page.locator("#status")).to_contain_text("Error 401")
+        page.fill("#token", TOKEN)
+        page.dispatch_event("#token", "change")
+        expect(page.locator("#model-info")).to_contain_text(teacher.service.fingerprint)
+        page.click("#score-button")
+        expect(page.locator("#results li")).to_have_count(1)
+        expect(page.locator("#results .label")).to_have_text("a person ride a horse")
+
+
+def test_api_docs_render_offline(visit: Visit, teacher: RunningHttp) -> None:
+    page = visit.page
+    page.goto(f"{teacher.url}/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("hoi-distill teacher")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()
+    paths = page.locator(".opblock-summary-path").all_text_contents()
+    assert {"/v1/score", "/v1/score/triplets", "/v1/model"} <= {path.strip() for path in paths}
+    visit.only_visited(teacher.url)
