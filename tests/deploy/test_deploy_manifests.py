@@ -582,7 +582,7 @@ def test_dockerignore_sends_only_the_sources() -> None:
         ".git/HEAD",
         "runs/demo/train/checkpoint.pth",
         "data/hico/x.jpg",
-        "tests/test_cache.py",
+        "tests/teacher/test_cache.py",
         "student/__pycache__/config.cpython-311.pyc",
         "docker-compose.yml",
         "student/weights.pth",

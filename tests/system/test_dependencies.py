@@ -143,7 +143,7 @@ FORBIDDEN = {
 }
 
 
-ARCHITECTURE = ROOT / "docs" / "architecture.md"
+ARCHITECTURE = REPO / "docs" / "architecture.md"
 
 
 def documented_forbidden_edges() -> dict[str, tuple[str, ...]]:
@@ -161,7 +161,7 @@ def test_every_path_the_architecture_doc_names_exists() -> None:
     spans = re.findall(r"`([^`\s]+)`", ARCHITECTURE.read_text())
     paths = [span for span in spans if "/" in span and not span.startswith(("http", "redis:"))]
     assert len(paths) > 20  # the doc names real files; the scan finds them
-    missing = [path for path in paths if not any(ROOT.glob(path))]
+    missing = [path for path in paths if not any(REPO.glob(path))]
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 

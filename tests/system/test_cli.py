@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import REPO
 
 from teacher_server.__main__ import main as teacher_main
 from teacher_server.cli import program_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SCRIPTS = Path(sys.executable).parent
 
 

@@ -21,10 +21,11 @@ import pytest
 from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from teacher_fixtures import RunningTeacher, png_bytes, reference_engine, reference_scores, running_teacher
-from teacher_fixtures import teacher_settings as make_teacher_settings
+from testkit import REPO
+from testkit.teacher import RunningTeacher, png_bytes, reference_engine, reference_scores, running_teacher
+from testkit.teacher import teacher_settings as make_teacher_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 PROJECT_PACKAGES = {"teacher_server", "student"}
 HEAVY = {"torch", "transformers", "tritonclient", "fastapi", "scipy"}
 SENTENCES = ["a person ride a horse", "a person hold a cup"]
