@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testkit.teacher import GatedEngine
+from testkit.teacher import SENTENCES, GatedEngine
 
 from teacher_server.batcher import BatchItem, DynamicBatcher, ShuttingDownError
 from teacher_server.engine import (
@@ -28,14 +28,6 @@ from teacher_server.metrics import ServiceMetrics
 
 torch.set_num_threads(1)
 T = TypeVar("T")
-SENTENCES = (
-    "a person ride a horse",
-    "a person eat a pizza",
-    "a person hold a cup",
-    "a person fly a kite",
-    "a person sit on a bench",
-    "a person kick a sports ball",
-)
 
 
 def image_bytes(seed: int) -> bytes:

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio
 from hypothesis import given
 from hypothesis import strategies as st
+from testkit.servers import RedisServer, free_port
 
 from teacher_server.cache import (
     KEY_PREFIX,
@@ -38,7 +39,6 @@ from teacher_server.cache import (
     score_key,
 )
 from teacher_server.hoi.digest import image_digest, is_digest
-from tests.conftest import RedisServer, free_port
 
 FP = "fp0001"
 OTHER_FP = "fp0002"

@@ -15,7 +15,8 @@ import pytest
 import redis
 import torch
 from PIL import Image
-from testkit.teacher import GatedEngine
+from testkit.servers import RedisServer
+from testkit.teacher import SENTENCES, GatedEngine
 
 from teacher_server.cache import score_key
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
@@ -24,18 +25,9 @@ from teacher_server.hoi.digest import image_digest
 from teacher_server.metrics import ServiceMetrics
 from teacher_server.service import ItemResult, ScoreItem, ScoringService, ShuttingDownError, engine_settings
 from teacher_server.settings import ServerSettings
-from tests.conftest import RedisServer
 
 torch.set_num_threads(1)
 T = TypeVar("T")
-SENTENCES = (
-    "a person ride a horse",
-    "a person eat a pizza",
-    "a person hold a cup",
-    "a person fly a kite",
-    "a person sit on a bench",
-    "a person kick a sports ball",
-)
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:

@@ -30,6 +30,15 @@ T = TypeVar("T")
 START_TIMEOUT_S = 120.0
 SCORE_METHOD = f"{grpc_api.SERVICE_NAME}/Score"
 LONG_SENTENCE = "a person ride a horse and hold a cup with a dog on a bench"  # > 16 tokens
+# Six distinct triplet sentences, for tests that score a batch.
+SENTENCES = (
+    "a person ride a horse",
+    "a person eat a pizza",
+    "a person hold a cup",
+    "a person fly a kite",
+    "a person sit on a bench",
+    "a person kick a sports ball",
+)
 
 
 def teacher_settings(model_dir: Path, **overrides: Any) -> ServerSettings:
