@@ -285,9 +285,9 @@ def plan_pairs(
         # An annotated verb the correspondence table does not list is still true: score it too.
         listed = {verb for verb, _ in candidates}
         for verb in pair.verbs:
-            sentence = table.sentence(verb, obj)
-            if verb not in listed and sentence is not None:
-                plan.candidates.append((verb, sentence))
+            unlisted = table.sentence(verb, obj)
+            if verb not in listed and unlisted is not None:
+                plan.candidates.append((verb, unlisted))
                 plan.labels.append(True)
         if not any(plan.labels):
             skipped["no_positive"] += 1

@@ -200,6 +200,7 @@ def _image_entry(
         valid &= correspondence[:, labels].T | missing[:, None]
 
     def triplet_nms(candidates: np.ndarray) -> np.ndarray:  # (Q, V) bool -> the ones NMS keeps
+        assert nms is not None  # called only when it is set
         classes = np.where(missing, NUM_OBJECTS, labels)
         return nms.keep(sub_boxes, np.where(missing[:, None], 0.0, obj_boxes), classes, scores, candidates)
 

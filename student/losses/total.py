@@ -18,6 +18,8 @@ from torch import Tensor
 from student.losses.distill import (
     TEACHER_KEY,
     DistillSettings,
+    KLStats,
+    MarginStats,
     MarginTriplets,
     kl_distill_loss,
     margin_loss,
@@ -98,6 +100,7 @@ class TrainingLoss:
         terms["loss_hoi"] = float(hoi.detach())
         total = hoi
         if self.teacher is not None:
+            stats: Mapping[str, int] | KLStats | MarginStats
             if soft:
                 itm, stats = self.soft_term(soft_terms, outputs, indices, targets)
             else:
@@ -111,7 +114,7 @@ class TrainingLoss:
 
     def distillation(
         self, outputs: Mapping[str, Any], indices: Any, targets: Sequence[Mapping[str, Any]]
-    ) -> tuple[Tensor, Mapping[str, int]]:
+    ) -> tuple[Tensor, KLStats | MarginStats]:
         """L_ITM of the final layer (its matching ``indices``) and the loss's stats (``num_terms``...)."""
         if self.distill.variant == "kl":
             return kl_distill_loss(outputs, indices, targets, tau=self.distill.tau)

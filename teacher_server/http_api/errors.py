@@ -157,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
             404: f"{where}: no such route; the API is described at /docs",
             405: f"{where}: method not allowed; allowed: {(exc.headers or {}).get('Allow', 'none')}",
         }.get(exc.status_code, f"{where}: {exc.detail}")
-        return HttpError(exc.status_code, message, headers=exc.headers).response()
+        return HttpError(exc.status_code, message, headers=dict(exc.headers) if exc.headers else None).response()
 
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         return http_error(exc, "HTTP").response()  # logs the traceback, answers 500

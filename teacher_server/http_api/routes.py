@@ -259,6 +259,7 @@ def _document_request_bodies(app: FastAPI) -> None:
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
+        assert app.openapi_schema is not None  # generate() stored it
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
