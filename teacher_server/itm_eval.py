@@ -169,8 +169,7 @@ class ItmQuality:
         """``auc`` (pooled), ``verb_map`` and ``top1`` (means over pairs), ``pairs``, ``sentences``."""
         if not pairs:
             return {"auc": None, "verb_map": None, "top1": None, "pairs": 0, "sentences": 0}
-        scores = np.concatenate([pair.scores for pair in pairs])
-        labels = np.concatenate([pair.labels for pair in pairs])
+        scores, labels = _pooled(pairs)
         return {
             "auc": roc_auc(scores, labels),
             "verb_map": _mean(average_precision(pair.scores, pair.labels) for pair in pairs),
@@ -184,8 +183,7 @@ class ItmQuality:
         ``completion`` at ``confidence`` (``completion_rates``; null without pairs)."""
         result: dict[str, Any] = self.metrics(self.pairs)
         if self.pairs:
-            scores = np.concatenate([pair.scores for pair in self.pairs])
-            labels = np.concatenate([pair.labels for pair in self.pairs])
+            scores, labels = _pooled(self.pairs)
             result["completion"] = {"confidence": confidence, **completion_rates(scores, labels, confidence)}
         else:
             result["completion"] = None
@@ -225,6 +223,11 @@ class ItmQuality:
                 f"of false ones, precision {_fraction(completion['precision'])}"
             )
         return "\n".join(lines)
+
+
+def _pooled(pairs: Sequence[PairRanking]) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair's candidate scores and labels, end to end."""
+    return np.concatenate([pair.scores for pair in pairs]), np.concatenate([pair.labels for pair in pairs])
 
 
 def _mean(values: Any) -> float | None:
