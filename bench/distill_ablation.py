@@ -183,6 +183,7 @@ def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[
         "max_people": 1,
         "drop_cooccurring": world.drop_cooccurring,
         "verb_label_fraction": world.verb_label_fraction,
+        "two_person_rate": 0.0,  # synthetic.json records it; the ablation's worlds have none
     }
     summary_file = root / SUMMARY_FILE
     if summary_file.is_file() and json.loads(summary_file.read_text()).get("arguments") == arguments:

@@ -44,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training split: keep verb labels on this fraction of the pairs; the rest become "
         "pairs_without_verbs (default 1)",
     )
+    parser.add_argument(
+        "--two-person-rate",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="every split: draw this fraction of the images as ambiguous scenes, two people doing different "
+        "things with two objects of one class, side by side (even with --max-people 1); synthetic.json lists "
+        "them under two_person_images (default 0)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             corpus_seed=args.corpus_seed,
             drop_cooccurring=args.drop_cooccurring,
             verb_label_fraction=args.verb_label_fraction,
+            two_person_rate=args.two_person_rate,
         )
     except ValueError as error:  # a size or a rate out of range, named by the message
         print(f"make-synthetic: {error}", file=sys.stderr)

@@ -27,10 +27,19 @@ validation and test splits stay fully labelled):
   stands for the web-scale data a vision-language teacher learned from, and only the teacher's
   fine-tuning reads it.
 
+And, in every split, ambiguity on request: ``two_person_rate`` of the images show two people
+doing different things with two objects of the same class (one rides a horse, the other holds
+or ignores another horse), side by side and far enough apart that each pair's union box, grown
+by 10 %, holds nothing of the other pair. Scoring a sentence on the whole image then differs from
+scoring it on one human-object pair; ``synthetic.json`` lists these images per split
+(``two_person_images``) for an evaluation to select them.
+
 Everything is drawn from ``numpy.random.default_rng([seed, split, image index])``; the label
 noise from a second stream ``[seed, split, image index, 1]``, so the images are the same bytes
-whatever the noise settings. The same arguments write the same bytes, independently of order.
-``synthetic.json`` at the root records the arguments and what the label noise did.
+whatever the noise settings; whether an image is a two-person one from a third,
+``[seed, split, image index, 2]``, so the other images are the same bytes whatever the rate. The
+same arguments write the same bytes, independently of order. ``synthetic.json`` at the root
+records the arguments, what the label noise did and which images are two-person ones.
 """
 
 from __future__ import annotations
@@ -129,6 +138,10 @@ def _check_interactions() -> None:
         obj = OBJECT_NAMES.index(interaction.object_name)
         for verb in interaction.verbs:
             hico_hoi_id(HICO_VERBS.index(verb), obj)
+    # A two-person ambiguous image may draw any object class and needs a second verb set for it.
+    for name in dict.fromkeys(i.object_name for i in INTERACTIONS):
+        if len({i.verbs for i in INTERACTIONS if i.object_name == name}) < 2:
+            raise ValueError(f"INTERACTIONS: {name!r} needs two interactions with different verbs")
 
 
 _check_interactions()
@@ -517,9 +530,24 @@ def _background(rng: np.random.Generator, width: int, height: int, ground: float
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
 
 
-def _sample_interaction(rng: np.random.Generator, balanced: bool = False) -> Interaction:
-    weights = np.ones(len(INTERACTIONS)) if balanced else np.array([i.weight for i in INTERACTIONS])
-    return INTERACTIONS[int(rng.choice(len(INTERACTIONS), p=weights / weights.sum()))]
+def _sample_interaction(
+    rng: np.random.Generator, balanced: bool = False, among: tuple[Interaction, ...] = INTERACTIONS
+) -> Interaction:
+    weights = np.ones(len(among)) if balanced else np.array([i.weight for i in among])
+    return among[int(rng.choice(len(among), p=weights / weights.sum()))]
+
+
+def sample_ambiguous_pair(rng: np.random.Generator, balanced: bool = False) -> tuple[Interaction, Interaction]:
+    """Two interactions with the same object class and different verb sets, in random order.
+
+    The first is drawn like any interaction (long-tailed, or uniform when ``balanced``), the
+    second among the other interactions with its object, by the same weights.
+    """
+    first = _sample_interaction(rng, balanced)
+    others = tuple(i for i in INTERACTIONS if i.object_name == first.object_name and i.verbs != first.verbs)
+    second = _sample_interaction(rng, balanced, others)
+    # Random order, so which side holds the more common interaction says nothing.
+    return (first, second) if rng.random() < 0.5 else (second, first)
 
 
 def cooccurring_triplets() -> list[tuple[str, str]]:
@@ -528,15 +556,35 @@ def cooccurring_triplets() -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def render_scene(
-    rng: np.random.Generator, image_size: int = 128, max_people: int = 2, *, balanced: bool = False
-) -> RenderedImage:
-    """Draw one random scene: 1..max_people people, each with one object, side by side.
+_WIDTH_FACTORS = (1.0, 1.125, 1.25)  # image width / height
+_MARGIN = 2.0  # px kept free at the image border and between groups
 
-    ``balanced``: every interaction equally likely (the teacher corpus), instead of the long tail.
-    """
-    height = image_size
-    width = int(image_size * float(rng.choice([1.0, 1.125, 1.25])))
+Extent = tuple[float, float, float]  # (left, right, top) of a group in its local coordinates
+
+
+def _extent(group: Group) -> Extent:
+    """(left, right, top) of what a group draws: the x range of its human-object union box."""
+    person_box, obj_box = _measure(group)
+    return min(person_box[0], obj_box[0]), max(person_box[2], obj_box[2]), min(person_box[1], obj_box[1])
+
+
+def _total_width(extents: list[Extent], gap: float) -> float:
+    """Width the groups need side by side: margins at both borders and ``gap`` between groups."""
+    # The plain layout's sum plus a term that is exactly 0.0 when gap == margin: the ordinary
+    # scenes' floats, hence their pixels, stay bit for bit what they were without ``gap``.
+    plain = sum(right - left for left, right, _ in extents) + _MARGIN * (len(extents) + 1)
+    return plain + (gap - _MARGIN) * (len(extents) - 1)
+
+
+def _fits(extents: list[Extent], width: int, height: int, gap: float) -> bool:
+    ground_max = height - _MARGIN
+    return _total_width(extents, gap) <= width and all(-top + 2 * _MARGIN <= ground_max for _, _, top in extents)
+
+
+def _fit_groups(
+    rng: np.random.Generator, width: int, height: int, max_people: int, balanced: bool
+) -> tuple[list[Group], list[Extent]]:
+    """Independent groups (1..max_people) that fit side by side in ``width`` x ``height``."""
     want = 1 if max_people < 2 or rng.random() < 0.55 else int(rng.integers(2, max_people + 1))
     # Try the requested number of people; shrink or drop people until the groups fit side by side.
     for attempt in range(12):
@@ -547,20 +595,83 @@ def render_scene(
             interaction = _sample_interaction(rng, balanced)
             person_h = float(rng.uniform(0.34, 0.46)) * height * scale / (1 + 0.25 * (count - 1))
             group = make_group(interaction, person_h, int(rng.choice([-1, 1])), rng)
-            person_box, obj_box = _measure(group)
-            left = min(person_box[0], obj_box[0])
-            right = max(person_box[2], obj_box[2])
-            top = min(person_box[1], obj_box[1])
             groups.append(group)
-            extents.append((left, right, top))
-        margin = 2.0
-        total = sum(right - left for left, right, _ in extents) + margin * (count + 1)
-        ground_max = height - margin
-        if total <= width and all(-top + 2 * margin <= ground_max for _, _, top in extents):
-            break
-    else:  # pragma: no cover - the last attempt (one small person) always fits at 128 px
-        raise RuntimeError("synthetic layout failed; image_size too small")
+            extents.append(_extent(group))
+        if _fits(extents, width, height, _MARGIN):
+            return groups, extents
+    # The last attempt (one small person) always fits at 128 px.
+    raise RuntimeError("synthetic layout failed; image_size too small")  # pragma: no cover
 
+
+def _two_person_gap(extents: list[Extent]) -> float:
+    """Space between the two groups of an ambiguous image.
+
+    A pair's union box grown by 10 % of its width on each side must not reach the other pair:
+    10 % of the wider group, plus two margins for the rounding of boxes to whole pixels.
+    """
+    return 0.1 * max(right - left for left, right, _ in extents) + 2 * _MARGIN
+
+
+def _fit_two_person(
+    rng: np.random.Generator, width: int, height: int, balanced: bool
+) -> tuple[list[Group], list[Extent], int, float]:
+    """(groups, extents, width, gap) of an ambiguous image: two people, two objects of one class.
+
+    Unlike ``_fit_groups`` it never drops a person: it widens the image to the widest of
+    ``_WIDTH_FACTORS``, then shrinks both people until they fit.
+    """
+    pair = sample_ambiguous_pair(rng, balanced)
+    for attempt in range(8):
+        scale = 1.0 - 0.08 * attempt
+        groups, extents = [], []
+        # Every pose puts the object on the person's facing side (a rider sits on it), so the left
+        # person faces right and the right one left: each object lies between its person and the
+        # other pair, and a person is always nearer their own object than the other one.
+        for interaction, facing in zip(pair, (1, -1), strict=True):
+            person_h = float(rng.uniform(0.34, 0.46)) * height * scale / 1.25
+            group = make_group(interaction, person_h, facing, rng)
+            groups.append(group)
+            extents.append(_extent(group))
+        gap = _two_person_gap(extents)
+        if _fits(extents, width, height, gap):
+            return groups, extents, width, gap
+        width = max(width, int(height * _WIDTH_FACTORS[-1]))  # widen first, then shrink
+    raise RuntimeError("synthetic two-person layout failed; image_size too small")  # pragma: no cover
+
+
+def render_scene(
+    rng: np.random.Generator,
+    image_size: int = 128,
+    max_people: int = 2,
+    *,
+    balanced: bool = False,
+    two_person: bool = False,
+) -> RenderedImage:
+    """Draw one random scene: 1..max_people people, each with one object, side by side.
+
+    ``balanced``: every interaction equally likely (the teacher corpus), instead of the long tail.
+    ``two_person``: an ambiguous scene instead, whatever ``max_people``: two people doing
+    different things (different verb sets) with two instances of one object class, left and
+    right, far enough apart that each pair's union box grown by 10 % holds nothing of the other
+    pair (``sample_ambiguous_pair``).
+    """
+    height = image_size
+    width = int(image_size * float(rng.choice(list(_WIDTH_FACTORS))))
+    if two_person:
+        groups, extents, width, gap = _fit_two_person(rng, width, height, balanced)
+    else:
+        groups, extents = _fit_groups(rng, width, height, max_people, balanced)
+        gap = _MARGIN
+    return _draw_groups(rng, width, height, groups, extents, gap)
+
+
+def _draw_groups(
+    rng: np.random.Generator, width: int, height: int, groups: list[Group], extents: list[Extent], gap: float
+) -> RenderedImage:
+    """Draw the background and the groups left to right, and write their HICO annotation."""
+    count, margin = len(groups), _MARGIN
+    total = _total_width(extents, gap)
+    ground_max = height - margin
     # Spread the free width randomly between and around the groups.
     free = width - total
     cuts = np.sort(rng.uniform(0, free, size=count))
@@ -577,7 +688,7 @@ def render_scene(
     cursor = margin
     for k, (group, (left, right, top)) in enumerate(zip(groups, extents, strict=True)):
         x0 = cursor + float(cuts[k]) - float(cuts[k - 1] if k else 0.0)
-        cursor = x0 + (right - left) + margin
+        cursor = x0 + (right - left) + gap
         ground = min(ground_max, max(-top + margin, ground_line + float(rng.uniform(-3, 3))))
         origin = (x0 - left, ground)
         shirt_rng = rng.integers(0, 1 << 30, size=3)
@@ -700,6 +811,8 @@ class SyntheticSummary:
     rare_triplets: list[str]  # in training: fewer than RARE_THRESHOLD instances (and > 0)
     noise: LabelNoise = field(default_factory=LabelNoise)
     noise_counts: NoiseCounts = field(default_factory=NoiseCounts)
+    two_person_rate: float = 0.0
+    two_person_images: dict[str, list[str]] = field(default_factory=dict)  # split -> ambiguous file names
 
     @property
     def dropped_triplets(self) -> list[str]:
@@ -711,9 +824,12 @@ class SyntheticSummary:
     def describe(self) -> str:
         lines = [f"wrote {self.root}"]
         for split in self.images:
+            ambiguous = ""
+            if self.two_person_rate > 0:
+                ambiguous = f", {len(self.two_person_images.get(split, []))} two-person (ambiguous) images"
             lines.append(
                 f"  {split}: {self.images[split]} images, {self.pairs[split]} HOI pairs, "
-                f"{len(self.triplets[split])} distinct triplets"
+                f"{len(self.triplets[split])} distinct triplets{ambiguous}"
             )
         lines.append(f"  rare triplets (< {RARE_THRESHOLD} training instances): {len(self.rare_triplets)}")
         if self.noise.active:
@@ -726,7 +842,8 @@ class SyntheticSummary:
         return "\n".join(lines)
 
     def to_json(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """``synthetic.json``: the arguments that wrote the data and what the label noise did."""
+        """``synthetic.json``: the arguments that wrote the data, what the label noise did and
+        which images are two-person ambiguous ones (``two_person_images``: split -> file names)."""
         return {
             "arguments": arguments,
             "images": self.images,
@@ -735,11 +852,29 @@ class SyntheticSummary:
             "dropped_triplets": self.dropped_triplets,
             "labels_dropped": self.noise_counts.labels_dropped,
             "pairs_without_verbs": self.noise_counts.pairs_without_verbs,
+            "two_person_images": self.two_person_images,
         }
 
 
 def _split_code(split: str) -> int:
     return SPLITS.index(split)
+
+
+def _check_rate(name: str, flag: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} ({flag}) must be in [0, 1], got {value}")
+
+
+def is_two_person_image(seed: int, split: str, index: int, rate: float) -> bool:
+    """Whether image ``index`` of ``split`` is a two-person ambiguous image at ``rate``.
+
+    Drawn from its own stream ``[seed, split, index, 2]``: the decision takes nothing from the
+    image's stream, so every other image is the same bytes whatever the rate, and one uniform draw
+    compared to the rate makes the ambiguous images at a lower rate a subset of those at a higher.
+    """
+    if rate <= 0:
+        return False
+    return bool(np.random.default_rng([seed, _split_code(split), index, 2]).random() < rate)
 
 
 def write_split(
@@ -755,12 +890,17 @@ def write_split(
     balanced: bool = False,
     noise: LabelNoise | None = None,
     noise_counts: NoiseCounts | None = None,
+    two_person_rate: float = 0.0,
+    two_person_images: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Render ``count`` images into ``root/images/<split>/`` and return their annotation entries.
 
     ``balanced``: interactions drawn uniformly (the teacher corpus). ``noise``: label noise applied
     to the entries (the images are unchanged by it); ``noise_counts`` collects what it did.
+    ``two_person_rate``: the fraction of images drawn as two-person ambiguous scenes
+    (``is_two_person_image``); ``two_person_images`` collects their file names.
     """
+    _check_rate("two_person_rate", "--two-person-rate", two_person_rate)
     from tqdm import tqdm
 
     image_dir = root / "images" / split
@@ -769,8 +909,13 @@ def write_split(
     show = count >= 200 if progress is None else progress
     for index in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=not show):
         rng = np.random.default_rng([seed, _split_code(split), index])
-        scene = render_scene(rng, image_size=image_size, max_people=max_people, balanced=balanced)
+        two_person = is_two_person_image(seed, split, index, two_person_rate)
+        scene = render_scene(
+            rng, image_size=image_size, max_people=max_people, balanced=balanced, two_person=two_person
+        )
         file_name = f"synth_{split}_{index:06d}.jpg"
+        if two_person and two_person_images is not None:
+            two_person_images.append(file_name)
         scene.image.save(image_dir / file_name, format="JPEG", quality=jpeg_quality)
         entry: dict[str, Any] = {
             "file_name": file_name,
@@ -817,6 +962,7 @@ def write_synthetic_dataset(
     corpus_seed: int | None = None,
     drop_cooccurring: float = 0.0,
     verb_label_fraction: float = 1.0,
+    two_person_rate: float = 0.0,
 ) -> SyntheticSummary:
     """Write a HICO-format dataset: ``images/{train,test}/*.jpg``, ``annotations/trainval_hico.json``,
     ``annotations/test_hico.json`` and ``annotations/corre_hico.npy`` (the real 117 x 80 table);
@@ -824,7 +970,10 @@ def write_synthetic_dataset(
     validation split for tuning, fully labelled) and ``images/corpus``,
     ``annotations/corpus_hico.json`` (the teacher's corpus: balanced interactions, fully labelled,
     drawn from ``corpus_seed``, default ``seed``). ``drop_cooccurring`` and ``verb_label_fraction``
-    thin the training split's labels (``LabelNoise``). ``synthetic.json`` records all of it.
+    thin the training split's labels (``LabelNoise``). ``two_person_rate``: this fraction of the
+    images of every split shows two people doing different things with two objects of one class
+    (``render_scene(two_person=True)``); ``synthetic.json`` lists them under ``two_person_images``.
+    ``synthetic.json`` records all of it.
 
     Same arguments, same bytes. ``progress``: tqdm bar (default: for splits of 200+ images).
     """
@@ -834,6 +983,7 @@ def write_synthetic_dataset(
             raise ValueError(f"image counts must be >= 0, got {name}={count}")
     if image_size < 64:
         raise ValueError(f"image_size must be >= 64 px for the figures to fit, got {image_size}")
+    _check_rate("two_person_rate", "--two-person-rate", two_person_rate)
     noise = LabelNoise(drop_cooccurring, verb_label_fraction)
     noise_counts = NoiseCounts()
     root = Path(out)
@@ -841,6 +991,7 @@ def write_synthetic_dataset(
     annotation_dir.mkdir(parents=True, exist_ok=True)
     splits = [split for split in SPLITS if split in ("train", "test") or counts[split] > 0]
     entries = {}
+    two_person_images: dict[str, list[str]] = {split: [] for split in splits}
     for split in splits:
         entries[split] = write_split(
             root,
@@ -853,6 +1004,8 @@ def write_synthetic_dataset(
             balanced=split == "corpus",
             noise=noise if split == "train" else None,
             noise_counts=noise_counts,
+            two_person_rate=two_person_rate,
+            two_person_images=two_person_images[split],
         )
         with (annotation_dir / ANNOTATION_FILES[split]).open("w") as handle:
             json.dump(entries[split], handle, separators=(",", ":"))
@@ -860,7 +1013,17 @@ def write_synthetic_dataset(
     triplets = {split: _triplets(entries[split]) for split in splits}
     pairs = {split: sum(_pair_count(e) for e in entries[split]) for split in splits}
     rare = sorted(name for name, n in triplets["train"].items() if n < RARE_THRESHOLD)
-    summary = SyntheticSummary(root, {s: len(entries[s]) for s in splits}, pairs, triplets, rare, noise, noise_counts)
+    summary = SyntheticSummary(
+        root,
+        {s: len(entries[s]) for s in splits},
+        pairs,
+        triplets,
+        rare,
+        noise,
+        noise_counts,
+        two_person_rate,
+        two_person_images,
+    )
     arguments = {
         "train": train,
         "test": test,
@@ -872,6 +1035,7 @@ def write_synthetic_dataset(
         "max_people": max_people,
         "drop_cooccurring": drop_cooccurring,
         "verb_label_fraction": verb_label_fraction,
+        "two_person_rate": two_person_rate,
     }
     (root / SUMMARY_FILE).write_text(json.dumps(summary.to_json(arguments), indent=1) + "\n")
     return summary

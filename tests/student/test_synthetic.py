@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from student.__main__ import main as student_main
 from student.data.hoi_dataset import HOIDataset
 from student.data.synthetic import (
+    ANNOTATION_FILES,
     INTERACTIONS,
     RARE_THRESHOLD,
     Recorder,
@@ -20,6 +21,7 @@ from student.data.synthetic import (
     draw_person,
     make_group,
     render_scene,
+    sample_ambiguous_pair,
     write_synthetic_dataset,
 )
 from teacher_server.hoi.annotations import load_annotations, load_correspondence
@@ -305,3 +307,113 @@ def test_command_line_world_options(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "corpus: 3 images" in output and "val: 2 images" in output
     assert "co-occurring verb labels dropped" in output and "pairs without verbs" in output
+
+
+# -- ambiguity: two people, two objects of one class, different verbs ----------------------------
+
+
+def union(a, b) -> list[float]:
+    return [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])]
+
+
+def grown(box, fraction=0.1) -> list[float]:
+    """``box`` grown by ``fraction`` of its width / height on every side."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    return [box[0] - fraction * w, box[1] - fraction * h, box[2] + fraction * w, box[3] + fraction * h]
+
+
+def box_distance(a, b) -> float:
+    """Shortest distance between two boxes (0 when they touch or overlap)."""
+    dx = max(0.0, max(a[0], b[0]) - min(a[2], b[2]))
+    dy = max(0.0, max(a[1], b[1]) - min(a[3], b[3]))
+    return float(np.hypot(dx, dy))
+
+
+@pytest.fixture(scope="module")
+def ambiguous(tmp_path_factory):
+    """Every image a two-person one (rate 1), at the smallest image size, in every split."""
+    root = tmp_path_factory.mktemp("ambiguous")
+    summary = write_synthetic_dataset(
+        root, 16, 8, val=4, corpus=8, seed=5, image_size=64, max_people=1, two_person_rate=1.0, progress=False
+    )
+    return root, summary
+
+
+def test_two_person_images_have_two_pairs_of_one_class_with_different_verbs(ambiguous):
+    root, summary = ambiguous
+    for split in ("train", "test", "val", "corpus"):
+        entries = entries_of(root, split)
+        assert summary.two_person_images[split] == [e["file_name"] for e in entries]
+        # The reader takes the files with every check, and sees each pair with its own instance.
+        annotations = load_annotations(
+            root / "annotations" / ANNOTATION_FILES[split], "hico", image_root=root / "images" / split
+        )
+        for annotation in annotations:
+            pairs = sorted(annotation.pairs(), key=lambda pair: pair.subject)
+            assert [int(annotation.labels[i]) for i in range(4)].count(0) == 2  # two humans
+            assert [(p.subject, p.object) for p in pairs] == [(0, 1), (2, 3)]  # each its own object
+            classes = {int(annotation.labels[p.object]) for p in pairs}
+            assert len(classes) == 1 and 0 not in classes  # one object class, two instances
+            assert set(pairs[0].verbs) != set(pairs[1].verbs)
+            boxes = [np.asarray(box, dtype=float) for box in annotation.boxes]
+            for own, other in ((0, 2), (2, 0)):
+                person, obj = boxes[own], boxes[own + 1]
+                # Nearer its own object than the other one (box to box: a flown kite is high
+                # above its person, so box centres can be nearer the other, held kite).
+                assert box_distance(person, obj) < box_distance(person, boxes[other + 1])
+                # The pair's union box grown by 10 % holds nothing of the other pair.
+                region = grown(union(person, obj))
+                assert overlap(region, boxes[other]) == 0 and overlap(region, boxes[other + 1]) == 0
+    assert "train: 16 images" in summary.describe() and "16 two-person (ambiguous) images" in summary.describe()
+
+
+def test_ambiguous_pairs_cover_every_object_class():
+    rng = np.random.default_rng(0)
+    drawn = [sample_ambiguous_pair(rng, balanced=True) for _ in range(200)]
+    assert all(a.object_name == b.object_name and a.verbs != b.verbs for a, b in drawn)
+    assert {a.object_name for a, _ in drawn} == {i.object_name for i in INTERACTIONS}
+    # Random order: the pair's first-drawn (long-tail) interaction is not always on the left.
+    assert 0.3 <= np.mean([a.weight >= b.weight for a, b in drawn]) <= 0.7
+
+
+def test_two_person_rate_zero_changes_nothing_and_other_images_keep_their_bytes(small, tmp_path):
+    root, _ = small
+    write_synthetic_dataset(tmp_path / "zero", train=40, test=12, seed=3, progress=False, two_person_rate=0.0)
+    assert files_of(tmp_path / "zero") == files_of(root)
+    # At rate 0.5 about half the images are two-person ones: Binomial(60, 0.5), sd 3.9, [17, 43]
+    # is about 3.3 sd either side. The others are the same bytes as at rate 0 (own random stream).
+    summary = write_synthetic_dataset(tmp_path / "half", train=40, test=20, seed=3, progress=False, two_person_rate=0.5)
+    chosen = summary.two_person_images
+    assert 17 <= len(chosen["train"]) + len(chosen["test"]) <= 43
+    recorded = json.loads((tmp_path / "half" / "synthetic.json").read_text())
+    assert recorded["arguments"]["two_person_rate"] == 0.5 and recorded["two_person_images"] == chosen
+    for split in ("train", "test"):
+        entries = entries_of(tmp_path / "half", split)
+        for entry in entries:
+            people = sum(1 for box in entry["annotations"] if box["category_id"] == 1)
+            assert (people == 2) if entry["file_name"] in chosen[split] else people in (1, 2)
+        if split == "train":  # the small fixture has the same 40 training images at rate 0
+            same = [
+                name
+                for name in (e["file_name"] for e in entries)
+                if (tmp_path / "half" / "images" / split / name).read_bytes()
+                == (root / "images" / split / name).read_bytes()
+            ]
+            assert sorted(same + chosen[split]) == sorted(e["file_name"] for e in entries)
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_two_person_rate_is_checked(tmp_path, rate):
+    with pytest.raises(ValueError, match=r"two_person_rate \(--two-person-rate\) must be in \[0, 1\]"):
+        write_synthetic_dataset(tmp_path, 2, 1, progress=False, two_person_rate=rate)
+
+
+def test_command_line_two_person_rate(tmp_path, capsys):
+    argv = ["make-synthetic", "--out", str(tmp_path), "--train", "3", "--test", "2", "--image-size", "64"]
+    assert student_main([*argv, "--two-person-rate", "1", "--no-progress"]) == 0
+    assert "train: 3 images" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "synthetic.json").read_text())
+    assert recorded["arguments"]["two_person_rate"] == 1.0
+    assert recorded["two_person_images"]["test"] == ["synth_test_000000.jpg", "synth_test_000001.jpg"]
+    assert student_main([*argv, "--two-person-rate", "2", "--no-progress"]) == 2
+    assert "--two-person-rate" in capsys.readouterr().err
