@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from teacher_server.engine import ImageSentences, ItmScore, PreparedImage
 from teacher_server.errors import ImageRequiredError, OverloadedError
+from teacher_server.hoi.region import Region, view_id
 from teacher_server.metrics import ServiceMetrics
 
 if TYPE_CHECKING:
@@ -47,11 +48,17 @@ class ShuttingDownError(OverloadedError):
 
 @dataclass(frozen=True)
 class BatchItem:
-    """Work for the engine: sentences to score against one image (``image=None``: by digest only)."""
+    """Work for the engine: sentences to score against one image view (``image=None``: by digest
+    only); ``region`` names the human-object pair, None the whole image."""
 
     digest: str
     image: PreparedImage | None
     sentences: tuple[str, ...]
+    region: Region | None = None
+
+    @property
+    def view(self) -> str:
+        return view_id(self.digest, self.region)
 
 
 @dataclass(eq=False)
@@ -77,7 +84,7 @@ class _Replica:
 
 @dataclass(frozen=True)
 class _CallResult:
-    scores: dict[str, dict[str, ItmScore]]  # digest -> sentence -> score
+    scores: dict[str, dict[str, ItmScore]]  # view id -> sentence -> score
     image_required: frozenset[str]
     images_encoded: int
     sentences_scored: int
@@ -278,15 +285,17 @@ class DynamicBatcher:
         start = loop.time()
         for queued in batch:
             self.metrics.queue_seconds.observe(start - queued.enqueued_at)
-        # One engine request per digest: the union of its sentences (the engine deduplicates too).
+        # One engine request per view: the union of its sentences (the engine deduplicates too).
         images: dict[str, PreparedImage | None] = {}
         sentences: dict[str, dict[str, None]] = {}
+        first: dict[str, BatchItem] = {}
         for queued in batch:
             item = queued.item
-            if images.get(item.digest) is None:
-                images[item.digest] = item.image
-            sentences.setdefault(item.digest, {}).update(dict.fromkeys(item.sentences))
-        requests = [ImageSentences(d, images[d], tuple(sentences[d])) for d in images]
+            first.setdefault(item.view, item)
+            if images.get(item.view) is None:
+                images[item.view] = item.image
+            sentences.setdefault(item.view, {}).update(dict.fromkeys(item.sentences))
+        requests = [ImageSentences(first[v].digest, images[v], tuple(sentences[v]), first[v].region) for v in images]
         self.metrics.batch_sentences.observe(sum(len(r.sentences) for r in requests))
         try:
             result = await loop.run_in_executor(replica.executor, _score_call, replica.engine, requests)
@@ -307,10 +316,10 @@ class DynamicBatcher:
         for queued in batch:
             if queued.future.done():  # its request gave up while the engine ran
                 continue
-            if queued.item.digest in result.image_required:
-                queued.future.set_exception(ImageRequiredError(queued.item.digest))
+            if queued.item.view in result.image_required:
+                queued.future.set_exception(ImageRequiredError(queued.item.view))
             else:
-                table = result.scores[queued.item.digest]
+                table = result.scores[queued.item.view]
                 queued.future.set_result([table[s] for s in queued.item.sentences])
 
     def _learn_speed(self, result: _CallResult) -> None:
@@ -325,8 +334,8 @@ def _score_call(engine: ItmEngine, requests: list[ImageSentences]) -> _CallResul
     """Runs in the replica's thread: one ``engine.score`` call, digest-only items it cannot serve
     set aside (answered "image required") instead of failing the whole batch."""
     started = time.perf_counter()
-    required = {r.digest for r in requests if r.image is None and not engine.has_image(r.digest)}
-    todo = [r for r in requests if r.digest not in required]
+    required = {r.view for r in requests if r.image is None and not engine.has_image(r.digest, r.region)}
+    todo = [r for r in requests if r.view not in required]
     encoded_before, scored_before = engine.stats.images_encoded, engine.stats.sentences_scored
     results: list[list[ItmScore]] = []
     while todo:
@@ -335,9 +344,9 @@ def _score_call(engine: ItmEngine, requests: list[ImageSentences]) -> _CallResul
             break
         except ImageRequiredError as error:  # evicted between has_image and score: set it aside
             required.add(error.digest)
-            todo = [r for r in todo if r.digest != error.digest]
+            todo = [r for r in todo if r.view != error.digest]
     return _CallResult(
-        scores={r.digest: dict(zip(r.sentences, row, strict=True)) for r, row in zip(todo, results, strict=True)},
+        scores={r.view: dict(zip(r.sentences, row, strict=True)) for r, row in zip(todo, results, strict=True)},
         image_required=frozenset(required),
         images_encoded=engine.stats.images_encoded - encoded_before,
         sentences_scored=engine.stats.sentences_scored - scored_before,

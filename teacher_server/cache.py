@@ -7,8 +7,11 @@ Layout (see ``docs/cache.md``): one Redis hash per (model fingerprint, image dig
     value = struct '<ff' = (match_logit, match_prob), 8 bytes little-endian float32
 
 The braces are a Redis Cluster hash tag: all sentences of one image live in one slot, and one
-``HMGET`` reads them. Values are parsed with ``struct`` only (never unpickled); anything that is
-not 8 bytes of two finite floats with a probability in [0, 1] reads as a miss.
+``HMGET`` reads them. A human-object region of the image (``teacher_server.hoi.region``) has its
+own hash, ``...:{<digest>}:r=<canonical region>`` (eight whole pixels): in the image's slot, and
+never confused with the whole image's or another region's scores. Values are parsed with
+``struct`` only (never unpickled); anything that is not 8 bytes of two finite floats with a
+probability in [0, 1] reads as a miss.
 
 Redis is an accelerator, never a dependency: when it is unreachable, lookups answer "all miss",
 writes are dropped, the outage is logged once and counted, and Redis is tried again after a
@@ -42,7 +45,7 @@ import redis.asyncio
 from redis import exceptions as redis_errors
 from redis.backoff import NoBackoff
 
-from teacher_server.hoi.digest import is_digest
+from teacher_server.hoi.region import split_view
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +72,32 @@ class CachedScore:
     match_prob: float
 
 
-# A lookup: (image digest, sentences) -> one result per sentence, None = miss.
+# A lookup: (image view id, sentences) -> one result per sentence, None = miss. A view id is the
+# image digest, or ``<digest>/<canonical region>`` for one human-object pair (``view_id``).
 Query = tuple[str, Sequence[str]]
-# A write: (image digest, sentence -> score).
+# A write: (image view id, sentence -> score).
 Entry = tuple[str, Mapping[str, Any]]
 
 
 # --------------------------------------------------------------------------------------- codec
-def score_key(fingerprint: str, digest: str) -> str:
-    """The Redis key of one image's scores under one model fingerprint.
+def score_key(fingerprint: str, view: str) -> str:
+    """The Redis key of one image view's scores under one model fingerprint.
 
     ``fingerprint``: the engine's short model hash ([0-9A-Za-z._-], at most 64 characters; no
-    braces or colons, so the digest is the only hash tag). ``digest``: 64 lowercase hex.
+    braces or colons, so the digest is the only hash tag). ``view``: the image digest (64
+    lowercase hex), or ``<digest>/<canonical region>`` for one human-object pair of it.
     """
     if not _FINGERPRINT.fullmatch(fingerprint):
         raise ValueError(f"fingerprint {fingerprint!r} must be 1-64 characters of [0-9A-Za-z._-]")
-    if not is_digest(digest):
-        raise ValueError(f"digest {digest!r} must be a SHA-256 hex digest (64 lowercase hex characters)")
-    return f"{KEY_PREFIX}:{fingerprint}:{{{digest}}}"
+    try:
+        digest, region = split_view(view)
+    except ValueError:
+        raise ValueError(
+            f"digest {view!r:.140} must be a SHA-256 hex digest (64 lowercase hex characters), "
+            "optionally followed by '/' and a canonical region"
+        ) from None
+    key = f"{KEY_PREFIX}:{fingerprint}:{{{digest}}}"
+    return key if region is None else f"{key}:r={region}"
 
 
 def sentence_field(sentence: str) -> bytes:

@@ -32,8 +32,24 @@ from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2 as pb
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.digest import image_digest
+from teacher_server.hoi.region import Region
 
 ImageSource = bytes | str | os.PathLike
+# A human-object pair: a Region, or its eight numbers (human x1, y1, x2, y2, object x1, y1, x2, y2).
+RegionSource = Region | Sequence[float] | None
+
+
+def as_region(source: RegionSource, *, field: str = "region") -> Region | None:
+    """A ``Region`` from what a caller passed (None stays None); ``InvalidInputError`` names ``field``."""
+    if source is None or isinstance(source, Region):
+        return source
+    return Region.from_values(source, field=field)
+
+
+def _region_message(region: Region | None) -> pb.Region | None:
+    return None if region is None else pb.Region(human_box=region.human, object_box=region.object)
+
+
 PemSource = bytes | str | os.PathLike
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -62,6 +78,9 @@ class ModelInfo:
     dtype: str
     limits: dict[str, int]
     ready: bool
+    region_policy: str = ""
+    """How the teacher shows an item's region (``crop:margin=0.1``, ``mask:dim=0.8``); "" = an
+    older teacher that knows no regions."""
 
 
 class TeacherRpcError(TeacherError):
@@ -161,6 +180,7 @@ def _model_info(response: pb.GetModelInfoResponse) -> ModelInfo:
         response.dtype,
         limits,
         response.ready,
+        response.region_policy,
     )
 
 
@@ -195,6 +215,7 @@ class _ScoreJob:
     blobs: list[bytes]
     digests: list[str]
     sentences: list[tuple[str, ...]]
+    regions: list[Region | None]
     per_request: int
     max_message_bytes: int
     results: list[list[TeacherScore] | None] = field(default_factory=list)
@@ -206,9 +227,14 @@ class _ScoreJob:
         sentences: Sequence[Sequence[str]],
         per_request: int,
         max_bytes: int,
+        regions: Sequence[RegionSource] | None = None,
     ) -> _ScoreJob:
         if len(images) != len(sentences):
             raise ValueError(f"{len(images)} images but {len(sentences)} sentence lists: one list per image")
+        if regions is None:
+            regions = [None] * len(images)
+        if len(regions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(regions)} regions: one region (or None) per image")
         texts = []
         for index, group in enumerate(sentences):
             if isinstance(group, str):
@@ -217,7 +243,8 @@ class _ScoreJob:
         blobs = [load_image(image, index) for index, image in enumerate(images)]
         digests = [image_digest(blob) for blob in blobs]
         results: list[list[TeacherScore] | None] = [[] if not group else None for group in texts]
-        return cls(blobs, digests, texts, max(1, per_request), max_bytes, results)
+        parsed = [as_region(region, field=f"regions[{index}]") for index, region in enumerate(regions)]
+        return cls(blobs, digests, texts, parsed, max(1, per_request), max_bytes, results)
 
     def _request(self, indices: Sequence[int], with_bytes: bool) -> pb.ScoreRequest:
         return pb.ScoreRequest(
@@ -226,6 +253,7 @@ class _ScoreJob:
                     digest=self.digests[i],
                     image=self.blobs[i] if with_bytes else b"",
                     sentences=self.sentences[i],
+                    region=_region_message(self.regions[i]),
                 )
                 for i in indices
             ]
@@ -410,10 +438,15 @@ class TeacherClient:
         sentences: Sequence[Sequence[str]],
         *,
         timeout_s: float | None = None,
+        regions: Sequence[RegionSource] | None = None,
     ) -> list[list[TeacherScore]]:
-        """Scores of ``sentences[i][j]`` against ``images[i]`` (bytes or a file path), as ``[i][j]``."""
+        """Scores of ``sentences[i][j]`` against ``images[i]`` (bytes or a file path), as ``[i][j]``.
+
+        ``regions[i]`` (optional): score image i's sentences on that human-object pair instead of
+        the whole image (a ``Region`` or eight numbers in pixels of the image; None = whole image).
+        """
         deadline = self._config.deadline(timeout_s)
-        job = _ScoreJob.build(images, sentences, self._per_request(deadline), self._config.max_message_bytes)
+        job = _ScoreJob.build(images, sentences, self._per_request(deadline), self._config.max_message_bytes, regions)
         for indices, request in job.digest_requests():
             missing = job.accept(indices, self._call(self._stub.Score, request, deadline), with_bytes=False)
             for resend, with_bytes in job.byte_requests(missing):
@@ -597,14 +630,16 @@ class AsyncTeacherClient:
         sentences: Sequence[Sequence[str]],
         *,
         timeout_s: float | None = None,
+        regions: Sequence[RegionSource] | None = None,
     ) -> list[list[TeacherScore]]:
-        """Scores of ``sentences[i][j]`` against ``images[i]`` (bytes or a file path), as ``[i][j]``.
+        """Scores of ``sentences[i][j]`` against ``images[i]`` (bytes or a file path), as ``[i][j]``;
+        ``regions`` as in ``TeacherClient.score``.
 
         The requests of one call run concurrently.
         """
         deadline = self._config.deadline(timeout_s)
         per_request = await self._per_request(deadline)
-        job = _ScoreJob.build(images, sentences, per_request, self._config.max_message_bytes)
+        job = _ScoreJob.build(images, sentences, per_request, self._config.max_message_bytes, regions)
 
         async def run(indices: list[int], request: pb.ScoreRequest) -> None:
             missing = job.accept(indices, await self._send(request, deadline), with_bytes=False)

@@ -5,8 +5,10 @@ for every (image, sentence) pair and projects the image tokens into cross-attent
 values again for every sentence. HOI distillation scores many sentences per image, so this
 engine splits the work by what it depends on:
 
-- per distinct image: decode, preprocess, run the vision encoder (kept in an LRU by digest), and
-  project the image tokens to the cross-attention keys/values of every text layer;
+- per distinct image *view* (the whole image, or one human-object region of it rendered by the
+  region policy, ``teacher_server.hoi.region``): decode, preprocess, run the vision encoder (kept
+  in an LRU by view id), and project the image tokens to the cross-attention keys/values of
+  every text layer;
 - per distinct sentence: tokenize (memoised);
 - per (image, sentence): the text layers with those precomputed keys/values, length-bucketed
   into micro-batches; the last layer only for the first token, the only one the ITM head reads.
@@ -21,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import threading
 import warnings
@@ -37,6 +40,7 @@ from torch import Tensor
 
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
 from teacher_server.hoi.digest import image_digest
+from teacher_server.hoi.region import REGION_POLICIES, Region, render_region, view_id
 from teacher_server.precision import (
     DTYPE_NAMES,
     Capability,
@@ -80,6 +84,18 @@ class EngineSettings:
     """Images per vision-encoder batch."""
     kv_chunk_images: int = 8
     """Images whose cross-attention keys/values are held at once (bounds memory)."""
+    region_policy: str = "crop"
+    """How an item's human-object region is shown to BLIP: ``crop`` (the union box) or ``mask``."""
+    region_margin: float = 0.1
+    """``crop``: the union box grows by this fraction of its width and height on each side."""
+    region_dim: float = 0.8
+    """``mask``: pixels outside both boxes are blended towards grey by this much (0..1)."""
+
+    def region_description(self) -> str:
+        """The region policy and its parameter, as the fingerprint and ``GetModelInfo`` name it."""
+        if self.region_policy == "crop":
+            return f"crop:margin={self.region_margin:g}"
+        return f"mask:dim={self.region_dim:g}"
 
 
 @dataclass(frozen=True)
@@ -92,19 +108,36 @@ class ItmScore:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """A decoded, validated, preprocessed image, ready for the vision encoder."""
+    """A decoded, validated, preprocessed view of an image, ready for the vision encoder.
+
+    ``region=None``: the whole image; else the pair as the engine's region policy renders it.
+    """
 
     digest: str
     pixel_values: Tensor  # (1, 3, S, S) float32, on CPU
+    region: Region | None = None
+
+    @property
+    def view(self) -> str:
+        return view_id(self.digest, self.region)
 
 
 @dataclass(frozen=True)
 class ImageSentences:
-    """Sentences to score against one image; ``image=None`` = use the embedding held by digest."""
+    """Sentences to score against one image view; ``image=None`` = use the embedding held by view.
+
+    ``region``: score on this human-object pair of the image (``image``, when given, must be the
+    view prepared for it); None = the whole image.
+    """
 
     digest: str
     image: PreparedImage | None
     sentences: Sequence[str]
+    region: Region | None = None
+
+    @property
+    def view(self) -> str:
+        return view_id(self.digest, self.region)
 
 
 @dataclass
@@ -161,7 +194,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class VisionCache:
-    """LRU of vision embeddings by image digest, bounded in megabytes. Thread-safe."""
+    """LRU of vision embeddings by view id (``view_id``: digest, or digest and region), bounded in
+    megabytes. Thread-safe."""
 
     def __init__(self, capacity_mb: float) -> None:
         self.capacity_bytes = int(capacity_mb * 1024 * 1024)
@@ -366,6 +400,7 @@ class ItmEngine:
         settings: EngineSettings | None = None,
     ) -> None:
         self.settings = settings or EngineSettings()
+        _check_region_settings(self.settings)
         self.device = resolve_device(self.settings.device)
         self.dtype = resolve_dtype(self.settings.dtype, self.device)
         # Any: BLIP's submodules are walked by name (text_encoder.encoder.layer), which torch's
@@ -414,6 +449,9 @@ class ItmEngine:
             "rescale": getattr(image_processor, "rescale_factor", None),
             "itm_start_token": self.settings.itm_start_token,
             "dtype": dtype_name(self.dtype),
+            # Changes every region's score (not the whole image's, but one hash is simpler to
+            # reason about than a second, per-region fingerprint).
+            "region": self.settings.region_description(),
         }
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
@@ -427,20 +465,60 @@ class ItmEngine:
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
             "itm_start_token": self.settings.itm_start_token,
+            "region_policy": self.settings.region_description(),
             "limits": {k: v for k, v in asdict(self.settings).items() if k.startswith("max_")},
         }
 
     # ------------------------------------------------------------------------------ validation
-    def prepare_image(self, data: bytes, *, digest: str | None = None, field: str = "image") -> PreparedImage:
-        """Decode, check limits and preprocess image file bytes (on CPU)."""
+    def prepare_image(
+        self,
+        data: bytes,
+        *,
+        digest: str | None = None,
+        field: str = "image",
+        region: Region | None = None,
+        region_field: str = "region",
+    ) -> PreparedImage:
+        """Decode, check limits and preprocess image file bytes (on CPU): the whole image, or the
+        view of ``region`` (refused, naming ``region_field``, when it reaches outside the image)."""
+        (prepared,) = self.prepare_views(data, [region], digest=digest, field=field, region_fields=[region_field])
+        return prepared
+
+    def prepare_views(
+        self,
+        data: bytes,
+        regions: Sequence[Region | None],
+        *,
+        digest: str | None = None,
+        field: str = "image",
+        region_fields: Sequence[str] | None = None,
+    ) -> list[PreparedImage]:
+        """One decode, one prepared view per entry of ``regions`` (None = the whole image)."""
         image = decode_image(
             bytes(data),
             max_bytes=self.settings.max_image_bytes,
             max_pixels=self.settings.max_image_pixels,
             field=field,
         )
-        pixel_values = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        return PreparedImage(digest=digest or image_digest(bytes(data)), pixel_values=pixel_values)
+        digest = digest or image_digest(bytes(data))
+        names = list(region_fields) if region_fields is not None else ["region"] * len(regions)
+        views = []
+        for region, name in zip(regions, names, strict=True):
+            if region is not None:
+                region.check_inside(*image.size, field=name)
+            views.append(PreparedImage(digest, self.preprocess(self.render(image, region)), region))
+        return views
+
+    def render(self, image: Image.Image, region: Region | None) -> Image.Image:
+        """What the model is shown of ``region`` of the decoded RGB ``image`` (the image itself for None)."""
+        if region is None:
+            return image
+        s = self.settings
+        return render_region(image, region, policy=s.region_policy, margin=s.region_margin, dim=s.region_dim)
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """BLIP's processor: (1, 3, S, S) float32 pixel values."""
+        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
 
     def check_sentences(self, sentences: Sequence[str], *, field: str = "sentences") -> None:
         """Refuse non-strings, empty sentences and sentences over the token limit."""
@@ -462,9 +540,9 @@ class ItmEngine:
                     name, f"sentence is {count} tokens (with [CLS] and [SEP]), over the limit of {limit} tokens"
                 )
 
-    def has_image(self, digest: str) -> bool:
-        """Whether the vision embedding of this digest is held (a digest-only request can use it)."""
-        return digest in self.vision_cache
+    def has_image(self, digest: str, region: Region | None = None) -> bool:
+        """Whether the vision embedding of this view is held (a digest-only request can use it)."""
+        return view_id(digest, region) in self.vision_cache
 
     def _token_ids(self, sentence: str) -> tuple[int, ...]:
         with self._tokenizer_lock:
@@ -483,47 +561,53 @@ class ItmEngine:
     def score(self, requests: Sequence[ImageSentences]) -> list[list[ItmScore]]:
         """Score every sentence of every request against its image; one call is one batch."""
         embeddings = self._vision_embeddings(requests)
-        pairs = list(dict.fromkeys((r.digest, s) for r in requests for s in r.sentences))
+        # Keyed by view: a region of an image is another "image" to everything below.
+        pairs = list(dict.fromkeys((r.view, s) for r in requests for s in r.sentences))
         scores: dict[tuple[str, str], ItmScore] = {}
-        digests = list(dict.fromkeys(digest for digest, _ in pairs))
-        for start in range(0, len(digests), self.settings.kv_chunk_images):
-            chunk = digests[start : start + self.settings.kv_chunk_images]
-            slot = {digest: index for index, digest in enumerate(chunk)}
+        views = list(dict.fromkeys(view for view, _ in pairs))
+        for start in range(0, len(views), self.settings.kv_chunk_images):
+            chunk = views[start : start + self.settings.kv_chunk_images]
+            slot = {view: index for index, view in enumerate(chunk)}
             keys_values = self._cross_attention_kv(torch.cat([embeddings[d] for d in chunk]))
-            chunk_pairs = [(digest, sentence) for digest, sentence in pairs if digest in slot]
+            chunk_pairs = [(view, sentence) for view, sentence in pairs if view in slot]
             for batch in self._length_buckets(chunk_pairs):
                 batch.sort(key=lambda pair: slot[pair[0]])  # rows of one image adjacent
                 logits = self._itm_logits(
                     [self._itm_token_ids(sentence) for _, sentence in batch],
-                    [slot[digest] for digest, _ in batch],
+                    [slot[view] for view, _ in batch],
                     keys_values,
                 )
                 for pair, (logit, prob) in zip(batch, _margin_and_prob(logits), strict=True):
                     scores[pair] = ItmScore(logit, prob)
         self.stats.add(sentences_scored=len(pairs), pairs_scored=sum(len(r.sentences) for r in requests))
-        return [[scores[(r.digest, s)] for s in r.sentences] for r in requests]
+        return [[scores[(r.view, s)] for s in r.sentences] for r in requests]
 
     def _vision_embeddings(self, requests: Sequence[ImageSentences]) -> dict[str, Tensor]:
-        """Embedding per distinct digest: from the LRU, else encoded (in vision batches)."""
-        given = {r.digest: r.image for r in requests if r.image is not None}
+        """Embedding per distinct view: from the LRU, else encoded (in vision batches)."""
+        given: dict[str, PreparedImage] = {}
+        for r in requests:
+            if r.image is not None:
+                if r.image.view != r.view:
+                    raise ValueError(f"an item for view {r.view} carries the image prepared for {r.image.view}")
+                given[r.view] = r.image
         embeddings: dict[str, Tensor] = {}
         to_encode: list[PreparedImage] = []
-        for digest in dict.fromkeys(r.digest for r in requests):
-            held = self.vision_cache.get(digest)
+        for view in dict.fromkeys(r.view for r in requests):
+            held = self.vision_cache.get(view)
             if held is not None:
-                embeddings[digest] = held  # a reference: later eviction cannot take it from us
-            elif digest in given:
-                to_encode.append(given[digest])
+                embeddings[view] = held  # a reference: later eviction cannot take it from us
+            elif view in given:
+                to_encode.append(given[view])
             else:
-                raise ImageRequiredError(digest)
+                raise ImageRequiredError(view)
         for start in range(0, len(to_encode), self.settings.vision_batch_size):
             batch = to_encode[start : start + self.settings.vision_batch_size]
             pixels = torch.cat([image.pixel_values for image in batch]).to(self.device, self.dtype)
             hidden = self.model.vision_model(pixel_values=pixels).last_hidden_state  # (B, N, Dv)
             for image, embedding in zip(batch, hidden, strict=True):
                 embedding = embedding.unsqueeze(0).clone()
-                embeddings[image.digest] = embedding
-                self.vision_cache.put(image.digest, embedding)
+                embeddings[image.view] = embedding
+                self.vision_cache.put(image.view, embedding)
         self.stats.add(images_encoded=len(to_encode), vision_cache_hits=len(embeddings) - len(to_encode))
         return embeddings
 
@@ -642,6 +726,17 @@ class ItmEngine:
         """
         context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
         return context.transpose(-3, -2).flatten(-2)
+
+
+def _check_region_settings(settings: EngineSettings) -> None:
+    if settings.region_policy not in REGION_POLICIES:
+        raise ModelLoadError(
+            f"region_policy must be one of {', '.join(REGION_POLICIES)}, got {settings.region_policy!r}"
+        )
+    if not (math.isfinite(settings.region_margin) and 0.0 <= settings.region_margin <= 2.0):
+        raise ModelLoadError(f"region_margin must be within 0..2, got {settings.region_margin}")
+    if not (math.isfinite(settings.region_dim) and 0.0 <= settings.region_dim <= 1.0):
+        raise ModelLoadError(f"region_dim must be within 0..1, got {settings.region_dim}")
 
 
 def _runs(values: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -27,6 +27,7 @@ from teacher_server.errors import (
     TeacherError,
 )
 from teacher_server.hoi.digest import image_digest
+from teacher_server.hoi.region import Region
 from teacher_server.service import ScoreItem, ShuttingDownError
 
 if TYPE_CHECKING:
@@ -144,13 +145,26 @@ def undecodable_failure(request: Undecodable) -> RpcFailure:
 
 
 def score_items(request: pb.ScoreRequest) -> list[ScoreItem]:
-    """Protobuf items -> service items; a missing digest is computed from the bytes sent."""
+    """Protobuf items -> service items; a missing digest is computed from the bytes sent.
+
+    Raises ``InvalidInputError`` for a malformed region (named ``items[i].region.human_box``...).
+    """
     items = []
-    for item in request.items:
+    for index, item in enumerate(request.items):
         image = bytes(item.image) or None
         digest = item.digest or (image_digest(image) if image is not None else "")
-        items.append(ScoreItem(digest=digest, image=image, sentences=tuple(item.sentences)))
+        region = _region(item.region, f"items[{index}].region") if item.HasField("region") else None
+        items.append(ScoreItem(digest=digest, image=image, sentences=tuple(item.sentences), region=region))
     return items
+
+
+def _region(message: pb.Region, field: str) -> Region:
+    for name in ("human_box", "object_box"):
+        if len(getattr(message, name)) != 4:
+            raise InvalidInputError(
+                f"{field}.{name}", f"expected 4 values [x1, y1, x2, y2], got {len(getattr(message, name))}"
+            )
+    return Region.from_values([*message.human_box, *message.object_box], field=field)
 
 
 def score_response(request_id: str, results: Sequence[ItemResult]) -> pb.ScoreResponse:
@@ -175,6 +189,7 @@ def model_info_response(info: dict[str, Any], ready: bool) -> pb.GetModelInfoRes
         fingerprint=str(info.get("fingerprint", "")),
         itm_start_token=str(info.get("itm_start_token", "")),
         dtype=str(info.get("dtype", "")),
+        region_policy=str(info.get("region_policy", "")),
         limits=pb.Limits(**known_limits),
         ready=ready,
     )

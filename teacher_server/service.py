@@ -36,6 +36,7 @@ from teacher_server.cache import (
 from teacher_server.engine import EngineSettings, ItmEngine, ItmScore, PreparedImage
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
 from teacher_server.hoi.digest import image_digest, is_digest
+from teacher_server.hoi.region import Region, view_id
 from teacher_server.metrics import ServiceMetrics
 from teacher_server.settings import ServerSettings
 
@@ -55,11 +56,17 @@ LIMIT_FIELDS = (
 
 @dataclass(frozen=True)
 class ScoreItem:
-    """One image of a request: its SHA-256 hex digest, optionally its file bytes, and sentences."""
+    """One image of a request: its SHA-256 hex digest, optionally its file bytes, and sentences;
+    with ``region``, the sentences are scored on that human-object pair of the image."""
 
     digest: str
     image: bytes | None
     sentences: tuple[str, ...]
+    region: Region | None = None
+
+    @property
+    def view(self) -> str:
+        return view_id(self.digest, self.region)
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,9 @@ def engine_settings(settings: ServerSettings, device: str) -> EngineSettings:
         max_image_pixels=settings.max_image_pixels,
         max_sentence_tokens=settings.max_sentence_tokens,
         text_batch_size=settings.text_batch_size,
+        region_policy=settings.region_policy,
+        region_margin=settings.region_margin,
+        region_dim=settings.region_dim,
     )
 
 
@@ -214,6 +224,7 @@ class ScoringService:
             "fingerprint": self.fingerprint,
             "weights": engine["weights"],
             "itm_start_token": engine["itm_start_token"],
+            "region_policy": engine["region_policy"],
             "dtype": engine["dtype"],
             "devices": [str(e.device) for e in self.engines],
             "limits": {name: getattr(self.settings, name) for name in LIMIT_FIELDS},
@@ -254,7 +265,7 @@ class ScoringService:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._decoder, self._validate, items)
         unique = [tuple(dict.fromkeys(item.sentences)) for item in items]
-        queries = [(item.digest, sentences) for item, sentences in zip(items, unique, strict=True)]
+        queries = [(item.view, sentences) for item, sentences in zip(items, unique, strict=True)]
         cached = await self.cache.lookup(self.fingerprint, queries)
         hits = sum(score is not None for row in cached for score in row)
         self.metrics.cache_hits.inc(hits)
@@ -264,11 +275,11 @@ class ScoringService:
 
         needy = [index for index, miss in enumerate(missing) if miss]
         images = await self._prepare_images(items, needy)
-        # Digest-only misses whose image the replica does not hold: answer at once rather than
-        # after a trip through the queue (the batcher re-checks, for images evicted meanwhile).
-        required = {i for i in needy if items[i].digest not in images and not self._holds(items[i].digest)}
+        # Digest-only misses whose view the replica does not hold: answer at once rather than
+        # after a trip through the queue (the batcher re-checks, for views evicted meanwhile).
+        required = {i for i in needy if items[i].view not in images and not self._holds(items[i])}
         needy = [i for i in needy if i not in required]
-        work = [BatchItem(items[i].digest, images.get(items[i].digest), missing[i]) for i in needy]
+        work = [BatchItem(items[i].digest, images.get(items[i].view), missing[i], items[i].region) for i in needy]
         futures = self.batcher.submit(work, deadline=deadline)
         try:
             outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -289,7 +300,7 @@ class ScoringService:
             await self.cache.store(
                 self.fingerprint,
                 [
-                    (items[i].digest, {s: score for s, score in new.items() if _cacheable(score)})
+                    (items[i].view, {s: score for s, score in new.items() if _cacheable(score)})
                     for i, new in fresh.items()
                 ],
             )
@@ -298,9 +309,9 @@ class ScoringService:
             for i, item in enumerate(items)
         ]
 
-    def _holds(self, digest: str) -> bool:
-        """Whether the replica that scores ``digest`` holds its vision embedding."""
-        return self.engines[self.batcher.replica_of(digest)].has_image(digest)
+    def _holds(self, item: ScoreItem) -> bool:
+        """Whether the replica that scores the item's image holds the vision embedding of its view."""
+        return self.engines[self.batcher.replica_of(item.digest)].has_image(item.digest, item.region)
 
     # ------------------------------------------------------------------------------ validation
     def _validate(self, items: Sequence[ScoreItem]) -> None:
@@ -355,26 +366,37 @@ class ScoringService:
                     )
 
     async def _prepare_images(self, items: Sequence[ScoreItem], needy: list[int]) -> dict[str, PreparedImage]:
-        """Decode (in threads) each image sent with bytes whose item still misses scores, once per
-        digest; a digest-only item gets the image a sibling item of the request sent."""
+        """Prepared views by view id: each image whose items still miss scores is decoded once (in
+        a thread) and rendered for every needy view of it in the request; a digest-only item gets
+        the bytes a sibling item of the same image sent."""
         loop = asyncio.get_running_loop()
-        first: dict[str, int] = {}
+        sender: dict[str, int] = {}  # digest -> the first item that sent its bytes
+        for index, item in enumerate(items):
+            if item.image is not None:
+                sender.setdefault(item.digest, index)
+        views: dict[str, dict[str, int]] = {}  # digest -> view -> the first needy item of that view
         for index in needy:
-            if items[index].image is not None:
-                first.setdefault(items[index].digest, index)
+            item = items[index]
+            if item.digest in sender:
+                views.setdefault(item.digest, {}).setdefault(item.view, index)
         engine = self.engines[0]
-        jobs = [
-            loop.run_in_executor(
-                self._decoder,
-                lambda i=i, d=d: engine.prepare_image(bytes(items[i].image), digest=d, field=f"items[{i}].image"),
+
+        def prepare(digest: str, wanted: dict[str, int]) -> list[PreparedImage]:
+            i = sender[digest]
+            return engine.prepare_views(
+                bytes(items[i].image or b""),
+                [items[j].region for j in wanted.values()],
+                digest=digest,
+                field=f"items[{i}].image",
+                region_fields=[f"items[{j}].region" for j in wanted.values()],
             )
-            for d, i in first.items()
-        ]
+
+        jobs = [loop.run_in_executor(self._decoder, prepare, d, wanted) for d, wanted in views.items()]
         prepared = await asyncio.gather(*jobs, return_exceptions=True)
         for outcome in prepared:  # in item order: the first bad item is reported
             if isinstance(outcome, BaseException):
                 raise outcome
-        return dict(zip(first, prepared, strict=True))
+        return {view.view: view for group in prepared for view in group}  # type: ignore[union-attr]
 
 
 def _as_cached(score: ItmScore) -> CachedScore:

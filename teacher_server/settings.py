@@ -108,6 +108,19 @@ class ServerSettings(BaseSettings):
     )
     vision_cache_mb: float = _setting(512.0, "per-replica LRU of vision embeddings (MiB of device memory)", "MIB", ge=0)
     text_batch_size: int = _setting(128, "sentences per text-side micro-batch inside one engine call", "N", ge=1)
+    region_policy: Literal["crop", "mask"] = _setting(
+        "crop",
+        "how an item's human-object region is shown to BLIP: crop (the union box, grown by "
+        "--region-margin) or mask (the whole image, outside the two boxes dimmed by --region-dim); "
+        "part of the model fingerprint",
+        "POLICY",
+    )
+    region_margin: float = _setting(
+        0.1, "crop policy: the union box grows by this fraction of its size on each side", "FRACTION", ge=0, le=2
+    )
+    region_dim: float = _setting(
+        0.8, "mask policy: pixels outside both boxes are blended towards grey by this much", "FRACTION", ge=0, le=1
+    )
 
     # --- network ---------------------------------------------------------------------------
     host: str = _setting("0.0.0.0", "address both servers bind to", "HOST", min_length=1)

@@ -44,9 +44,11 @@ class LocalTeacher:
         requests = []
         for query in queries:
             image = None
-            if not self.engine.has_image(query.digest):
-                image = self.engine.prepare_image(query.image_path.read_bytes(), digest=query.digest)
-            requests.append(ImageSentences(query.digest, image, list(query.sentences)))
+            if not self.engine.has_image(query.digest, query.region):
+                image = self.engine.prepare_image(
+                    query.image_path.read_bytes(), digest=query.digest, region=query.region
+                )
+            requests.append(ImageSentences(query.digest, image, list(query.sentences), query.region))
         return [[s.match_logit for s in scores] for scores in self.engine.score(requests)]
 
     def close(self) -> None:
@@ -63,7 +65,11 @@ class GrpcTeacher:
         self.description = f"gRPC teacher at {target}"
 
     def score(self, queries: Sequence[ScoreQuery]) -> list[list[float]]:
-        results = self.client.score([q.image_path for q in queries], [list(q.sentences) for q in queries])
+        paths, sentences = [q.image_path for q in queries], [list(q.sentences) for q in queries]
+        if any(q.region is not None for q in queries):
+            results = self.client.score(paths, sentences, regions=[q.region for q in queries])
+        else:  # a Triton client without REGION support still serves whole images
+            results = self.client.score(paths, sentences)
         return [[s.match_logit for s in scores] for scores in results]
 
     def close(self) -> None:
@@ -106,7 +112,7 @@ class ReadThroughBackend:
         results: list[list[float | None]] = [[None] * len(q.sentences) for q in queries]
         fingerprint = self.fingerprint()
         if fingerprint is not None and self.cache is not None:
-            found = self.cache.lookup(fingerprint, [(q.digest, list(q.sentences)) for q in queries])
+            found = self.cache.lookup(fingerprint, [(q.view, list(q.sentences)) for q in queries])
             for row, hits in zip(results, found, strict=True):
                 for j, hit in enumerate(hits):
                     if hit is not None:
@@ -119,6 +125,7 @@ class ReadThroughBackend:
             scored = self.pool.score(
                 [queries[i].image_path for i, _ in todo],
                 [[queries[i].sentences[j] for j in missing] for i, missing in todo],
+                [queries[i].region for i, _ in todo],
             )
             for (i, missing), scores in zip(todo, scored, strict=True):
                 for j, score in zip(missing, scores, strict=True):

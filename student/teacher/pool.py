@@ -119,9 +119,14 @@ class EndpointPool:
             return result
         raise TeacherError("every teacher endpoint failed: " + "; ".join(errors))
 
-    def score(self, images: Sequence[Any], sentences: Sequence[Sequence[str]]) -> list[list[Any]]:
-        """``TeacherScore`` of ``sentences[i][j]`` against ``images[i]`` (path or bytes) from some endpoint."""
-        return self.call(lambda client: client.score(images, sentences, timeout_s=self.timeout_s))
+    def score(
+        self, images: Sequence[Any], sentences: Sequence[Sequence[str]], regions: Sequence[Any] | None = None
+    ) -> list[list[Any]]:
+        """``TeacherScore`` of ``sentences[i][j]`` against ``images[i]`` (path or bytes) from some endpoint;
+        ``regions[i]`` (optional) names the human-object pair of image i to score on."""
+        if regions is None or all(region is None for region in regions):
+            return self.call(lambda client: client.score(images, sentences, timeout_s=self.timeout_s))
+        return self.call(lambda client: client.score(images, sentences, timeout_s=self.timeout_s, regions=regions))
 
     def fingerprint(self) -> str | None:
         """The teacher model's fingerprint (cache keys), or None when no endpoint says it."""

@@ -11,14 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from teacher_server.hoi.region import Region, view_id
+
 
 @dataclass(frozen=True)
 class ScoreQuery:
-    """The sentences one image needs scored."""
+    """The sentences one image (or one human-object pair of it) needs scored."""
 
     digest: str  # SHA-256 hex of the original image file
     image_path: Path  # where its bytes are, sent only when the teacher does not hold the image
     sentences: tuple[str, ...]
+    region: Region | None = None  # the pair, in pixels of the original image; None = whole image
+
+    @property
+    def view(self) -> str:
+        """The key of what the teacher sees (memo and cache): ``view_id(digest, region)``."""
+        return view_id(self.digest, self.region)
 
 
 class TeacherBackend(Protocol):
@@ -37,7 +45,12 @@ class ScoringClient(Protocol):
     """What ``TeacherClient`` and ``TritonTeacherClient`` have in common."""
 
     def score(
-        self, images: Sequence[Any], sentences: Sequence[Sequence[str]], *, timeout_s: float | None = None
+        self,
+        images: Sequence[Any],
+        sentences: Sequence[Sequence[str]],
+        *,
+        timeout_s: float | None = None,
+        regions: Sequence[Any] | None = None,
     ) -> Any: ...
 
     def model_info(self, *, timeout_s: float | None = None) -> Any: ...

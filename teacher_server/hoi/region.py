@@ -15,7 +15,8 @@ whole image and ``<digest>/<canonical region>`` for a pair. The canonical form r
 to whole pixels, so a pair named by the same ground truth maps to the same key in every epoch,
 and never to the whole image's or another pair's.
 
-Pillow only (no torch): the student's data loader and the cache import it.
+No torch, and Pillow only when rendering: the client-only install, the student's data loader and
+the cache import this module.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from PIL import Image, ImageDraw
-
-from teacher_server.hoi.digest import is_digest
 from teacher_server.errors import InvalidInputError
+from teacher_server.hoi.digest import is_digest
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 RegionPolicy = Literal["crop", "mask"]
 REGION_POLICIES: tuple[str, ...] = ("crop", "mask")
@@ -62,8 +64,7 @@ class Region:
         if len(numbers) != REGION_VALUES:
             raise InvalidInputError(
                 field,
-                f"expected {REGION_VALUES} numbers (human x1, y1, x2, y2, object x1, y1, x2, y2), "
-                f"got {len(numbers)}",
+                f"expected {REGION_VALUES} numbers (human x1, y1, x2, y2, object x1, y1, x2, y2), got {len(numbers)}",
             )
         for index, value in enumerate(numbers):
             if not math.isfinite(value):
@@ -144,13 +145,16 @@ def is_view_id(text: object) -> bool:
 
 
 def render_region(
-    image: Image.Image, region: Region, *, policy: str = "crop", margin: float = 0.1, dim: float = 0.8
-) -> Image.Image:
+    image: Image, region: Region, *, policy: str = "crop", margin: float = 0.1, dim: float = 0.8
+) -> Image:
     """What BLIP is shown for ``region`` of the RGB ``image`` (before its processor resizes it).
 
     ``crop``: the union box grown by ``margin`` of its size on each side, clipped to the image.
     ``mask``: the whole image, pixels outside both boxes blended towards grey by ``dim``.
     """
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
     width, height = image.size
     region = region.clipped(width, height)
     if policy == "crop":
@@ -166,13 +170,13 @@ def render_region(
             box = (min(box[0], width - 1), min(box[1], height - 1), max(box[2], box[0] + 1), max(box[3], box[1] + 1))
         return image.crop(box)
     if policy == "mask":
-        keep = Image.new("L", image.size, 0)
+        keep = PILImage.new("L", image.size, 0)
         draw = ImageDraw.Draw(keep)
         for x1, y1, x2, y2 in (region.human, region.object):
             # Pixel (i, j) covers [i, i+1): a box keeps every pixel it touches.
             draw.rectangle((math.floor(x1), math.floor(y1), math.ceil(x2) - 1, math.ceil(y2) - 1), fill=255)
-        dimmed = Image.blend(image, Image.new("RGB", image.size, _GREY), dim)
-        return Image.composite(image, dimmed, keep)
+        dimmed = PILImage.blend(image, PILImage.new("RGB", image.size, _GREY), dim)
+        return PILImage.composite(image, dimmed, keep)
     raise ValueError(f"region policy must be one of {', '.join(REGION_POLICIES)}, got {policy!r}")
 
 

@@ -17,14 +17,24 @@ ITEM_STATUS_OK: ItemStatus
 ITEM_STATUS_IMAGE_REQUIRED: ItemStatus
 
 class ImageSentences(_message.Message):
-    __slots__ = ("digest", "image", "sentences")
+    __slots__ = ("digest", "image", "sentences", "region")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     digest: str
     image: bytes
     sentences: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, digest: _Optional[str] = ..., image: _Optional[bytes] = ..., sentences: _Optional[_Iterable[str]] = ...) -> None: ...
+    region: Region
+    def __init__(self, digest: _Optional[str] = ..., image: _Optional[bytes] = ..., sentences: _Optional[_Iterable[str]] = ..., region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("human_box", "object_box")
+    HUMAN_BOX_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_BOX_FIELD_NUMBER: _ClassVar[int]
+    human_box: _containers.RepeatedScalarFieldContainer[float]
+    object_box: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, human_box: _Optional[_Iterable[float]] = ..., object_box: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("request_id", "items", "timeout_ms")
@@ -97,17 +107,19 @@ class Limits(_message.Message):
     def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_sentences_per_image: _Optional[int] = ..., max_sentence_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "fingerprint", "itm_start_token", "dtype", "limits", "ready")
+    __slots__ = ("model_id", "fingerprint", "itm_start_token", "dtype", "limits", "ready", "region_policy")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ITM_START_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    REGION_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     fingerprint: str
     itm_start_token: str
     dtype: str
     limits: Limits
     ready: bool
-    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., itm_start_token: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    region_policy: str
+    def __init__(self, model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., itm_start_token: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., ready: _Optional[bool] = ..., region_policy: _Optional[str] = ...) -> None: ...
