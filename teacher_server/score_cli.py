@@ -27,6 +27,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["cls", "enc"],
         help="token that starts the ITM text: cls (transformers) or enc (original BLIP)",
     )
+    parser.add_argument(
+        "--region",
+        type=float,
+        nargs=8,
+        metavar=("HX1", "HY1", "HX2", "HY2", "OX1", "OY1", "OX2", "OY2"),
+        help="score on one human-object pair: the human box, then the object box, in pixels of the image",
+    )
+    parser.add_argument(
+        "--region-policy",
+        default="crop",
+        choices=["crop", "mask"],
+        help="how --region is shown to the model: crop (the union box) or mask (the rest dimmed)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON list, in the order given")
 
 
@@ -43,6 +56,7 @@ def format_table(sentences: Sequence[str], probs: Sequence[float], logits: Seque
 
 def run(args: argparse.Namespace) -> int:
     from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
+    from teacher_server.hoi.region import Region
 
     try:
         data = args.image.read_bytes()
@@ -50,13 +64,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: cannot read --image {args.image}: {error.strerror or error}", file=sys.stderr)
         return 2
     try:
+        region = None if args.region is None else Region.from_values(args.region, field="--region")
         engine = ItmEngine.from_pretrained(
             args.model,
-            EngineSettings(device=args.device, dtype=args.dtype, itm_start_token=args.itm_start_token),
+            EngineSettings(
+                device=args.device,
+                dtype=args.dtype,
+                itm_start_token=args.itm_start_token,
+                region_policy=args.region_policy,
+            ),
         )
         engine.check_sentences(args.sentences, field="SENTENCE")
-        image = engine.prepare_image(data, field=f"--image {args.image}")
-        (scores,) = engine.score([ImageSentences(image.digest, image, args.sentences)])
+        image = engine.prepare_image(data, field=f"--image {args.image}", region=region, region_field="--region")
+        (scores,) = engine.score([ImageSentences(image.digest, image, args.sentences, region)])
     except TeacherError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -73,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"model {engine.model_id} (fingerprint {engine.fingerprint}, {engine.device}, "
             f"{engine.describe()['dtype']}) · image {args.image}"
+            + ("" if region is None else f" · pair {region.canonical()} ({engine.settings.region_description()})")
         )
         print(format_table(args.sentences, [r.match_prob for r in scores], [r.match_logit for r in scores]))
     return 0

@@ -12,6 +12,7 @@ import pytest
 from teacher_server.__main__ import main
 from teacher_server.demo import EXAMPLE_IMAGE
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
+from teacher_server.hoi.region import Region
 
 SENTENCES = ["a person ride a horse", "a person hold a cup", "a person kick a sports ball"]
 
@@ -72,3 +73,45 @@ def test_score_errors_name_the_input(tiny_blip_dir: Path, tmp_path: Path, capsys
         capsys, "score", "--model", str(tmp_path / "nope"), "--image", str(EXAMPLE_IMAGE), "a person"
     )
     assert code == 2 and "does not exist" in err
+
+
+PAIR = ["10", "5", "60", "90", "30", "40", "120", "100"]
+
+
+@pytest.mark.parametrize("policy", ["crop", "mask"])
+def test_score_on_a_region_equals_the_engine_on_that_view(
+    tiny_blip_dir: Path, capsys: pytest.CaptureFixture[str], policy: str
+) -> None:
+    code, out, err = run_in_process(
+        capsys,
+        "score",
+        "--model",
+        str(tiny_blip_dir),
+        "--image",
+        str(EXAMPLE_IMAGE),
+        "--json",
+        "--region",
+        *PAIR,
+        "--region-policy",
+        policy,
+        *SENTENCES,
+    )
+    assert code == 0, err
+    rows = json.loads(out.strip().splitlines()[-1])
+    engine = ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(region_policy=policy))
+    region = Region.from_values([float(v) for v in PAIR])
+    view = engine.prepare_image(EXAMPLE_IMAGE.read_bytes(), region=region)
+    whole = engine.prepare_image(EXAMPLE_IMAGE.read_bytes())
+    (expected,) = engine.score([ImageSentences(view.digest, view, SENTENCES, region)])
+    (image_scores,) = engine.score([ImageSentences(whole.digest, whole, SENTENCES)])
+    assert [row["match_logit"] for row in rows] == pytest.approx([s.match_logit for s in expected], abs=1e-6)
+    assert [row["match_logit"] for row in rows] != pytest.approx([s.match_logit for s in image_scores], abs=1e-4)
+
+
+def test_score_refuses_a_region_outside_the_image(tiny_blip_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    outside = [*PAIR[:6], "4000", PAIR[7]]  # the image is 320 x 240
+    code, _, err = run_in_process(
+        capsys, "score", "--model", str(tiny_blip_dir), "--image", str(EXAMPLE_IMAGE), "--region", *outside, "x y"
+    )
+    assert code == 2
+    assert "--region[6]" in err and "outside the image" in err and "320x240" in err
