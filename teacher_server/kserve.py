@@ -2,8 +2,11 @@
 
 One model, ``blip_itm``: inputs ``IMAGE`` (BYTES, [N], encoded image files) and ``TEXT`` (BYTES,
 [N], UTF-8 sentences); outputs ``MATCH_PROB`` and ``MATCH_LOGIT`` (FP32, [N]); pair i is
-(IMAGE[i], TEXT[i]). Pairs are grouped by image digest before they reach the service, so a
-repeated image is decoded and encoded once, and repeated (image, sentence) pairs scored once.
+(IMAGE[i], TEXT[i]). The optional input ``REGION`` (FP32, [N, 8]) scores pair i on a human-object
+pair of its image: row i is the human box then the object box, ``x1, y1, x2, y2`` in pixels of
+the original image; a row of eight zeros is the whole image (so one request can mix both).
+Pairs are grouped by view (image digest and region) before they reach the service, so a
+repeated image is decoded once, each view encoded once, and repeated pairs scored once.
 The servicer subclasses the one ``tritonclient`` ships, so ``tritonclient.grpc`` and
 ``perf_analyzer`` talk to it unchanged. Methods it does not implement answer UNIMPLEMENTED.
 """
@@ -36,6 +39,7 @@ from teacher_server.grpc_api import (
     unavailable_reason,
 )
 from teacher_server.hoi.digest import image_digest
+from teacher_server.hoi.region import REGION_VALUES, Region, view_id
 from teacher_server.service import ScoreItem
 
 if TYPE_CHECKING:
@@ -46,11 +50,13 @@ MODEL_NAME = "blip_itm"
 MODEL_VERSION = "1"
 SERVER_NAME = "hoidistill-teacher"
 PLATFORM = "hoidistill_blip_itm"
-IMAGE, TEXT = "IMAGE", "TEXT"
+IMAGE, TEXT, REGION = "IMAGE", "TEXT", "REGION"
 MATCH_PROB, MATCH_LOGIT = "MATCH_PROB", "MATCH_LOGIT"
-INPUTS = (IMAGE, TEXT)
+INPUTS = (IMAGE, TEXT)  # required, BYTES [N]
+OPTIONAL_INPUTS = (REGION,)  # FP32 [N, 8]
 OUTPUTS = (MATCH_PROB, MATCH_LOGIT)
 _LENGTH_PREFIX = struct.Struct("<I")
+_TAKES = f"model {MODEL_NAME} takes {IMAGE} and {TEXT}, and optionally {REGION}"
 
 
 def _invalid(field_name: str, message: str) -> InvalidInputError:
@@ -80,15 +86,18 @@ def decode_bytes_tensor(raw: bytes, count: int, name: str) -> list[bytes]:
 
 
 def read_inputs(request: kv2.ModelInferRequest) -> dict[str, list[bytes]]:
-    """The IMAGE and TEXT tensors of a request as lists of byte strings (checked: names, types, shapes)."""
+    """The IMAGE and TEXT tensors of a request as lists of byte strings (checked: names, types, shapes).
+
+    REGION, when given, is only checked for being given once here; ``read_regions`` reads it.
+    """
     names = [tensor.name for tensor in request.inputs]
-    unknown = [name for name in names if name not in INPUTS]
+    unknown = [name for name in names if name not in INPUTS + OPTIONAL_INPUTS]
     if unknown:
-        raise _invalid(unknown[0], f"unknown input; model {MODEL_NAME} takes exactly {IMAGE} and {TEXT}")
-    for name in INPUTS:
-        if names.count(name) != 1:
+        raise _invalid(unknown[0], f"unknown input; {_TAKES}")
+    for name in INPUTS + OPTIONAL_INPUTS:
+        if names.count(name) > 1 or (name in INPUTS and name not in names):
             problem = "missing" if name not in names else "given more than once"
-            raise _invalid(name, f"input {problem}; model {MODEL_NAME} takes exactly {IMAGE} and {TEXT}")
+            raise _invalid(name, f"input {problem}; {_TAKES}")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise _invalid(
@@ -97,6 +106,8 @@ def read_inputs(request: kv2.ModelInferRequest) -> dict[str, list[bytes]]:
         )
     tensors: dict[str, list[bytes]] = {}
     for index, tensor in enumerate(request.inputs):
+        if tensor.name in OPTIONAL_INPUTS:
+            continue
         if tensor.datatype != "BYTES":
             raise _invalid(
                 tensor.name,
@@ -122,6 +133,47 @@ def read_inputs(request: kv2.ModelInferRequest) -> dict[str, list[bytes]]:
     return tensors
 
 
+def read_regions(request: kv2.ModelInferRequest, count: int) -> list[Region | None] | None:
+    """The REGION input as one region per pair (None: a row of zeros, the whole image), or None
+    when the request has no REGION. ``count`` is the number of pairs (IMAGE's length).
+
+    Raises ``InvalidInputError`` naming ``REGION`` (datatype, shape, contents) or the row and value
+    (``REGION[5][2]``, ``REGION[5][0:4]`` for the human box).
+    """
+    found = [(index, tensor) for index, tensor in enumerate(request.inputs) if tensor.name == REGION]
+    if not found:
+        return None
+    ((index, tensor),) = found  # read_inputs refused a repeated input
+    expected = f"expected FP32, shape [N, {REGION_VALUES}] with N = {count} (the length of {IMAGE} and {TEXT})"
+    if tensor.datatype != "FP32":
+        raise _invalid(REGION, f"datatype {tensor.datatype or '(unset)'} is not accepted; {expected}")
+    if list(tensor.shape) != [count, REGION_VALUES]:
+        raise _invalid(REGION, f"shape {list(tensor.shape)} is not accepted; {expected}")
+    raw = request.raw_input_contents
+    if raw:
+        data = raw[index]
+        if len(data) != count * REGION_VALUES * 4:
+            raise _invalid(
+                REGION,
+                f"raw contents hold {len(data):,} bytes; shape [{count}, {REGION_VALUES}] FP32 needs "
+                f"{count * REGION_VALUES * 4:,}",
+            )
+        values = np.frombuffer(data, dtype="<f4")
+    else:
+        values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
+        if values.size != count * REGION_VALUES:
+            raise _invalid(
+                REGION,
+                f"contents hold {values.size} values but the shape [{count}, {REGION_VALUES}] says "
+                f"{count * REGION_VALUES}",
+            )
+    rows = values.reshape(count, REGION_VALUES).astype(np.float64)
+    return [
+        None if not row.any() else Region.from_values(row.tolist(), field=f"{REGION}[{pair}]")
+        for pair, row in enumerate(rows)
+    ]
+
+
 def decode_texts(texts: Sequence[bytes]) -> list[str]:
     """UTF-8 sentences of the TEXT tensor; empty or undecodable elements are refused by index."""
     sentences = []
@@ -140,7 +192,7 @@ def decode_texts(texts: Sequence[bytes]) -> list[str]:
 
 @dataclass
 class PairPlan:
-    """Pairs grouped by image: one service item per distinct image, distinct sentences each."""
+    """Pairs grouped by view: one service item per distinct (image, region), distinct sentences each."""
 
     items: list[ScoreItem] = field(default_factory=list)
     # For pair i: (item index, sentence index within the item).
@@ -150,22 +202,29 @@ class PairPlan:
     first_pair_of_sentence: list[list[int]] = field(default_factory=list)
 
 
-def plan_pairs(images: Sequence[bytes], sentences: Sequence[str]) -> PairPlan:
-    """Group (IMAGE[i], TEXT[i]) pairs by image digest; duplicated pairs share one slot."""
+def plan_pairs(
+    images: Sequence[bytes], sentences: Sequence[str], regions: Sequence[Region | None] | None = None
+) -> PairPlan:
+    """Group (IMAGE[i], TEXT[i]) pairs by view: the image digest and ``regions[i]`` (None = the
+    whole image), so two regions of one image are two items; duplicated pairs share one slot."""
     plan = PairPlan()
-    item_of_digest: dict[str, int] = {}
+    pair_regions = list(regions) if regions is not None else [None] * len(images)
+    item_of_view: dict[str, int] = {}
     digests: list[str] = []
     images_of_item: list[bytes] = []
+    regions_of_item: list[Region | None] = []
     sentence_slots: list[dict[str, int]] = []
-    for pair, (image, sentence) in enumerate(zip(images, sentences, strict=True)):
+    for pair, (image, sentence, region) in enumerate(zip(images, sentences, pair_regions, strict=True)):
         if not image:
             raise _invalid(f"{IMAGE}[{pair}]", "image is empty (0 bytes); send the encoded image file")
         digest = image_digest(image)
-        item = item_of_digest.get(digest)
+        view = view_id(digest, region)
+        item = item_of_view.get(view)
         if item is None:
-            item = item_of_digest[digest] = len(digests)
+            item = item_of_view[view] = len(digests)
             digests.append(digest)
             images_of_item.append(image)
+            regions_of_item.append(region)
             sentence_slots.append({})
             plan.first_pair_of_item.append(pair)
             plan.first_pair_of_sentence.append([])
@@ -175,8 +234,8 @@ def plan_pairs(images: Sequence[bytes], sentences: Sequence[str]) -> PairPlan:
             plan.first_pair_of_sentence[item].append(pair)
         plan.slots.append((item, slot))
     plan.items = [
-        ScoreItem(digest=digest, image=image, sentences=tuple(slots))
-        for digest, image, slots in zip(digests, images_of_item, sentence_slots, strict=True)
+        ScoreItem(digest=digest, image=image, sentences=tuple(slots), region=region)
+        for digest, image, slots, region in zip(digests, images_of_item, sentence_slots, regions_of_item, strict=True)
     ]
     return plan
 
@@ -185,7 +244,8 @@ _ITEM_FIELD = re.compile(r"^items\[(\d+)\]\.(\w+)(?:\[(\d+)\])?")
 
 
 def tensor_field(exc: InvalidInputError, plan: PairPlan) -> InvalidInputError:
-    """Rename the service's field (``items[1].sentences[0]``) to the tensor element (``TEXT[5]``)."""
+    """Rename the service's field (``items[1].sentences[0]``) to the tensor element (``TEXT[5]``;
+    ``items[1].region[2]`` -> ``REGION[5][2]``)."""
     match = _ITEM_FIELD.match(exc.field)
     if exc.field == "items":
         name = f"{IMAGE} (distinct images)"
@@ -197,6 +257,8 @@ def tensor_field(exc: InvalidInputError, plan: PairPlan) -> InvalidInputError:
             name = f"{TEXT}[{plan.first_pair_of_sentence[item][int(index)]}]"
         elif part == "sentences":
             name = f"{TEXT} (sentences of {IMAGE}[{plan.first_pair_of_item[item]}])"
+        elif part == "region":
+            name = f"{REGION}[{plan.first_pair_of_item[item]}]" + exc.field[match.end(2) :]
         else:
             name = f"{IMAGE}[{plan.first_pair_of_item[item]}]"
     return InvalidInputError(name, exc.reason, too_large=exc.too_large)
@@ -310,7 +372,10 @@ class KServeServicer(kv2_grpc.GRPCInferenceServiceServicer):
             name=MODEL_NAME,
             versions=[MODEL_VERSION],
             platform=PLATFORM,
-            inputs=[tensor(name=name, datatype="BYTES", shape=[-1]) for name in INPUTS],
+            inputs=[
+                *(tensor(name=name, datatype="BYTES", shape=[-1]) for name in INPUTS),
+                tensor(name=REGION, datatype="FP32", shape=[-1, REGION_VALUES]),  # optional: see ModelConfig
+            ],
             outputs=[tensor(name=name, datatype="FP32", shape=[-1]) for name in OUTPUTS],
         )
 
@@ -319,14 +384,17 @@ class KServeServicer(kv2_grpc.GRPCInferenceServiceServicer):
         info = self._service.model_info()
         parameters = {
             key: mc.ModelParameter(string_value=str(info[key]))
-            for key in ("model_id", "fingerprint", "itm_start_token", "dtype")
+            for key in ("model_id", "fingerprint", "itm_start_token", "dtype", "region_policy")
             if key in info
         }
         config = mc.ModelConfig(
             name=MODEL_NAME,
             platform=PLATFORM,
             max_batch_size=0,  # the [N] dimension is the pair list itself, not a batch dimension
-            input=[mc.ModelInput(name=name, data_type=mc.TYPE_STRING, dims=[-1]) for name in INPUTS],
+            input=[
+                *(mc.ModelInput(name=name, data_type=mc.TYPE_STRING, dims=[-1]) for name in INPUTS),
+                mc.ModelInput(name=REGION, data_type=mc.TYPE_FP32, dims=[-1, REGION_VALUES], optional=True),
+            ],
             output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32, dims=[-1]) for name in OUTPUTS],
             parameters=parameters,
         )
@@ -357,8 +425,9 @@ class KServeServicer(kv2_grpc.GRPCInferenceServiceServicer):
         if reason is not None:
             raise ServiceUnavailableError(reason)
         tensors = read_inputs(request)
+        regions = read_regions(request, len(tensors[IMAGE]))
         check_outputs(request)
-        plan = plan_pairs(tensors[IMAGE], decode_texts(tensors[TEXT]))
+        plan = plan_pairs(tensors[IMAGE], decode_texts(tensors[TEXT]), regions)
         if not plan.slots:
             return build_response(request, plan, [])
         try:

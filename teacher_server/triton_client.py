@@ -11,7 +11,11 @@ KServe v2 servers of the project:
   element per pair, IMAGE and TEXT [N, 1], at most ``max_batch_size`` pairs per request;
 - ``max_batch_size == 0`` (the teacher's own endpoint, ``teacher_server/kserve.py``): [N].
 
-A call sends every distinct (image, sentence) pair once, the pairs of one image adjacent (the
+``score(..., regions=[...])`` scores image i's sentences on the human-object pair ``regions[i]``
+(a ``Region``, 8 numbers, or None for the whole image): the requests then carry the optional
+``REGION`` input, FP32 [N, 8], one row per pair (eight zeros for a pair on the whole image).
+
+A call sends every distinct (image, region, sentence) pair once, the pairs of one image adjacent (the
 model encodes each image of a batch once), in requests of at most ``pairs_per_request`` pairs and
 about ``max_request_bytes``, with up to ``concurrency`` requests in flight so that Triton's
 dynamic batcher can merge them. UNAVAILABLE and RESOURCE_EXHAUSTED are retried with back-off
@@ -47,20 +51,23 @@ from tritonclient.utils import InferenceServerException
 
 from teacher_server.client import (
     ImageSource,
+    RegionSource,
     TeacherRpcError,
     TeacherScore,
     _remaining,  # the same deadline and back-off rules as TeacherClient
     _Retry,
+    as_region,
     load_image,
 )
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.digest import image_digest
+from teacher_server.hoi.region import REGION_VALUES, Region, view_id
 
 T = TypeVar("T")
 SCHEME = "triton://"
 DEFAULT_GRPC_PORT = 8001  # Triton's default gRPC port
 DEFAULT_MODEL = "blip_itm"
-IMAGE, TEXT = "IMAGE", "TEXT"
+IMAGE, TEXT, REGION = "IMAGE", "TEXT", "REGION"
 MATCH_PROB, MATCH_LOGIT = "MATCH_PROB", "MATCH_LOGIT"
 # Pairs per request for an endpoint without a batch dimension (the teacher's own server allows
 # 64 images per request by default, and a request of 64 pairs never holds more).
@@ -91,7 +98,7 @@ def parse_triton_url(url: str) -> str:
 class TritonModelInfo:
     """What a KServe v2 endpoint says about the teacher model.
 
-    ``model_id``, ``dtype``, ``itm_start_token`` and ``limits`` are what the model loaded when
+    ``model_id``, ``dtype``, ``itm_start_token``, ``region_policy`` and ``limits`` are what the model loaded when
     the server publishes it (config parameters of the teacher's own server, or the
     ``hoidistill_teacher_model_info`` metric of Triton's ``blip_itm``), else the configured
     values. ``fingerprint`` is None when unknown (Triton without ``metrics_url``), and any of
@@ -109,6 +116,8 @@ class TritonModelInfo:
     limits: dict[str, int]
     parameters: dict[str, str]  # the model config's parameters as served
     instances: tuple[dict[str, str], ...] = ()  # labels of the model_info metric, one per instance
+    region_policy: str | None = None  # how a REGION is shown to the model: crop:margin=0.1, mask:dim=0.8
+    regions: bool = False  # the model declares the optional REGION input
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,7 @@ class _Layout:
     batched: bool  # [N, 1] (True) or [N]
     pairs_per_request: int
     max_batch_size: int
+    regions: bool  # the model declares the optional REGION input
 
 
 def _rpc_error(error: InferenceServerException) -> TeacherRpcError:
@@ -254,7 +264,9 @@ class TritonTeacherClient:
                 per_request = self._pairs_per_request or (max_batch or UNBATCHED_PAIRS_PER_REQUEST)
                 if max_batch:
                     per_request = min(per_request, max_batch)  # Triton refuses larger requests
-                self._layout = _Layout(max_batch > 0, per_request, max_batch)
+                declared = {tensor.get("name"): tensor for tensor in config.get("input", [])}
+                has_region = declared.get(REGION, {}).get("data_type") == "TYPE_FP32"
+                self._layout = _Layout(max_batch > 0, per_request, max_batch, has_region)
             return self._layout
 
     # ------------------------------------------------------------------------------ model info
@@ -306,6 +318,11 @@ class TritonTeacherClient:
             limits=limits,
             parameters=parameters,
             instances=instances,
+            region_policy=agreed("region_policy"),
+            regions=any(
+                tensor.get("name") == REGION and tensor.get("data_type") == "TYPE_FP32"
+                for tensor in config.get("input", [])
+            ),
         )
 
     def _model_info_metric(self, deadline: float) -> tuple[dict[str, str], ...]:
@@ -324,10 +341,21 @@ class TritonTeacherClient:
         sentences: Sequence[Sequence[str]],
         *,
         timeout_s: float | None = None,
+        regions: Sequence[RegionSource] | None = None,
     ) -> list[list[TeacherScore]]:
-        """Scores of ``sentences[i][j]`` against ``images[i]`` (bytes or a file path), as ``[i][j]``."""
+        """Scores of ``sentences[i][j]`` against ``images[i]`` (bytes or a file path), as ``[i][j]``.
+
+        ``regions[i]`` (optional): score image i's sentences on that human-object pair (a
+        ``Region`` or 8 numbers, human box then object box, pixels of the original image) instead
+        of the whole image (None). Raises ``TeacherError`` when the model has no REGION input.
+        """
         if len(images) != len(sentences):
             raise ValueError(f"{len(images)} images but {len(sentences)} sentence lists: one list per image")
+        if regions is not None and len(regions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(regions)} regions: one region (or None) per image")
+        parsed = [
+            as_region(region, field=f"regions[{index}]") for index, region in enumerate(regions or [None] * len(images))
+        ]
         groups: list[tuple[str, ...]] = []
         for index, group in enumerate(sentences):
             if isinstance(group, str):
@@ -341,26 +369,39 @@ class TritonTeacherClient:
             return [[] for _ in groups]
         deadline = self._deadline(timeout_s)
         blobs = [load_image(image, index) for index, image in enumerate(images)]
-        digests = [image_digest(blob) for blob in blobs]
+        # Keyed by view (digest and canonical region), as the server and its cache key them.
+        views = [view_id(image_digest(blob), region) for blob, region in zip(blobs, parsed, strict=True)]
 
-        # Each distinct (image, sentence) pair once, image-major: an image's pairs stay together.
+        # Each distinct (view, sentence) pair once, image-major: an image's pairs stay together.
         slot: dict[tuple[str, str], int] = {}
         pair_images: list[bytes] = []
         pair_texts: list[bytes] = []
-        for blob, digest, group in zip(blobs, digests, groups, strict=True):
+        pair_regions: list[Region | None] = []
+        for blob, view, region, group in zip(blobs, views, parsed, groups, strict=True):
             for sentence in group:
-                if (digest, sentence) not in slot:
-                    slot[(digest, sentence)] = len(pair_images)
+                if (view, sentence) not in slot:
+                    slot[(view, sentence)] = len(pair_images)
                     pair_images.append(blob)
                     pair_texts.append(sentence.encode("utf-8"))
+                    pair_regions.append(region)
 
         layout = self._layout_for(deadline)
+        with_regions = any(region is not None for region in parsed)
+        if with_regions and not layout.regions:
+            raise TeacherError(
+                f"model {self.model!r} at {self.address} has no {REGION} input (FP32 [N, {REGION_VALUES}]): "
+                "it cannot score regions; update its model repository or score whole images"
+            )
         sizes = [len(image) + len(text) + 8 for image, text in zip(pair_images, pair_texts, strict=True)]
         chunks = _chunks(sizes, layout.pairs_per_request, self._max_request_bytes)
 
         def run(chunk: range) -> tuple[np.ndarray, np.ndarray]:
             return self._infer(
-                pair_images[chunk.start : chunk.stop], pair_texts[chunk.start : chunk.stop], layout, deadline
+                pair_images[chunk.start : chunk.stop],
+                pair_texts[chunk.start : chunk.stop],
+                pair_regions[chunk.start : chunk.stop] if with_regions else None,
+                layout,
+                deadline,
             )
 
         # One request runs here; several run concurrently, for Triton's dynamic batcher to merge.
@@ -368,15 +409,17 @@ class TritonTeacherClient:
         probs = np.concatenate([probs for probs, _ in answers])
         logits = np.concatenate([logits for _, logits in answers])
         return [
-            [
-                TeacherScore(float(logits[slot[(digest, s)]]), float(probs[slot[(digest, s)]]), cached=False)
-                for s in group
-            ]
-            for digest, group in zip(digests, groups, strict=True)
+            [TeacherScore(float(logits[slot[(view, s)]]), float(probs[slot[(view, s)]]), cached=False) for s in group]
+            for view, group in zip(views, groups, strict=True)
         ]
 
     def _infer(
-        self, images: list[bytes], texts: list[bytes], layout: _Layout, deadline: float
+        self,
+        images: list[bytes],
+        texts: list[bytes],
+        regions: list[Region | None] | None,
+        layout: _Layout,
+        deadline: float,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One ModelInfer of len(images) pairs -> (MATCH_PROB, MATCH_LOGIT), each (n,) float32."""
         count = len(images)
@@ -386,6 +429,15 @@ class TritonTeacherClient:
             array = np.empty(count, dtype=np.object_)
             array[:] = values  # element-wise: np.array() would turn equal-length bytes into an 'S' array
             tensor.set_data_from_numpy(array.reshape(shape))
+        if regions is not None:
+            # [N, 8] in both layouts (Triton's batch dimension is the pair list); zeros = whole image.
+            rows = np.zeros((count, REGION_VALUES), dtype=np.float32)
+            for row, region in zip(rows, regions, strict=True):
+                if region is not None:
+                    row[:] = region.values()
+            region_input = triton.InferInput(REGION, [count, REGION_VALUES], "FP32")
+            region_input.set_data_from_numpy(rows)
+            inputs.append(region_input)
         outputs = [triton.InferRequestedOutput(MATCH_PROB), triton.InferRequestedOutput(MATCH_LOGIT)]
         result = self._call(
             lambda remaining: self._client.infer(

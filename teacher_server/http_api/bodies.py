@@ -1,7 +1,8 @@
 """Request bodies of the HTTP API: JSON (image in base64) or a multipart form (image as a file).
 
 ``parse_body`` reads either into the image bytes and the validated other fields, answering 415,
-413 or 422 (``HttpError``) that name the field; ``triplet_sentences`` turns the triplets of
+413 or 422 (``HttpError``) that name the field; ``request_region`` checks the optional ``region``
+(a JSON object in both bodies: in a form, the text of one field); ``triplet_sentences`` turns the triplets of
 ``POST /v1/score/triplets`` into sentences with ``teacher_server.hoi.prompts.triplet_sentence``,
 the student's own prompt function, so people score exactly the text distillation asks about.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,9 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from teacher_server.errors import InvalidInputError
 from teacher_server.hoi.prompts import triplet_sentence
-from teacher_server.http_api.errors import HttpError, invalid, validation_error
-from teacher_server.http_api.schemas import Triplet
+from teacher_server.hoi.region import Region
+from teacher_server.http_api.errors import HttpError, invalid, region_field, validation_error
+from teacher_server.http_api.schemas import RegionBody, Triplet
 
 if TYPE_CHECKING:
     from teacher_server.settings import ServerSettings
@@ -112,6 +116,8 @@ async def _parse_form(
                 values[key] = list(found)
             elif len(found) > 1:
                 raise invalid(key, f"given {len(found)} times; give it once")
+            elif key == REGION_FORM_FIELD:
+                values[key] = _form_region(str(found[0]))
             else:
                 values[key] = found[0]
         for key in list_fields:
@@ -123,6 +129,36 @@ async def _parse_form(
         return ParsedBody(image, fields)
     finally:
         await form.close()
+
+
+REGION_FORM_FIELD = "region"
+
+
+def _form_region(text: str) -> Any:
+    """A form's ``region`` field: the JSON object of the JSON body, as text (empty = none)."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise invalid(
+            REGION_FORM_FIELD,
+            f'not valid JSON ({exc.msg} at character {exc.pos}); expected {{"human_box": [x1, y1, x2, y2], '
+            '"object_box": [x1, y1, x2, y2]}',
+        ) from None
+
+
+def request_region(body: RegionBody | None) -> Region | None:
+    """The request's ``region`` as a ``Region`` (None = the whole image); 422 naming the box at fault.
+
+    Whether it lies inside the image is known once the image is decoded (the service checks it).
+    """
+    if body is None:
+        return None
+    try:
+        return Region.from_values(body.values(), field=REGION_FORM_FIELD)
+    except InvalidInputError as exc:
+        raise invalid(region_field(exc.field), exc.reason) from None
 
 
 async def _form_image(form: FormData, settings: ServerSettings) -> bytes:

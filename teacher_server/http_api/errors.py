@@ -4,8 +4,8 @@ The service raises the same exceptions for every transport; ``http_error`` maps 
 ``grpc_api.rpc_failure`` (same message, same code) to an HTTP status: INVALID_ARGUMENT 422, or 413
 for a size limit; RESOURCE_EXHAUSTED 429; UNAVAILABLE 503; DEADLINE_EXCEEDED 504; UNAUTHENTICATED
 401. The body is ``{"error": {"status", "code", "field", "message", "retry_after_ms"}}``; ``field``
-names the request field (``sentences[3]``, ``triplets[0].verb``, ``image``) and the message names
-the limit. 429 and 503 carry ``Retry-After``.
+names the request field (``sentences[3]``, ``triplets[0].verb``, ``image``, ``region.human_box``)
+and the message names the limit. 429 and 503 carry ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -122,10 +122,31 @@ def validation_error(errors: Sequence[Mapping[str, Any]], skip: tuple[str, ...] 
     return invalid(field, reason + more)
 
 
+_REGION_INDEX = re.compile(r"(?P<head>.*\bregion)\[(?P<start>\d+)(?::(?P<stop>\d+))?\](?P<tail>.*)")
+
+
+def region_field(field: str) -> str:
+    """The region's eight values by box: ``region[0:4]`` -> ``region.human_box``, ``region[6]`` ->
+    ``region.object_box[2]`` (``Region.from_values`` names a flat index; the HTTP body has two boxes)."""
+    match = _REGION_INDEX.fullmatch(field)
+    if match is None:
+        return field
+    start, stop = int(match["start"]), match["stop"]
+    box = "human_box" if start < 4 else "object_box"
+    if stop is not None and (start, int(stop)) in ((0, 4), (4, 8)):
+        index = ""
+    elif stop is None and start < 8:
+        index = f"[{start % 4}]"
+    else:
+        return field
+    return f"{match['head']}.{box}{index}{match['tail']}"
+
+
 def renamer(name: str) -> Callable[[str], str]:
     """The service's field names -> this request's: ``items[0].sentences[2]`` -> ``{name}[2]``.
 
-    The service validates one item; every fault of its image or digest is the request's ``image``.
+    The service validates one item; every fault of its image or digest is the request's ``image``;
+    a region value is named by its box (``items[0].region[6]`` -> ``region.object_box[2]``).
     """
 
     def rename(field: str) -> str:
@@ -135,7 +156,7 @@ def renamer(name: str) -> Callable[[str], str]:
         part, rest = match.groups()
         if part in (None, "image", "digest"):  # one image per request: every image fault is "image"
             return "image"
-        return (name if part == "sentences" else part) + rest
+        return region_field((name if part == "sentences" else part) + rest)
 
     return rename
 

@@ -1,6 +1,7 @@
 """The routes of the HTTP API and the app that holds them (``create_app``).
 
-- ``POST /v1/score``: an image (base64 in JSON, or a multipart file) and sentences -> scores.
+- ``POST /v1/score``: an image (base64 in JSON, or a multipart file) and sentences -> scores; an
+  optional ``region`` (human box, object box) scores them on that pair instead of the whole image.
 - ``POST /v1/score/triplets``: an image and (verb, object) triplets, made into sentences by the
   student's own prompt function (``bodies.triplet_sentences``).
 - ``GET /v1/model`` (model id, fingerprint, limits, readiness), ``GET /metrics`` (Prometheus text
@@ -24,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from teacher_server.grpc_api import Drain, ServiceUnavailableError, unavailable_reason
 from teacher_server.hoi.digest import image_digest
-from teacher_server.http_api.bodies import parse_body, triplet_sentences
+from teacher_server.http_api.bodies import parse_body, request_region, triplet_sentences
 from teacher_server.http_api.errors import http_error, install_error_handlers, renamer
 from teacher_server.http_api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from teacher_server.http_api.schemas import (
@@ -51,6 +52,7 @@ from teacher_server.http_api.security import require_bearer_token, set_token
 from teacher_server.service import ScoreItem
 
 if TYPE_CHECKING:
+    from teacher_server.hoi.region import Region
     from teacher_server.service import ScoringService
     from teacher_server.settings import ServerSettings
 
@@ -103,7 +105,12 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
     api = APIRouter(dependencies=guarded)
 
     async def score_one(
-        image: bytes, sentences: list[str], method: str, rename: Callable[[str], str], timeout_ms: int | None
+        image: bytes,
+        sentences: list[str],
+        region: Region | None,
+        method: str,
+        rename: Callable[[str], str],
+        timeout_ms: int | None,
     ) -> tuple[ImageSummary, list[tuple[float, float, bool]]]:
         digest = await run_in_threadpool(image_digest, image)
         try:
@@ -111,7 +118,7 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
             if reason is not None:
                 raise ServiceUnavailableError(reason)
             (result,) = await service.score(
-                [ScoreItem(digest, image, tuple(sentences))],
+                [ScoreItem(digest, image, tuple(sentences), region)],
                 timeout_s=timeout_ms / 1000 if timeout_ms else None,
             )
             if result.image_required:  # bytes were sent: the service cannot ask for them
@@ -134,19 +141,24 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
         """Match probability and logit margin of every sentence against the image.
 
         Send JSON `{"image": <base64>, "sentences": [...]}`, or a multipart form with the file in
-        `image` and one `sentences` field per sentence. Scores keep the request order unless
-        `sort=desc`; `index` is each sentence's position in the request.
+        `image` and one `sentences` field per sentence. With `region` (`{"human_box": [x1, y1, x2,
+        y2], "object_box": [...]}`, pixels of the original image; in a form, that JSON as the text
+        of a `region` field) the sentences are scored on that human-object pair. Scores keep the
+        request order unless `sort=desc`; `index` is each sentence's position in the request.
         """
         body = await parse_body(request, ScoreRequest, SentencesFields, settings, frozenset({"sentences"}))
         fields: SentencesFields = body.fields  # type: ignore[assignment]
+        region = request_region(fields.region)
         image, rows = await score_one(
-            body.image, fields.sentences, f"POST {SCORE_PATH}", renamer("sentences"), timeout_ms
+            body.image, fields.sentences, region, f"POST {SCORE_PATH}", renamer("sentences"), timeout_ms
         )
         scores = [
             SentenceScore(index=i, sentence=sentence, match_prob=prob, match_logit=logit, cached=cached)
             for i, (sentence, (prob, logit, cached)) in enumerate(zip(fields.sentences, rows, strict=True))
         ]
-        return ScoreResponse(model=_model_summary(service), image=image, scores=_ranked(scores, sort))
+        return ScoreResponse(
+            model=_model_summary(service), image=image, region=fields.region, scores=_ranked(scores, sort)
+        )
 
     @api.post(
         TRIPLETS_PATH,
@@ -159,12 +171,19 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
         request: Request, sort: SortOrder = SORT_QUERY, timeout_ms: int | None = TIMEOUT_QUERY
     ) -> TripletsResponse:
         """Scores of (person, verb, object) triplets, as sentences made by the student's prompt
-        template (`a person ride a horse`); `variant` as the prompt ablation (full, verb, object)."""
+        template (`a person ride a horse`); `variant` as the prompt ablation (full, verb, object);
+        `region` as in `POST /v1/score`."""
         body = await parse_body(request, TripletsRequest, TripletsFields, settings, frozenset({"triplets"}))
         fields: TripletsFields = body.fields  # type: ignore[assignment]
         made = triplet_sentences(fields.triplets, fields.variant)
+        region = request_region(fields.region)
         image, rows = await score_one(
-            body.image, [m.sentence for m in made], f"POST {TRIPLETS_PATH}", renamer("triplets"), timeout_ms
+            body.image,
+            [m.sentence for m in made],
+            region,
+            f"POST {TRIPLETS_PATH}",
+            renamer("triplets"),
+            timeout_ms,
         )
         scores = [
             TripletScore(
@@ -179,12 +198,17 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
             for i, (m, (prob, logit, cached)) in enumerate(zip(made, rows, strict=True))
         ]
         return TripletsResponse(
-            model=_model_summary(service), image=image, variant=fields.variant, scores=_ranked(scores, sort)
+            model=_model_summary(service),
+            image=image,
+            region=fields.region,
+            variant=fields.variant,
+            scores=_ranked(scores, sort),
         )
 
     @api.get(MODEL_PATH, responses={401: ERROR_RESPONSES[401]}, summary="Model, fingerprint and limits")
     async def model_info() -> dict[str, Any]:
-        """`model_id`, `fingerprint`, `itm_start_token`, `dtype`, `limits`, batching, cache, `ready`."""
+        """`model_id`, `fingerprint`, `itm_start_token`, `dtype`, `region_policy` (how a `region` is shown
+        to the model, e.g. `crop:margin=0.1`), `limits`, batching, cache, `ready`."""
         return {**service.model_info(), "ready": unavailable_reason(drain, service) is None}
 
     @api.get(
@@ -272,6 +296,7 @@ def _model_summary(service: ScoringService) -> ModelSummary:
         fingerprint=str(info["fingerprint"]),
         itm_start_token=str(info["itm_start_token"]),
         dtype=str(info["dtype"]),
+        region_policy=str(info["region_policy"]),
     )
 
 

@@ -36,6 +36,37 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+_BOX_DESCRIPTION = "[x1, y1, x2, y2] in pixels of the original image (x1 < x2, y1 < y2, inside the image)"
+
+
+class RegionBody(BaseModel):
+    """A human-object pair of the image: its sentences are scored on this pair, not the whole image.
+
+    How the teacher shows the pair to BLIP (``crop`` of the union box, or ``mask``: the rest
+    dimmed) is the server's ``region_policy`` (``GET /v1/model``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    human_box: list[float] = Field(
+        min_length=4, max_length=4, description="the person: " + _BOX_DESCRIPTION, examples=[[12, 30, 140, 260]]
+    )
+    object_box: list[float] = Field(
+        min_length=4, max_length=4, description="the object: " + _BOX_DESCRIPTION, examples=[[60, 120, 300, 310]]
+    )
+
+    def values(self) -> list[float]:
+        """The eight numbers, human box first (``Region.from_values`` order)."""
+        return [*self.human_box, *self.object_box]
+
+
+_REGION_FIELD = Field(
+    None,
+    description="score on this human-object pair (boxes in pixels of the original image); "
+    "leave it out (or null) for the whole image",
+)
+
+
 class SentencesFields(BaseModel):
     """The sentences of a score request (validates a multipart form's fields but the image)."""
 
@@ -45,6 +76,7 @@ class SentencesFields(BaseModel):
         description="sentences to match against the image, 1 to max_sentences_per_image (GET /v1/model)",
         examples=[["a person ride a horse", "a person feed a horse"]],
     )
+    region: RegionBody | None = _REGION_FIELD
 
 
 _IMAGE_FIELD = Field(
@@ -86,6 +118,7 @@ class TripletsFields(BaseModel):
     variant: Literal["full", "verb", "object"] = Field(
         "full", description="prompt variant of teacher_server.hoi.prompts.triplet_sentence"
     )
+    region: RegionBody | None = _REGION_FIELD
 
 
 class TripletsRequest(TripletsFields):
@@ -101,6 +134,7 @@ class ModelSummary(BaseModel):
     fingerprint: str = Field(description="prefixes every cache key: scores are only comparable within one")
     itm_start_token: str
     dtype: str
+    region_policy: str = Field(description="how a region is shown to the model (crop:margin=0.1, mask:dim=0.8)")
 
 
 class ImageSummary(BaseModel):
@@ -129,11 +163,15 @@ class TripletScore(SentenceScore):
     obj: str | None = Field(alias="object")
 
 
+_SCORED_REGION = Field(description="the human-object pair the scores are for; null: the whole image")
+
+
 class ScoreResponse(BaseModel):
-    """Scores of the sentences against the image."""
+    """Scores of the sentences against the image (or the pair of ``region``)."""
 
     model: ModelSummary
     image: ImageSummary
+    region: RegionBody | None = _SCORED_REGION
     scores: list[SentenceScore]
 
 
@@ -142,15 +180,25 @@ class TripletsResponse(BaseModel):
 
     model: ModelSummary
     image: ImageSummary
+    region: RegionBody | None = _SCORED_REGION
     variant: str
     scores: list[TripletScore]
 
 
+_FORM_REGION = Field(
+    None,
+    description="optional human-object pair as JSON text, as in the JSON body: "
+    '{"human_box": [x1, y1, x2, y2], "object_box": [x1, y1, x2, y2]} (pixels of the original image)',
+    examples=['{"human_box": [12, 30, 140, 260], "object_box": [60, 120, 300, 310]}'],
+)
+
+
 class ScoreForm(BaseModel):
-    """Multipart form: the image file and the sentences."""
+    """Multipart form: the image file, the sentences and optionally a region."""
 
     image: bytes = Field(description="the image file")
     sentences: list[str] = Field(description="one sentence per field (repeat the field)")
+    region: str | None = _FORM_REGION
 
 
 class TripletsForm(BaseModel):
@@ -159,6 +207,7 @@ class TripletsForm(BaseModel):
     image: bytes = Field(description="the image file")
     triplets: list[str] = Field(description='one "verb object" per field (repeat the field)')
     variant: Literal["full", "verb", "object"] = "full"
+    region: str | None = _FORM_REGION
 
 
 # Models that only ``request_body`` references name, for the schema's components.

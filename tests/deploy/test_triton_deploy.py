@@ -36,6 +36,7 @@ from tritonclient.utils import InferenceServerException
 
 from teacher_server.client import TeacherRpcError
 from teacher_server.engine import ImageSentences, ItmEngine
+from teacher_server.hoi.region import Region
 from teacher_server.triton_client import TritonTeacherClient
 
 torch.set_num_threads(1)
@@ -230,6 +231,7 @@ def test_triton_serves_blip_itm_from_the_repository(client) -> None:
     assert tensors == {
         "IMAGE": ("BYTES", ["-1", "1"]),
         "TEXT": ("BYTES", ["-1", "1"]),
+        "REGION": ("FP32", ["-1", "8"]),
         "MATCH_PROB": ("FP32", ["-1", "1"]),
         "MATCH_LOGIT": ("FP32", ["-1", "1"]),
     }
@@ -237,6 +239,8 @@ def test_triton_serves_blip_itm_from_the_repository(client) -> None:
     assert config["backend"] == "python"
     assert config["max_batch_size"] == 256
     assert "dynamic_batching" in config
+    optional = {tensor["name"]: tensor.get("optional", False) for tensor in config["input"]}
+    assert optional == {"IMAGE": False, "TEXT": False, "REGION": True}
 
 
 def test_probabilities_equal_the_engine_and_a_repeated_image_is_encoded_once(server, client, engine) -> None:
@@ -258,6 +262,54 @@ def test_probabilities_equal_the_engine_and_a_repeated_image_is_encoded_once(ser
     # Again: both images are in the vision LRU now.
     client.infer(MODEL, pair_inputs([horse, cup], ["a person pet a horse", "a person wash a cup"]))
     assert counter(server, "images_encoded") - encoded == 2
+
+
+# Inside png_bytes' 40 x 32 images; the unions grown by the crop margin are far from the whole image.
+PAIR_A = Region(human=(2.0, 3.0, 14.0, 20.0), object=(10.0, 8.0, 20.0, 26.0))
+PAIR_B = Region(human=(20.0, 2.0, 36.0, 18.0), object=(24.0, 12.0, 38.0, 30.0))
+
+
+def region_input(regions: list[Region | None]) -> triton.InferInput:
+    """REGION [N, 8] FP32; a row of zeros for the whole image."""
+    rows = np.array([region.values() if region else (0.0,) * 8 for region in regions], dtype=np.float32)
+    tensor = triton.InferInput("REGION", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows)
+    return tensor
+
+
+def test_region_rows_score_the_pairs_as_the_engine(server, client, engine) -> None:
+    image, text = png_bytes(405), "a person ride a horse"
+    regions = [PAIR_A, PAIR_B, None, PAIR_A]
+    encoded = counter(server, "images_encoded")
+    result = client.infer(MODEL, [*pair_inputs([image] * 4, [text] * 4), region_input(regions)])
+    probs = result.as_numpy("MATCH_PROB")[:, 0]
+    assert counter(server, "images_encoded") - encoded == 3  # three views of one image
+    for index, region in enumerate(regions):
+        prepared = engine.prepare_image(image, region=region)
+        expected = engine.score([ImageSentences(prepared.digest, prepared, [text], region=region)])[0][0]
+        assert probs[index] == pytest.approx(expected.match_prob, abs=1e-5)
+    assert len({float(p) for p in probs[:3]}) == 3 and probs[3] == probs[0]
+    # The same through the client, which sends REGION when a region is given.
+    with TritonTeacherClient(f"triton://{server.target}", timeout_s=120) as teacher:
+        (pair,), (whole,) = teacher.score([image, image], [[text], [text]], regions=[PAIR_B, None])
+    assert (pair.match_prob, whole.match_prob) == pytest.approx((probs[1], probs[2]), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ((9, 1, 5, 5, 1, 1, 5, 5), ["REGION[0][0:4]", "inverted"]),
+        ((1, 1, 5, 5, 1, 1, 60, 20), ["REGION[0][6]", "outside the image"]),
+    ],
+    ids=["inverted", "outside"],
+)
+def test_bad_region_is_refused_naming_the_row(client, row, expected) -> None:
+    rows = triton.InferInput("REGION", [1, 8], "FP32")
+    rows.set_data_from_numpy(np.array([row], dtype=np.float32))
+    error = infer_error(client, [*pair_inputs([png_bytes(406)], ["a person ride a horse"]), rows])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    for part in expected:
+        assert part in error.message()
 
 
 def test_only_the_requested_outputs_come_back(client) -> None:

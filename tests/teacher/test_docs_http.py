@@ -63,6 +63,7 @@ def test_curl_examples(teacher: RunningHttp) -> None:
     assert '"sentence":"a person hop on an airplane"' in outputs
     assert f'"fingerprint":"{teacher.service.fingerprint}"' in outputs
     assert '{"ready":true}' in outputs
+    assert '"region":{"human_box":[100.0,20.0,200.0,150.0],"object_box":[60.0,80.0,300.0,230.0]}' in outputs
     assert 'hoidistill_teacher_requests_total{code="200",method="HTTP POST /v1/score"} 2.0' in outputs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import socket
 import ssl
 import threading
@@ -30,7 +31,9 @@ from testkit.teacher import (
 )
 
 from teacher_server.auth import AuthConfigError
+from teacher_server.engine import ImageSentences
 from teacher_server.hoi.prompts import triplet_sentence
+from teacher_server.hoi.region import Region
 from teacher_server.http_api.bodies import parse_triplet_text
 from teacher_server.http_api.server import HttpServerError
 
@@ -95,8 +98,10 @@ def test_json_scores_equal_the_engine_in_request_order(client: httpx.Client, eng
         "fingerprint": engine.fingerprint,
         "itm_start_token": "cls",
         "dtype": "fp32",
+        "region_policy": "crop:margin=0.1",  # EngineSettings' defaults
     }
     assert body["image"] == {"digest": hashlib.sha256(image).hexdigest(), "size_bytes": len(image)}
+    assert body["region"] is None  # the whole image
 
 
 def test_sort_desc_ranks_by_probability_and_keeps_request_index(client: httpx.Client) -> None:
@@ -318,6 +323,77 @@ def _json(**body: Any) -> dict[str, Any]:
             ("missing",),
         ),
         ({**_json(), "params": {"sort": "asc"}}, 422, "sort", ("'given' or 'desc'",)),
+        # Regions: png_bytes(110) is 40 x 32 pixels.
+        (
+            _json(region={"human_box": [30, 2, 10, 20], "object_box": [1, 1, 5, 5]}),
+            422,
+            "region.human_box",
+            ("human box [30, 2, 10, 20] is empty or inverted", "x1 < x2"),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5, 5], "object_box": [1, 9, 5, 9]}),
+            422,
+            "region.object_box",
+            ("object box", "empty or inverted"),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5], "object_box": [1, 1, 5, 5]}),
+            422,
+            "region.human_box",
+            ("at least 4 items",),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5, 5], "object_box": [1, 1, 5, 5, 6]}),
+            422,
+            "region.object_box",
+            ("at most 4 items",),
+        ),
+        (_json(region={"human_box": [1, 1, 5, 5]}), 422, "region.object_box", ("Field required",)),
+        (
+            _json(region={"human_box": [1, 1, 5, 5], "object_box": [1, "x", 5, 5]}),
+            422,
+            "region.object_box[1]",
+            ("valid number",),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5, 5], "object_box": [1, -3, 5, 5]}),
+            422,
+            "region.object_box[1]",
+            ("below 0",),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5, 5], "object_box": [2, 2, 60, 20]}),
+            422,
+            "region.object_box[2]",
+            ("is 60: outside the image", "the image is 40x32 pixels"),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5, 50], "object_box": [2, 2, 6, 20]}),
+            422,
+            "region.human_box[3]",
+            ("is 50: outside the image", "y must be at most 32"),
+        ),
+        (
+            _json(region={"human_box": [1, 1, 5, 5], "object_box": [1, 1, 5, 5], "verb": "ride"}),
+            422,
+            "region.verb",
+            ("Extra inputs",),
+        ),
+        (
+            {"files": {"image": ("a.png", png_bytes(110))}, "data": {"sentences": "x", "region": "[1, 2"}},
+            422,
+            "region",
+            ("not valid JSON", '"human_box"'),
+        ),
+        (
+            {
+                "files": {"image": ("a.png", png_bytes(110))},
+                "data": {"sentences": "x", "region": '{"human_box": [9, 1, 5, 5], "object_box": [1, 1, 5, 5]}'},
+            },
+            422,
+            "region.human_box",
+            ("inverted",),
+        ),
     ],
 )
 def test_invalid_score_requests(
@@ -325,6 +401,56 @@ def test_invalid_score_requests(
 ) -> None:
     error = assert_error(client.post("/v1/score", **request_kwargs), status, field, *fragments)
     assert error["code"] == ("UNSUPPORTED_MEDIA_TYPE" if status == 415 else "INVALID_ARGUMENT")
+
+
+# ------------------------------------------------------------------------------------- regions
+# Inside the 40 x 32 test images; the union [2, 3, 20, 26] grown by 10 % is far from the whole image.
+REGION = {"human_box": [2.0, 3.0, 14.0, 20.0], "object_box": [10.0, 8.0, 20.0, 26.0]}
+
+
+def test_region_scores_the_pair_in_json_and_form_bodies(client: httpx.Client, engine) -> None:
+    image = png_bytes(120)
+    whole = client.post("/v1/score", json={"image": b64(image), "sentences": SENTENCES}).json()
+    response = client.post("/v1/score", json={"image": b64(image), "sentences": SENTENCES, "region": REGION})
+    assert response.status_code == 200, response.text
+    pair = response.json()
+    assert pair["region"] == REGION and whole["region"] is None
+    assert [row["cached"] for row in pair["scores"]] == [False] * 3  # the whole image's scores are not the pair's
+    region = Region.from_values([*REGION["human_box"], *REGION["object_box"]])
+    prepared = engine.prepare_image(image, region=region)
+    expected = engine.score([ImageSentences(prepared.digest, prepared, SENTENCES, region=region)])[0]
+    assert [row["match_prob"] for row in pair["scores"]] == pytest.approx([s.match_prob for s in expected], abs=1e-6)
+    assert [row["match_prob"] for row in pair["scores"]] != pytest.approx(
+        [row["match_prob"] for row in whole["scores"]], abs=1e-4
+    )
+    # The same region as form text: the same view, so every score now comes from the cache.
+    form = client.post(
+        "/v1/score?sort=desc",
+        files={"image": ("a.png", image, "image/png")},
+        data={"sentences": SENTENCES, "region": json.dumps(REGION)},
+    ).json()
+    assert form["region"] == REGION
+    assert [row["cached"] for row in form["scores"]] == [True] * 3
+    assert sorted(form["scores"], key=lambda row: row["index"]) == [dict(row, cached=True) for row in pair["scores"]]
+    # An empty form field is no region.
+    empty = client.post(
+        "/v1/score", files={"image": ("a.png", image)}, data={"sentences": SENTENCES, "region": ""}
+    ).json()
+    assert empty["region"] is None and [row["cached"] for row in empty["scores"]] == [True] * 3
+
+
+def test_triplets_with_a_region(client: httpx.Client) -> None:
+    image = png_bytes(121)
+    body = {"image": b64(image), "triplets": ["ride horse", "feed horse"]}
+    pair = client.post("/v1/score/triplets", json={**body, "region": REGION}).json()
+    assert pair["region"] == REGION
+    as_sentences = client.post(
+        "/v1/score",
+        json={"image": b64(image), "sentences": [row["sentence"] for row in pair["scores"]], "region": REGION},
+    ).json()
+    assert [row["cached"] for row in as_sentences["scores"]] == [True, True]  # the same (view, sentence) keys
+    whole = client.post("/v1/score/triplets", json=body).json()
+    assert [row["cached"] for row in whole["scores"]] == [False, False]
 
 
 def test_body_over_max_message_bytes_is_413_by_length_and_while_streaming(client: httpx.Client) -> None:
@@ -352,6 +478,7 @@ def test_model_info_health_and_readiness(client: httpx.Client, engine) -> None:
     info = client.get("/v1/model").json()
     assert info["fingerprint"] == engine.fingerprint
     assert info["limits"]["max_sentences_per_image"] == 6
+    assert info["region_policy"] == "crop:margin=0.1"
     assert info["ready"] is True
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True}
@@ -377,7 +504,14 @@ def test_openapi_documents_both_bodies_and_every_error(client: httpx.Client) -> 
     assert content["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary"
     assert {"401", "413", "415", "422", "429", "503"} <= set(operation["responses"])
     components = schema["components"]["schemas"]
-    assert {"ScoreRequest", "TripletsRequest", "Triplet", "ErrorResponse"} <= set(components)
+    assert {"ScoreRequest", "TripletsRequest", "Triplet", "RegionBody", "ErrorResponse"} <= set(components)
+    # The region: optional in both bodies, two boxes of exactly four numbers.
+    for request in ("ScoreRequest", "TripletsRequest"):
+        assert "region" in components[request]["properties"] and "region" not in components[request]["required"]
+    box = components["RegionBody"]["properties"]["human_box"]
+    assert (box["minItems"], box["maxItems"], box["items"]["type"]) == (4, 4, "number")
+    assert components["RegionBody"]["required"] == ["human_box", "object_box"]
+    assert "region" in content["multipart/form-data"]["schema"]["properties"]
     assert "securitySchemes" not in schema["components"]  # no token configured
     parameters = {p["name"] for p in schema["paths"]["/v1/score/triplets"]["post"]["parameters"]}
     assert parameters == {"sort", "timeout_ms"}

@@ -26,7 +26,9 @@ from tritonclient.grpc import service_pb2_grpc as kv2_grpc
 from tritonclient.utils import InferenceServerException
 
 from teacher_server import kserve
+from teacher_server.engine import ImageSentences
 from teacher_server.errors import InvalidInputError
+from teacher_server.hoi.region import Region
 
 torch.set_num_threads(1)
 
@@ -83,20 +85,23 @@ def test_server_and_model_endpoints(client, teacher):
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [
         ("IMAGE", "BYTES", [-1]),
         ("TEXT", "BYTES", [-1]),
+        ("REGION", "FP32", [-1, 8]),
     ]
     assert [(t.name, t.datatype) for t in model.outputs] == [("MATCH_PROB", "FP32"), ("MATCH_LOGIT", "FP32")]
 
     config = client.get_model_config(MODEL).config
     assert config.name == MODEL and config.max_batch_size == 0
-    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
-        ("IMAGE", mc.TYPE_STRING, [-1]),
-        ("TEXT", mc.TYPE_STRING, [-1]),
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("IMAGE", mc.TYPE_STRING, [-1], False),
+        ("TEXT", mc.TYPE_STRING, [-1], False),
+        ("REGION", mc.TYPE_FP32, [-1, 8], True),
     ]
     assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
         ("MATCH_PROB", mc.TYPE_FP32, [-1]),
         ("MATCH_LOGIT", mc.TYPE_FP32, [-1]),
     ]
     assert config.parameters["fingerprint"].string_value == teacher.service.fingerprint
+    assert config.parameters["region_policy"].string_value == "crop:margin=0.1"
 
 
 def test_unknown_model_name_is_not_found(client):
@@ -265,6 +270,102 @@ def test_unimplemented_endpoints(client):
 
 
 # ------------------------------------------------------------------------------ pure functions
+# -------------------------------------------------------------------------------------- regions
+# Boxes inside png_bytes' 40 x 32 images; their unions grown by 10 % stay well inside the image.
+PAIR_A = (2.0, 3.0, 14.0, 20.0, 10.0, 8.0, 20.0, 26.0)
+PAIR_B = (20.0, 2.0, 36.0, 18.0, 24.0, 12.0, 38.0, 30.0)
+WHOLE = (0.0,) * 8  # a row of zeros: the whole image
+
+
+def region_input(rows: list[tuple[float, ...]], datatype: str = "FP32", shape: list[int] | None = None):
+    array = np.array(rows, dtype=np.float64 if datatype == "FP64" else np.float32)
+    array = array.reshape(shape) if shape else array
+    tensor = triton.InferInput("REGION", list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def region_reference(engine, image: bytes, row: tuple[float, ...], text: str):
+    region = None if not any(row) else Region.from_values(row)
+    prepared = engine.prepare_image(image, region=region)
+    return engine.score([ImageSentences(prepared.digest, prepared, [text], region=region)])[0][0]
+
+
+def test_region_rows_are_views_of_their_image(client, teacher, engine):
+    image, ride = png_bytes(40), "a person ride a horse"
+    rows = [PAIR_A, PAIR_B, WHOLE, PAIR_A, PAIR_B]
+    texts = [ride, ride, ride, "a person hold a cup", ride]
+    encoded_before = teacher.metric("hoidistill_teacher_images_encoded_total")
+    result = client.infer(MODEL, [*pair_inputs([image] * 5, texts), region_input(rows)])
+    # One image, three views (two pairs and the whole image): three vision encodings.
+    assert teacher.metric("hoidistill_teacher_images_encoded_total") == encoded_before + 3
+    probs, logits = result.as_numpy("MATCH_PROB"), result.as_numpy("MATCH_LOGIT")
+    for index, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        expected = region_reference(engine, image, row, text)
+        assert logits[index] == pytest.approx(expected.match_logit, abs=1e-5)
+        assert probs[index] == pytest.approx(expected.match_prob, abs=1e-6)
+    assert probs[4] == probs[1] and len({probs[0], probs[1], probs[2]}) == 3  # views differ, repeats agree
+    # Without REGION the request is as before: the whole image (now a cache hit of row 2).
+    whole = client.infer(MODEL, pair_inputs([image], [ride])).as_numpy("MATCH_PROB")
+    assert whole[0] == probs[2]
+
+
+def test_region_by_raw_and_by_typed_contents_agree(teacher, client):
+    image, ride = png_bytes(41), "a person ride a horse"
+    raw = client.infer(MODEL, [*pair_inputs([image], [ride]), region_input([PAIR_A])]).as_numpy("MATCH_PROB")
+    request = kv2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1]).contents.bytes_contents.append(image)
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(ride.encode())
+    request.inputs.add(name="REGION", datatype="FP32", shape=[1, 8]).contents.fp32_contents.extend(PAIR_A)
+    with grpc.insecure_channel(teacher.target) as channel:
+        response = kv2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert np.frombuffer(response.raw_output_contents[0], dtype="<f4")[0] == raw[0]
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "field", "detail"),
+    [
+        pytest.param([PAIR_A, PAIR_A], {"datatype": "FP64"}, "REGION", "datatype FP64", id="fp64"),
+        pytest.param([PAIR_A[:7]] * 2, {}, "REGION", "shape [2, 7] is not accepted", id="seven-values"),
+        pytest.param([PAIR_A] * 3, {}, "REGION", "N = 2 (the length of IMAGE and TEXT)", id="three-rows"),
+        pytest.param([PAIR_A, PAIR_B], {"shape": [16]}, "REGION", "shape [16]", id="one-dimension"),
+        pytest.param(
+            [PAIR_A, (14.0, 3.0, 2.0, 20.0, *PAIR_A[4:])], {}, "REGION[1][0:4]", "inverted", id="inverted-human"
+        ),
+        pytest.param([PAIR_A, (*PAIR_A[:7], float("nan"))], {}, "REGION[1][7]", "finite", id="nan"),
+        pytest.param([PAIR_A, (*PAIR_A[:6], 90.0, 30.0)], {}, "REGION[1][6]", "outside the image", id="outside"),
+    ],
+)
+def test_bad_region_is_invalid_argument_naming_it(client, rows, kwargs, field, detail):
+    images = [png_bytes(42), png_bytes(43)]
+    inputs = [*pair_inputs(images, ["a person ride a horse"] * 2), region_input(rows, **kwargs)]
+    error = infer_error(client, MODEL, inputs)
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message().startswith(f"{field}: "), error.message()
+    assert detail in error.message()
+    assert_serving(client)
+
+
+def test_region_given_twice_is_refused(client):
+    inputs = pair_inputs([png_bytes(44)], ["a person ride a horse"])
+    error = infer_error(client, MODEL, [*inputs, region_input([PAIR_A]), region_input([PAIR_B])])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message().startswith("REGION: input given more than once")
+
+
+def test_plan_pairs_groups_by_view():
+    a = png_bytes(1)
+    first, second = Region.from_values(PAIR_A), Region.from_values(PAIR_B)
+    plan = kserve.plan_pairs([a, a, a, a], ["x", "x", "y", "x"], [first, second, first, None])
+    assert [(item.region, item.sentences) for item in plan.items] == [
+        (first, ("x", "y")),
+        (second, ("x",)),
+        (None, ("x",)),
+    ]
+    renamed = kserve.tensor_field(InvalidInputError("items[1].region[6]", "outside"), plan)
+    assert renamed.field == "REGION[1][6]"
+
+
 def test_decode_bytes_tensor():
     raw = b"".join(struct.pack("<I", len(e)) + e for e in (b"ab", b"", b"xyz"))
     assert kserve.decode_bytes_tensor(raw, 3, "TEXT") == [b"ab", b"", b"xyz"]

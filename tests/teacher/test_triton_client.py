@@ -7,6 +7,7 @@ read from the endpoint, so one client speaks to both servers.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from testkit.teacher import RunningTeacher, png_bytes, reference_engine, running
 
 from teacher_server.client import TeacherRpcError
 from teacher_server.engine import ItmEngine
-from teacher_server.errors import TeacherError
+from teacher_server.errors import InvalidInputError, TeacherError
+from teacher_server.hoi.region import Region
 from teacher_server.triton_client import (
     TritonTeacherClient,
     _chunks,
@@ -51,11 +53,13 @@ def client(teacher: RunningTeacher) -> Iterator[TritonTeacherClient]:
         yield client
 
 
-def engine_scores(engine: ItmEngine, image: bytes, sentences: list[str]) -> list[tuple[float, float]]:
+def engine_scores(
+    engine: ItmEngine, image: bytes, sentences: list[str], region: Region | None = None
+) -> list[tuple[float, float]]:
     from teacher_server.engine import ImageSentences
 
-    prepared = engine.prepare_image(image)
-    scores = engine.score([ImageSentences(prepared.digest, prepared, sentences)])[0]
+    prepared = engine.prepare_image(image, region=region)
+    scores = engine.score([ImageSentences(prepared.digest, prepared, sentences, region=region)])[0]
     return [(score.match_logit, score.match_prob) for score in scores]
 
 
@@ -149,6 +153,56 @@ def test_model_info_of_the_teachers_endpoint(client, engine) -> None:
     assert info.fingerprint == engine.fingerprint
     assert info.model_id == engine.model_id
     assert (info.dtype, info.itm_start_token) == ("fp32", "cls")
+    assert info.region_policy == "crop:margin=0.1" and info.regions
+
+
+# Inside png_bytes' 40 x 32 images; the unions grown by 10 % are far from the whole image.
+PAIR_A = Region.from_values((2, 3, 14, 20, 10, 8, 20, 26))
+PAIR_B = (20, 2, 36, 18, 24, 12, 38, 30)  # as 8 numbers, as a caller may pass it
+
+
+def test_regions_are_sent_as_the_region_input(client, teacher, engine) -> None:
+    image, other = png_bytes(330), png_bytes(331)
+    ride, hold = "a person ride a horse", "a person hold a cup"
+    encoded_before = teacher.metric("hoidistill_teacher_images_encoded_total")
+    scores = client.score(
+        [image, image, image, other], [[ride, hold], [ride], [ride], [hold]], regions=[PAIR_A, PAIR_B, None, PAIR_A]
+    )
+    # Four views (three of `image`, one of `other`): four vision encodings, the pairs in one request.
+    assert teacher.metric("hoidistill_teacher_images_encoded_total") == encoded_before + 4
+    for source, group, region, answer in (
+        (image, [ride, hold], PAIR_A, scores[0]),
+        (image, [ride], Region.from_values(PAIR_B), scores[1]),
+        (image, [ride], None, scores[2]),
+        (other, [hold], PAIR_A, scores[3]),
+    ):
+        expected = engine_scores(engine, source, group, region)
+        assert [s.match_logit for s in answer] == pytest.approx([logit for logit, _ in expected], abs=1e-5)
+        assert [s.match_prob for s in answer] == pytest.approx([prob for _, prob in expected], abs=1e-6)
+    assert len({scores[0][0].match_prob, scores[1][0].match_prob, scores[2][0].match_prob}) == 3
+    # Without regions nothing changes: the whole image, as regions=[None].
+    assert client.score([image], [[ride]]) == [[scores[2][0]]]
+
+
+def test_region_errors_name_the_region(client) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        client.score([png_bytes(332)], [["a person ride a horse"]], regions=[(1, 2, 3, 4, 5, 6, 7)])
+    assert caught.value.field == "regions[0]" and "got 7" in str(caught.value)
+    with pytest.raises(ValueError, match="1 images but 2 regions"):
+        client.score([png_bytes(332)], [["a person ride a horse"]], regions=[None, None])
+    with pytest.raises(TeacherRpcError) as server_side:  # outside the 40 x 32 image: known once decoded
+        client.score([png_bytes(332)], [["a person ride a horse"]], regions=[(1, 1, 5, 5, 1, 1, 60, 20)])
+    assert server_side.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert server_side.value.details.startswith("REGION[0][6]: is 60: outside the image")
+
+
+def test_a_model_without_region_input_cannot_score_regions(client) -> None:
+    client.score([png_bytes(333)], [["a person ride a horse"]])  # reads the endpoint's layout
+    assert client._layout is not None
+    client._layout = dataclasses.replace(client._layout, regions=False)  # as an older model repository
+    with pytest.raises(TeacherError, match="has no REGION input"):
+        client.score([png_bytes(333)], [["a person ride a horse"]], regions=[PAIR_A])
+    assert len(client.score([png_bytes(333)], [["a person ride a horse"]], regions=[None])[0]) == 1
 
 
 def test_invalid_input_raises_teacher_rpc_error_naming_the_element(client) -> None:

@@ -2,15 +2,17 @@
 
 Tensors (config.pbtxt): a request of N (image, sentence) pairs sends IMAGE [N, 1] (encoded image
 files) and TEXT [N, 1] (UTF-8 sentences), both BYTES, and gets MATCH_PROB and MATCH_LOGIT [N, 1]
-FP32 back, pair i being (IMAGE[i], TEXT[i]).
+FP32 back, pair i being (IMAGE[i], TEXT[i]). The optional REGION [N, 8] FP32 scores pair i on a
+human-object pair of its image (human box then object box, x1, y1, x2, y2 in pixels of the
+original image; a row of eight zeros = the whole image), as the teacher's own KServe endpoint.
 
 Triton's dynamic batcher hands ``execute`` several requests at once. Each is validated on its own
 (a bad one fails alone, with a TritonError INVALID_ARG naming the tensor element and the limit,
 e.g. ``TEXT[3]: sentence is 70 tokens ..., over the limit of 64 tokens``); the valid ones are then
-scored in ONE engine call. So an image repeated within a request or across the merged requests
-is decoded and encoded once (pairs are grouped by the SHA-256 digest of the image bytes), a
-repeated (image, sentence) pair is scored once, and an image still in the engine's vision LRU is
-not even decoded again.
+scored in ONE engine call. So an image view repeated within a request or across the merged
+requests is decoded and encoded once (pairs are grouped by view: the SHA-256 digest of the image
+bytes and the region), a repeated (view, sentence) pair is scored once, and a view still in the
+engine's vision LRU is not even decoded again.
 
 Settings come from the config's ``parameters``; a ``HOIDISTILL_<KEY>`` environment variable of
 the server process overrides each (``HOIDISTILL_MODEL=/models/blip``). The device follows the
@@ -33,13 +35,14 @@ try:
     from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, PreparedImage
     from teacher_server.errors import InvalidInputError
     from teacher_server.hoi.digest import image_digest
+    from teacher_server.hoi.region import REGION_POLICIES, Region, view_id
 except ImportError as error:  # the message Triton shows when the model fails to load
     raise ImportError(
         f"blip_itm needs the hoi-distill teacher (teacher_server, torch, transformers) in the Python "
         f"the backend stub runs ({error}); see docs/triton.md"
     ) from error
 
-IMAGE, TEXT = "IMAGE", "TEXT"
+IMAGE, TEXT, REGION = "IMAGE", "TEXT", "REGION"
 MATCH_PROB, MATCH_LOGIT = "MATCH_PROB", "MATCH_LOGIT"
 ENV_PREFIX = "HOIDISTILL_"
 METRIC_PREFIX = "hoidistill_teacher"
@@ -77,6 +80,19 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _region_policy(value: str) -> str:
+    if value not in REGION_POLICIES:
+        raise ValueError(f"expected one of {', '.join(REGION_POLICIES)}")
+    return value
+
+
+def _fraction(value: str) -> float:
+    number = _non_negative_float(value)
+    if number > 1:
+        raise ValueError("expected a number from 0 to 1")
+    return number
+
+
 # Parameter key -> parser. The keys are the field names of the teacher's ServerSettings.
 PARAMETERS: dict[str, Callable[[str], Any]] = {
     "model": _text,
@@ -88,6 +104,9 @@ PARAMETERS: dict[str, Callable[[str], Any]] = {
     "max_image_bytes": _positive_int,
     "max_image_pixels": _positive_int,
     "max_sentence_tokens": _positive_int,
+    "region_policy": _region_policy,
+    "region_margin": _non_negative_float,
+    "region_dim": _fraction,
 }
 
 
@@ -132,39 +151,61 @@ def instance_device(kind: str, device_id: str) -> str:
 # ------------------------------------------------------------------------------------- requests
 @dataclass(frozen=True)
 class PairRequest:
-    """The validated pairs of one inference request: pair i is (image ``digests[i]``, ``sentences[i]``)."""
+    """The validated pairs of one inference request: pair i is (view ``views[i]``, ``sentences[i]``),
+    a view being the image ``digests[i]`` seen whole or on the pair ``regions[i]``."""
 
     digests: list[str]
     sentences: list[str]
+    regions: list[Region | None]
+
+    @property
+    def views(self) -> list[str]:
+        return [view_id(digest, region) for digest, region in zip(self.digests, self.regions, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why an image or a view was refused, and the tail of the field it named (``[6]`` of ``REGION[0][6]``)."""
+
+    error: InvalidInputError
+    detail: str
 
 
 class BatchImages:
-    """The distinct images of one ``execute`` call, each checked and preprocessed once.
+    """The distinct image views of one ``execute`` call, each checked and preprocessed once.
 
-    An image the engine still holds (vision LRU, by digest) is not decoded: it was checked when
+    A view the engine still holds (vision LRU, by view id) is not decoded: it was checked when
     it came first, and the same bytes give the same digest. It is still held when ``score``
     runs: an instance runs one ``execute`` at a time, and nothing enters the LRU in between.
     """
 
     def __init__(self, engine: ItmEngine) -> None:
         self.engine = engine
-        self.prepared: dict[str, PreparedImage | None] = {}
-        self._failures: dict[str, InvalidInputError] = {}
+        self.prepared: dict[str, PreparedImage | None] = {}  # by view id
+        self._failures: dict[str, _Failure] = {}  # by digest (the image) or view id (the region)
 
-    def add(self, data: bytes, field: str) -> str:
-        """Digest of ``data``; raises ``InvalidInputError`` naming ``field`` when the image is refused."""
+    def add(self, data: bytes, field: str, region: Region | None = None, region_field: str = REGION) -> str:
+        """Digest of ``data``; raises ``InvalidInputError`` naming ``field`` when the image is refused,
+        or ``region_field`` when the region reaches outside it."""
         digest = image_digest(data)
-        failure = self._failures.get(digest)
-        if failure is not None:
-            raise InvalidInputError(field, failure.reason, too_large=failure.too_large)
-        if digest not in self.prepared:
-            if self.engine.has_image(digest):
-                self.prepared[digest] = None
+        view = view_id(digest, region)
+        for key, name in ((digest, field), (view, region_field)):
+            failure = self._failures.get(key)
+            if failure is not None:  # named as this pair's element, with the value at fault (``[6]``)
+                raise InvalidInputError(name + failure.detail, failure.error.reason, too_large=failure.error.too_large)
+        if view not in self.prepared:
+            if self.engine.has_image(digest, region):
+                self.prepared[view] = None
             else:
                 try:
-                    self.prepared[digest] = self.engine.prepare_image(data, digest=digest, field=field)
+                    self.prepared[view] = self.engine.prepare_image(
+                        data, digest=digest, field=field, region=region, region_field=region_field
+                    )
                 except InvalidInputError as error:
-                    self._failures[digest] = error
+                    if error.field.startswith(region_field):  # the region reaches outside the image
+                        self._failures[view] = _Failure(error, error.field[len(region_field) :])
+                    else:
+                        self._failures[digest] = _Failure(error, error.field[len(field) :])
                     raise
         return digest
 
@@ -192,32 +233,56 @@ def decode_texts(texts: Sequence[bytes]) -> list[str]:
     return sentences
 
 
+def decode_regions(rows: np.ndarray | None, count: int) -> list[Region | None]:
+    """REGION ([N, 8] FP32, or None when not sent) -> one region per pair; a row of zeros = the
+    whole image. Triton checked its type and shape; the values are refused naming ``REGION[i]``."""
+    if rows is None:
+        return [None] * count
+    return [
+        None if not row.any() else Region.from_values(row.tolist(), field=f"{REGION}[{pair}]")
+        for pair, row in enumerate(rows.reshape(count, -1).astype(np.float64))
+    ]
+
+
 def read_request(request: Any, images: BatchImages) -> PairRequest:
-    """Check one request's sentences (empty, UTF-8, token limit) and images (size, pixels, format)."""
+    """Check one request's sentences (empty, UTF-8, token limit), regions (8 finite values, boxes
+    not inverted, inside the image) and images (size, pixels, format)."""
     image_data, texts = _elements(request, IMAGE), _elements(request, TEXT)
     sentences = decode_texts(texts)
     images.engine.check_sentences(sentences, field=TEXT)
-    digests = [images.add(data, f"{IMAGE}[{index}]") for index, data in enumerate(image_data)]
-    return PairRequest(digests, sentences)
+    region_tensor = pb_utils.get_input_tensor_by_name(request, REGION)  # None: not sent (optional)
+    regions = decode_regions(None if region_tensor is None else region_tensor.as_numpy(), len(image_data))
+    digests = [
+        images.add(data, f"{IMAGE}[{index}]", region, f"{REGION}[{index}]")
+        for index, (data, region) in enumerate(zip(image_data, regions, strict=True))
+    ]
+    return PairRequest(digests, sentences, regions)
 
 
 def score_requests(images: BatchImages, requests: Sequence[PairRequest]) -> list[Outputs]:
     """(MATCH_PROB, MATCH_LOGIT), each (N, 1) float32, per request, from ONE engine call."""
-    sentences_of: dict[str, dict[str, None]] = {}  # digest -> its distinct sentences, in order
+    sentences_of: dict[str, dict[str, None]] = {}  # view -> its distinct sentences, in order
+    view_of: dict[str, tuple[str, Region | None]] = {}  # view -> (digest, region)
     for request in requests:
-        for digest, sentence in zip(request.digests, request.sentences, strict=True):
-            sentences_of.setdefault(digest, {})[sentence] = None
+        for digest, region, view, sentence in zip(
+            request.digests, request.regions, request.views, request.sentences, strict=True
+        ):
+            sentences_of.setdefault(view, {})[sentence] = None
+            view_of.setdefault(view, (digest, region))
 
-    batch = [ImageSentences(d, images.prepared[d], list(s)) for d, s in sentences_of.items()]
+    batch = [
+        ImageSentences(view_of[v][0], images.prepared[v], list(s), region=view_of[v][1])
+        for v, s in sentences_of.items()
+    ]
     results = images.engine.score(batch)
     scores = {
-        (item.digest, sentence): score
-        for item, item_scores in zip(batch, results, strict=True)
+        (view, sentence): score
+        for view, item, item_scores in zip(sentences_of, batch, results, strict=True)
         for sentence, score in zip(item.sentences, item_scores, strict=True)
     }
     outputs = []
     for request in requests:
-        pairs = [scores[key] for key in zip(request.digests, request.sentences, strict=True)]
+        pairs = [scores[key] for key in zip(request.views, request.sentences, strict=True)]
         probs = np.array([pair.match_prob for pair in pairs], dtype=np.float32).reshape(-1, 1)
         logits = np.array([pair.match_logit for pair in pairs], dtype=np.float32).reshape(-1, 1)
         outputs.append((probs, logits))
@@ -260,7 +325,7 @@ class EngineMetrics:
             )
             self._families.append(info)
             described = engine.describe()
-            keys = ("model_id", "fingerprint", "dtype", "itm_start_token", "device")
+            keys = ("model_id", "fingerprint", "dtype", "itm_start_token", "region_policy", "device")
             info_labels = {key: str(described[key]) for key in keys}
             info_labels.update({key: str(value) for key, value in described["limits"].items()})
             self._info = info.Metric(labels={**labels, **info_labels})
