@@ -106,8 +106,12 @@ def taught_tiny_teacher(
     num_threads: int = 0,
     progress: bool | None = False,
     say: Callable[[str], None] = print,
+    region: str = "image",
 ) -> TaughtTeacher:
     """Fine-tune a random tiny BLIP (``LEARNABLE_TINY_SHAPES``, ``seed``) on HOI ``annotations``.
+
+    ``region``: learn on whole images, or on each pair's ``crop`` / ``mask`` region
+    (``FinetuneSettings.region``, default margin and dim: the engine's defaults).
 
     Writes ``WORK_DIR/teacher-random`` and ``WORK_DIR/teacher-finetuned``; a finished fine-tuning
     run with the same settings and data is reused (an unfinished one continues, a different one
@@ -125,8 +129,8 @@ def taught_tiny_teacher(
     random_dir, tuned_dir = work_dir / "teacher-random", work_dir / "teacher-finetuned"
     if not (random_dir / "model.safetensors").is_file():
         make_tiny_model(random_dir, seed=seed, **LEARNABLE_TINY_SHAPES)
-    examples = examples_from_annotations(annotations, images)
-    settings = FinetuneSettings(epochs=epochs, seed=seed, num_threads=num_threads, **TINY_FINETUNE)
+    examples = examples_from_annotations(annotations, images, regions=region != "image")
+    settings = FinetuneSettings(epochs=epochs, seed=seed, num_threads=num_threads, region=region, **TINY_FINETUNE)
     summary = tuned_dir / "finetune.json"
     finished = summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
     try:

@@ -1,10 +1,22 @@
 """How well a teacher ranks the verbs of annotated pairs: ``python -m teacher_server eval-itm``.
 
 For every annotated (human, object) pair the teacher scores each candidate sentence of the pair's
-object (every verb valid with it, ``candidate_sentences``) against the whole image. The pair's
-annotated verbs are its positives; its negatives are the other candidates that no pair of the
-same object class in the image has. Whole-image scoring cannot tell two people apart, so a verb
-that another person does with another object of the same class is neither right nor wrong here.
+object (every verb valid with it, ``candidate_sentences``) against what it is shown of the pair:
+
+- ``--region image`` (the default): the whole image, the same view for every pair of the image;
+- ``--region crop`` / ``--region mask``: the pair's own region (its human box and object box), as
+  the engine renders it under that ``region_policy`` (``teacher_server.hoi.region``).
+
+The pair's annotated verbs are its positives. Which candidates are negatives is the ``labels``
+rule:
+
+- ``image`` (the default with ``--region image``): the candidates that no pair of the same object
+  class in the image has. Whole-image scoring cannot tell two people apart, so a verb that another
+  person does with another object of the same class is neither right nor wrong here;
+- ``pair`` (the default with ``--region crop|mask``): every candidate the pair itself lacks, the
+  other pairs' verbs included. This is the per-pair truth, which only fully labelled pairs give
+  (the synthetic world's; HICO-DET sometimes annotates one interaction on two boxes). Compare
+  policies under one rule: ``--labels pair`` for all three is what ``bench/region_eval.py`` runs.
 
 Metrics (pure numpy functions, testable on hand-made scores):
 
@@ -29,7 +41,7 @@ import argparse
 import json
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +58,21 @@ from teacher_server.hoi.annotations import (
 )
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import VARIANTS, SentenceTable
+from teacher_server.hoi.region import REGION_POLICIES, Region
 
 #: The student's default ``distill.confidence`` for ``soft`` (``student/losses/distill.py``).
 DEFAULT_CONFIDENCE = 0.8
 #: HICO-DET: a triplet with fewer training instances than this is rare.
 RARE_THRESHOLD = 10
 TRAIN_FILES = {"hico": "trainval_hico.json", "vcoco": "trainval_vcoco.json"}
+#: What the teacher is shown of a pair: the whole image, or its region under a policy.
+REGION_MODES = ("image", *REGION_POLICIES)
+#: Which candidates of a pair are negatives (module docstring).
+LABEL_RULES = ("image", "pair")
+#: ``synthetic.json`` (written by ``make-synthetic`` at the dataset root) and its list of the
+#: two-person images, split -> file names. Read as plain JSON: the teacher imports no student code.
+SYNTHETIC_SUMMARY = "synthetic.json"
+TWO_PERSON_KEY = "two_person_images"
 
 
 # ======================================================================================= metrics
@@ -164,6 +185,8 @@ class ItmQuality:
     model: str = ""
     fingerprint: str = ""
     annotation_file: str = ""
+    region: str = "image"  # "image", or the engine's region description ("crop:margin=0.1")
+    labels: str = "image"  # the LABEL_RULES rule the negatives follow
 
     def metrics(self, pairs: Sequence[PairRanking]) -> dict[str, float | int | None]:
         """``auc`` (pooled), ``verb_map`` and ``top1`` (means over pairs), ``pairs``, ``sentences``."""
@@ -195,6 +218,8 @@ class ItmQuality:
                 result[name] = None
         result["images"] = self.images
         result["skipped"] = dict(self.skipped)
+        result["region"] = self.region
+        result["labels"] = self.labels
         return result
 
     def table(self, confidence: float = DEFAULT_CONFIDENCE) -> str:
@@ -203,6 +228,8 @@ class ItmQuality:
         lines = [
             f"model {self.model} (fingerprint {self.fingerprint}) on {self.annotation_file}: {self.images} images, "
             f"{summary['pairs']} pairs, {summary['sentences']} sentences",
+            f"scored on: {'the whole image' if self.region == 'image' else 'each pair region, ' + self.region}; "
+            f"negatives: {_NEGATIVES[self.labels]}",
             "skipped pairs: "
             + ", ".join(f"{count} {reason.replace('_', ' ')}" for reason, count in self.skipped.items()),
             f"{'split':<10} {'pairs':>7} {'AUC':>7} {'verb mAP':>9} {'top-1':>7}",
@@ -223,6 +250,9 @@ class ItmQuality:
                 f"of false ones, precision {_fraction(completion['precision'])}"
             )
         return "\n".join(lines)
+
+
+_NEGATIVES = {"image": "verbs no pair of the object class in the image has", "pair": "every verb the pair lacks"}
 
 
 def _pooled(pairs: Sequence[PairRanking]) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +278,7 @@ class PairPlan:
     candidates: list[tuple[int, str]] = field(default_factory=list)  # (verb, sentence), labelled ones
     labels: list[bool] = field(default_factory=list)
     rare: bool | None = None
+    boxes: tuple[int, int] = (0, -1)  # the pair's (subject, object) box indices; object -1 = none
 
 
 def plan_pairs(
@@ -255,12 +286,17 @@ def plan_pairs(
     table: SentenceTable,
     rare_triplets: Callable[[int, int], bool] | None,
     skipped: Counter,
+    labels: str = "image",
 ) -> list[PairPlan]:
-    """The evaluable pairs of one image, with labelled candidates; counts the skipped ones.
+    """The evaluable pairs of one image, with labelled candidates and regions; counts the skipped ones.
 
-    A candidate of a pair is positive when it is one of the pair's verbs, negative when no pair of
-    the same object class in the image is known to have it (and none has unknown verbs).
+    A candidate of a pair is positive when it is one of the pair's verbs. ``labels="image"``: it is
+    negative when no pair of the same object class in the image is known to have it (and none has
+    unknown verbs); ``"pair"``: whenever the pair lacks it (another pair's verbs, or unknown verbs,
+    say nothing about this pair). A pair without an object (V-COCO) has its human box as region.
     """
+    if labels not in LABEL_RULES:
+        raise DatasetError(f"labels must be one of {', '.join(LABEL_RULES)}, not {labels!r}")
     pairs = annotation.pairs()
     positives_of: dict[int, set[str]] = {}  # object class -> sentences true of some pair with it
     unknown_objects: set[int] = set()
@@ -276,13 +312,13 @@ def plan_pairs(
             skipped["unknown_verbs"] += 1
             continue
         obj = annotation.object_class(pair.object)
-        plan = PairPlan(annotation, obj)
+        plan = PairPlan(annotation, obj, boxes=(pair.subject, pair.object))
         candidates = table.candidates(obj)
         for verb, sentence in candidates:
             if verb in pair.verbs:
                 plan.candidates.append((verb, sentence))
                 plan.labels.append(True)
-            elif sentence not in positives_of[obj] and obj not in unknown_objects:
+            elif labels == "pair" or (sentence not in positives_of[obj] and obj not in unknown_objects):
                 plan.candidates.append((verb, sentence))
                 plan.labels.append(False)
         # An annotated verb the correspondence table does not list is still true: score it too.
@@ -304,6 +340,58 @@ def plan_pairs(
             )
         plans.append(plan)
     return plans
+
+
+def pair_region(annotation: ImageAnnotation, subject: int, obj: int) -> Region:
+    """The region of a pair: its human box and object box (the human box again without an object).
+
+    Raises ``InvalidInputError`` (a TeacherError) naming the entry for an empty or inverted box.
+    """
+    human = annotation.boxes[subject]
+    thing = annotation.boxes[obj] if obj >= 0 else human
+    return Region.from_values(
+        [*human.tolist(), *thing.tolist()], field=f"entry {annotation.index} ({annotation.file_name}) pair region"
+    )
+
+
+def image_selection(path: str | Path, key: str | None = None) -> frozenset[str]:
+    """File names to evaluate, from a JSON file: a list, or ``key``'s value in an object.
+
+    The value may be a list of file names or an object of such lists (``synthetic.json``'s
+    ``two_person_images``: split -> file names), whose union is taken.
+    """
+    where = f"{path}" + (f":{key}" if key else "")
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"image list {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"image list {path} is not readable JSON: {error}") from None
+    if key is not None:
+        if not isinstance(value, dict) or key not in value:
+            raise DatasetError(f"image list {where}: {path} has no key {key!r}")
+        value = value[key]
+    lists = value.values() if isinstance(value, dict) else [value]
+    names: set[str] = set()
+    for names_list in lists:
+        if not isinstance(names_list, list) or not all(isinstance(name, str) for name in names_list):
+            raise DatasetError(f"image list {where}: expected a list of file names (or an object of such lists)")
+        names.update(names_list)
+    return frozenset(names)
+
+
+def two_person_images(annotation_file: str | Path) -> frozenset[str]:
+    """The two-person (ambiguous) images that ``synthetic.json`` at the dataset root lists.
+
+    The root is the parent of the annotation file's folder (``ROOT/annotations/test_hico.json``).
+    """
+    summary = Path(annotation_file).resolve().parent.parent / SYNTHETIC_SUMMARY
+    if not summary.is_file():
+        raise DatasetError(
+            f"--only-two-person: {summary} does not exist (make-synthetic --two-person-rate writes it at the "
+            "dataset root); give --images-from FILE:KEY instead"
+        )
+    return image_selection(summary, TWO_PERSON_KEY)
 
 
 def training_triplet_counts(train_annotations: str | Path, dataset: str = "hico", box_policy: str = "error") -> Counter:
@@ -342,11 +430,18 @@ def evaluate_itm(
     progress: bool | None = None,
     batch_images: int = 16,
     box_policy: str = "error",
+    regions: bool = False,
+    labels: str | None = None,
+    only_images: Collection[str] | None = None,
 ) -> ItmQuality:
     """Score every candidate sentence of every annotated pair with ``engine`` (an ``ItmEngine``).
 
+    ``regions``: score each pair on its region, rendered by the engine's ``region_policy``
+    (``EngineSettings``); False scores on the whole image. ``labels``: the ``LABEL_RULES`` rule of
+    the negatives; None = ``pair`` with regions, ``image`` without. ``only_images``: evaluate
+    these file names only (e.g. ``two_person_images``); names the file lacks are ignored.
     ``train_annotations``: for the rare / non-rare split; None = ``trainval_<dataset>.json`` beside
-    ``annotation_file`` when it exists, else no split. ``limit``: the first N images only.
+    ``annotation_file`` when it exists, else no split. ``limit``: the first N (selected) images only.
     ``progress``: a tqdm bar; None = when stderr is a terminal. ``box_policy``: boxes outside
     their image or inverted are an ``error``, or ``clamp``-ed / ``drop``-ped with their pairs.
 
@@ -362,13 +457,17 @@ def evaluate_itm(
         raise DatasetError(f"prompt_variant must be one of {list(VARIANTS)}, not {prompt_variant!r}")
     if limit is not None and limit < 1:
         raise DatasetError(f"limit = {limit}, expected >= 1")
+    labels = labels or ("pair" if regions else "image")
     spec = dataset_spec(dataset)
-    annotations = load_annotations(annotation_file, dataset, image_root=image_root, box_policy=box_policy)[:limit]
+    annotations = load_annotations(annotation_file, dataset, image_root=image_root, box_policy=box_policy)
+    if only_images is not None:
+        annotations = [annotation for annotation in annotations if annotation.file_name in only_images]
+    annotations = annotations[:limit]
     table = SentenceTable(resolve_correspondence(annotation_file, dataset, correspondence), spec.verbs, prompt_variant)
     train_file = train_annotations or default_train_annotations(annotation_file, dataset)
     rare = rare_rule(training_triplet_counts(train_file, dataset, box_policy)) if train_file is not None else None
     skipped: Counter = Counter({"unknown_verbs": 0, "no_positive": 0, "no_negative": 0})
-    planned = [(annotation, plan_pairs(annotation, table, rare, skipped)) for annotation in annotations]
+    planned = [(annotation, plan_pairs(annotation, table, rare, skipped, labels)) for annotation in annotations]
     planned = [(annotation, plans) for annotation, plans in planned if plans]
     show = sys.stderr.isatty() if progress is None else progress
     results: list[PairRanking] = []
@@ -376,15 +475,24 @@ def evaluate_itm(
         bar.update(len(annotations) - len(planned))  # images without an evaluable pair
         for start in range(0, len(planned), batch_images):
             chunk = planned[start : start + batch_images]
-            requests = []
+            # One request per image (every pair's candidates on the whole image), or per pair.
+            requests, owners = [], []
             for annotation, plans in chunk:
-                image = _prepare(engine, Path(image_root) / annotation.file_name, annotation.index)
-                sentences = list(dict.fromkeys(s for plan in plans for _, s in plan.candidates))
-                requests.append(ImageSentences(image.digest, image, sentences))
+                groups = [[plan] for plan in plans] if regions else [plans]
+                views = _prepare(
+                    engine,
+                    Path(image_root) / annotation.file_name,
+                    annotation.index,
+                    [pair_region(annotation, *group[0].boxes) if regions else None for group in groups],
+                )
+                for view, group in zip(views, groups, strict=True):
+                    sentences = list(dict.fromkeys(s for plan in group for _, s in plan.candidates))
+                    requests.append(ImageSentences(view.digest, view, sentences, region=view.region))
+                    owners.append(group)
             scored = engine.score(requests)
-            for request, scores, (_, plans) in zip(requests, scored, chunk, strict=True):
+            for request, scores, group in zip(requests, scored, owners, strict=True):
                 logit = {s: score.match_logit for s, score in zip(request.sentences, scores, strict=True)}
-                results += [_ranking(plan, logit) for plan in plans]
+                results += [_ranking(plan, logit) for plan in group]
             bar.update(len(chunk))
     return ItmQuality(
         pairs=results,
@@ -394,16 +502,20 @@ def evaluate_itm(
         model=getattr(engine, "model_id", ""),
         fingerprint=getattr(engine, "fingerprint", ""),
         annotation_file=str(annotation_file),
+        region=engine.settings.region_description() if regions else "image",
+        labels=labels,
     )
 
 
-def _prepare(engine: Any, path: Path, index: int) -> Any:
-    """The engine's ``PreparedImage`` of one annotated image; errors name the entry and file."""
+def _prepare(engine: Any, path: Path, index: int, regions: Sequence[Region | None]) -> list[Any]:
+    """The engine's ``PreparedImage`` of each view (None = the whole image) of one annotated image,
+    from one decode; errors name the entry and file (and the pair of a region)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise DatasetError(f"entry {index}: cannot read image {path}: {error.strerror or error}") from None
-    return engine.prepare_image(data, field=f"entry {index} ({path})")
+    names = [f"entry {index} ({path}) pair {k} region" for k in range(len(regions))]
+    return engine.prepare_views(data, regions, field=f"entry {index} ({path})", region_fields=names)
 
 
 def _ranking(plan: PairPlan, logit: dict[str, float]) -> PairRanking:
@@ -442,7 +554,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--annotations when it exists)",
     )
     parser.add_argument("--prompt-variant", choices=list(VARIANTS), default="full", help="(default full)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument("--limit", type=int, help="evaluate the first N (selected) images only")
+    parser.add_argument(
+        "--region",
+        choices=REGION_MODES,
+        default="image",
+        help="score each pair on the whole image (the default), or on its region: the crop of the union box, "
+        "or the image with the rest dimmed (mask)",
+    )
+    parser.add_argument(
+        "--region-margin", type=float, default=0.1, help="crop: grow the union box by this share per side (0.1)"
+    )
+    parser.add_argument("--region-dim", type=float, default=0.8, help="mask: blend the rest towards grey (0.8)")
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_RULES,
+        help="negatives: verbs no pair of the object class in the image has (image), or every verb the pair "
+        "lacks (pair); default image with --region image, pair otherwise",
+    )
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument(
+        "--images-from",
+        metavar="FILE[:KEY]",
+        help="evaluate only the file names listed in a JSON file (at KEY; a list, or an object of lists)",
+    )
+    selection.add_argument(
+        "--only-two-person",
+        action="store_true",
+        help=f"evaluate only the two-person images that {SYNTHETIC_SUMMARY} at the dataset root lists "
+        f"(make-synthetic --two-person-rate)",
+    )
     parser.add_argument(
         "--box-policy",
         choices=BOX_POLICIES,
@@ -469,9 +610,22 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.confidence < 1:
         print(f"eval-itm: --confidence = {args.confidence}, expected 0 < confidence < 1", file=sys.stderr)
         return 2
+    regions = args.region != "image"
     try:
+        only_images = _selected_images(args)
         engine = ItmEngine.from_pretrained(
-            args.model, EngineSettings(device=args.device, dtype=args.dtype, itm_start_token=args.itm_start_token)
+            args.model,
+            EngineSettings(
+                device=args.device,
+                dtype=args.dtype,
+                itm_start_token=args.itm_start_token,
+                # The whole image keeps the default policy: its fingerprint is today's.
+                **(
+                    {"region_policy": args.region, "region_margin": args.region_margin, "region_dim": args.region_dim}
+                    if regions
+                    else {}
+                ),
+            ),
         )
         quality = evaluate_itm(
             engine,
@@ -484,6 +638,9 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             progress=False if args.no_progress else None,
             box_policy=args.box_policy,
+            regions=regions,
+            labels=args.labels,
+            only_images=only_images,
         )
     except (TeacherError, DatasetError) as error:
         print(f"eval-itm: {error}", file=sys.stderr)
@@ -492,3 +649,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(quality.summary(args.confidence), allow_nan=False))
     return 0
+
+
+def _selected_images(args: argparse.Namespace) -> frozenset[str] | None:
+    """The file names ``--images-from`` / ``--only-two-person`` select; None = every image."""
+    if args.only_two_person:
+        return two_person_images(args.annotations)
+    if args.images_from:
+        # FILE:KEY; a colon that is part of the path (C:\\...) is not a key when FILE alone exists.
+        path, colon, key = args.images_from.rpartition(":")
+        if not colon or Path(args.images_from).is_file():
+            return image_selection(args.images_from)
+        return image_selection(path, key or None)
+    return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from teacher_server.engine import DEFAULT_MODEL
 from teacher_server.errors import TeacherError
 from teacher_server.finetune.examples import examples_from_annotations, examples_from_jsonl
-from teacher_server.finetune.settings import PRECISIONS, SCHEDULES, FinetuneSettings
+from teacher_server.finetune.settings import PRECISIONS, REGION_MODES, SCHEDULES, FinetuneSettings
 from teacher_server.finetune.training import finetune
 from teacher_server.hoi.annotations import BOX_POLICIES
 from teacher_server.hoi.errors import DatasetError
@@ -102,6 +102,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"(c) per positive: other images' positives from the batch (default {defaults.swap_negatives})",
     )
     train.add_argument(
+        "--other-pair-negatives",
+        type=int,
+        default=defaults.other_pair_negatives,
+        help="(d) --region crop|mask, per pair: verbs another pair of the image has with the same object class "
+        f"and this pair lacks (default {defaults.other_pair_negatives})",
+    )
+    train.add_argument(
+        "--region",
+        choices=REGION_MODES,
+        default=defaults.region,
+        help="--annotations: train on whole images (the default), or one example per annotated pair, its region "
+        "rendered as the engine renders it: the crop of the union box, or the image with the rest dimmed (mask)",
+    )
+    train.add_argument(
+        "--region-margin",
+        type=float,
+        default=defaults.region_margin,
+        help=f"crop: grow the union box by this share per side, as serve --region-margin (default "
+        f"{defaults.region_margin})",
+    )
+    train.add_argument(
+        "--region-dim",
+        type=float,
+        default=defaults.region_dim,
+        help=f"mask: blend the rest towards grey, as serve --region-dim (default {defaults.region_dim})",
+    )
+    train.add_argument(
         "--itm-start-token",
         choices=["cls", "enc"],
         default=defaults.itm_start_token,
@@ -151,6 +178,10 @@ def settings_from_args(args: argparse.Namespace) -> FinetuneSettings:
         seen_verb_negatives=args.seen_verb_negatives,
         other_object_negatives=args.other_object_negatives,
         swap_negatives=args.swap_negatives,
+        other_pair_negatives=args.other_pair_negatives,
+        region=args.region,
+        region_margin=args.region_margin,
+        region_dim=args.region_dim,
         prompt_variant=args.prompt_variant,
         itm_start_token=args.itm_start_token,
         seed=args.seed,
@@ -168,6 +199,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         if args.jsonl is not None:
+            if settings.region != "image":
+                print(
+                    f"finetune: --region {settings.region} needs --annotations (JSONL rows name no boxes)",
+                    file=sys.stderr,
+                )
+                return 2
             examples = examples_from_jsonl(args.jsonl, args.images)
         else:
             examples = examples_from_annotations(
@@ -177,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
                 correspondence=args.correspondence,
                 prompt_variant=args.prompt_variant,
                 box_policy=args.box_policy,
+                regions=settings.region != "image",
             )
         finetune(
             args.model, args.out, examples, settings, resume=args.resume, progress=False if args.no_progress else None

@@ -1,7 +1,12 @@
 """What annotations or a JSONL file say about sentences, and the negatives a step samples from it.
 
-From annotations, scoring is whole-image (as the engine scores): an image's positives are the
-sentences of all its annotated pairs, and each positive brings hard negatives:
+From annotations, an example is either a whole image (``regions=False``, as the engine scores an
+item without a region) or one annotated pair's region (``regions=True``: the human box and the
+object box, rendered at training time by the run's ``region`` policy exactly as the engine renders
+it, so the teacher learns on the inputs it is later scored on).
+
+Whole images: an image's positives are the sentences of all its annotated pairs, and each
+positive brings hard negatives:
 
 - (a) *same object*: valid verbs of the positive's object that no pair of the image has;
 - (b) *other object*: a sentence about an object of the dataset that is not in the image;
@@ -9,6 +14,13 @@ sentences of all its annotated pairs, and each positive brings hard negatives:
 
 A pair whose verbs were never annotated (``verbs_known`` False) says nothing about its verbs: it
 adds no positive and blocks its object's sentences from being negatives of that image.
+
+Pair regions: a pair's positives are its own verbs' sentences; (a) are the valid verbs of its
+object that the *pair* lacks (another pair's verbs included: the region names this pair); (b) and
+(c) as above; and (d) *other pair*: the verbs another pair of the same image has with an object of
+the same class and this pair lacks, the hardest negative a region has (true of the image, false of
+the pair: whole-image training cannot teach it). A pair without verbs is no example and blocks
+nothing: its verbs say nothing about another pair.
 
 Randomness is a function of (seed, epoch, image index) only, so a resumed run samples what an
 uninterrupted one would. numpy only: no torch.
@@ -30,6 +42,7 @@ from teacher_server.errors import FinetuneError
 from teacher_server.finetune.settings import FinetuneSettings
 from teacher_server.hoi.annotations import ImageAnnotation, dataset_spec, read_annotations, resolve_correspondence
 from teacher_server.hoi.prompts import VARIANTS, SentenceTable
+from teacher_server.hoi.region import Region
 
 #: How many problems of one input file an error lists before it says "and N more".
 MAX_REPORTED_PROBLEMS = 20
@@ -52,6 +65,8 @@ class ImageExample:
     present_objects: frozenset[int] = frozenset()
     blocked: frozenset[str] = frozenset()  # sentences of unknown-verb pairs: neither true nor false
     given_negatives: tuple[str, ...] = ()  # JSONL label-0 rows, used every epoch
+    region: Region | None = None  # a pair's example: its human and object boxes (original pixels)
+    pair_pool: tuple[str, ...] = ()  # (d): other pairs' verbs of the same object class, false here
 
     def is_negative(self, sentence: str) -> bool:
         """Whether ``sentence`` may serve as a negative of this image."""
@@ -69,6 +84,7 @@ class FinetuneExamples:
     skipped_images: int = 0
     counts: Mapping[str, int] = field(default_factory=dict)
     sentence_origins: Mapping[str, str] = field(default_factory=dict)  # JSONL sentence -> "file line N"
+    regions: bool = False  # one example per pair region (True) or per whole image
 
     def summary(self) -> dict[str, Any]:
         """Plain numbers for ``finetune.json`` and the log."""
@@ -79,6 +95,7 @@ class FinetuneExamples:
             "positives": sum(len(image.positives) for image in self.images),
             "given_negatives": sum(len(image.given_negatives) for image in self.images),
             "objects": len(self.object_sentences),
+            "unit": "pair region" if self.regions else "image",
             **self.counts,
         }
 
@@ -93,6 +110,8 @@ class FinetuneExamples:
                 sorted(image.present_objects),
                 sorted(image.blocked),
                 list(image.given_negatives),
+                # Only pair examples carry these: whole-image runs keep the digest they had.
+                *([image.region.canonical(), list(image.pair_pool)] if image.region is not None else []),
             ]
             for image in self.images
         ]
@@ -108,8 +127,12 @@ def examples_from_annotations(
     correspondence: np.ndarray | str | Path | None = None,
     prompt_variant: str = "full",
     box_policy: str = "error",
+    regions: bool = False,
 ) -> FinetuneExamples:
     """Training images from a HICO-DET / V-COCO annotation file (every image must exist).
+
+    ``regions``: one example per annotated pair (its region; ``pair_examples``) instead of one
+    per image; train it with ``FinetuneSettings(region="crop" | "mask")``.
 
     ``box_policy``: a box outside its image or inverted is an ``error``, or ``clamp``-ed / ``drop``-ped
     with its pairs (``teacher_server.hoi.annotations.read_annotations``; one warning counts the fixes).
@@ -137,7 +160,11 @@ def examples_from_annotations(
         pairs = annotation.pairs()
         counts["pairs"] += sum(pair.verbs_known for pair in pairs)
         counts["pairs_without_verbs"] += sum(not pair.verbs_known for pair in pairs)
-        example = image_example(annotation, root, table, where=f"{source} entry {annotation.index}", seen=seen)
+        where = f"{source} entry {annotation.index}"
+        if regions:
+            images += pair_examples(annotation, root, table, where=where, seen=seen)
+            continue
+        example = image_example(annotation, root, table, where=where, seen=seen)
         if example is not None:
             images.append(example)
     if not images:
@@ -154,8 +181,9 @@ def examples_from_annotations(
         object_sentences=object_sentences,
         source=str(annotation_file),
         prompt_variant=prompt_variant,
-        skipped_images=len(annotations) - len(images),
+        skipped_images=len(annotations) - len({image.name for image in images}),
         counts=counts,
+        regions=regions,
     )
 
 
@@ -224,6 +252,49 @@ def image_example(
         present_objects=frozenset(int(label) for label in annotation.labels),
         blocked=frozenset(blocked),
     )
+
+
+def pair_examples(
+    annotation: ImageAnnotation,
+    image_root: Path,
+    table: SentenceTable,
+    *,
+    where: str,
+    seen: frozenset[str] = frozenset(),
+) -> list[ImageExample]:
+    """One example per annotated pair of the image (module docstring: pair regions).
+
+    A pair without an object (V-COCO) has its human box as the region's object box.
+    """
+    known = [pair for pair in annotation.pairs() if pair.verbs_known]
+    truths: list[tuple[int, set[str]]] = []  # per known pair: its object class, its true sentences
+    for pair in known:
+        obj = annotation.object_class(pair.object)
+        truths.append((obj, {s for verb in pair.verbs if (s := table.sentence(verb, obj)) is not None}))
+    examples = []
+    for index, (pair, (obj, positives)) in enumerate(zip(known, truths, strict=True)):
+        hard = tuple(dict.fromkeys(s for _, s in table.candidates(obj) if s not in positives))
+        if not positives and not hard:
+            continue
+        others = [s for k, (other, true) in enumerate(truths) if k != index and other == obj for s in sorted(true)]
+        human = annotation.boxes[pair.subject]
+        thing = annotation.boxes[pair.object] if pair.object >= 0 else human
+        name = f"{where} pair {index}"
+        examples.append(
+            ImageExample(
+                name=annotation.file_name,
+                path=image_root / annotation.file_name,
+                where=f"{where} ({annotation.file_name}) pair {index}",
+                positives=tuple(sorted(positives)),
+                # One (a) slot per positive, as for images (one slot when it has none).
+                hard_pools=(hard,) * max(len(positives), 1),
+                seen_pools=(tuple(s for s in hard if s in seen),) * max(len(positives), 1),
+                present_objects=frozenset(int(label) for label in annotation.labels),
+                region=Region.from_values([*human.tolist(), *thing.tolist()], field=f"{name} region"),
+                pair_pool=tuple(dict.fromkeys(s for s in others if s not in positives)),
+            )
+        )
+    return examples
 
 
 class _Problems:
@@ -349,7 +420,8 @@ def sample_pairs(
     """Positives and sampled negatives of the images ``batch`` (indices into ``examples.images``).
 
     Image i's draws come from RNGs seeded by (seed, epoch, i): one stream for (a) and (b), which
-    therefore do not depend on the rest of the batch, one for (c). A pair appears at most once.
+    therefore do not depend on the rest of the batch, one for (c), one for (d) (pair regions only:
+    whole-image runs draw what they drew before it existed). A pair appears at most once.
     """
     images = [examples.images[i] for i in batch]
     result: list[TrainingPair] = []
@@ -358,6 +430,10 @@ def sample_pairs(
         swap = np.random.default_rng([settings.seed, epoch, 2, index])
         others = [other for k, other in enumerate(images) if k != slot]
         negatives = _negatives_of(image, others, examples.object_sentences, (own, swap), settings)
+        if image.pair_pool and settings.other_pair_negatives:
+            other_pair = np.random.default_rng([settings.seed, epoch, 3, index])
+            picked = _pick(image.pair_pool, settings.other_pair_negatives, other_pair)
+            negatives = list(dict.fromkeys([*negatives, *picked]))
         result += [TrainingPair(slot, sentence, 1) for sentence in image.positives]
         result += [TrainingPair(slot, sentence, 0) for sentence in negatives]
     return result

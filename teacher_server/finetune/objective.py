@@ -4,7 +4,7 @@ balanced loss, the token ids (built as the engine builds them) and the preproces
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch import Tensor
 from teacher_server.engine import EngineSettings, decode_image, itm_start_token_id
 from teacher_server.errors import FinetuneError, InvalidInputError
 from teacher_server.finetune.examples import FinetuneExamples
+from teacher_server.hoi.region import render_region
 from teacher_server.precision import fp32_linear
 
 
@@ -93,9 +94,21 @@ class ItmTokens:
 
 
 class ImageStore:
-    """Preprocessed pixels (3, S, S) of the training images, decoded once while they fit in memory."""
+    """Preprocessed pixels (3, S, S) of the training examples, decoded once while they fit in memory.
 
-    def __init__(self, examples: FinetuneExamples, image_processor: Any, capacity_mb: float) -> None:
+    A pair's example is its region rendered by ``render_region`` with the run's policy, margin and
+    dim, then processed: the pixels ``ItmEngine.prepare_image(data, region=...)`` gives an engine
+    with the same ``region_policy`` / ``region_margin`` / ``region_dim``.
+    """
+
+    def __init__(
+        self,
+        examples: FinetuneExamples,
+        image_processor: Any,
+        capacity_mb: float,
+        region: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``region``: ``FinetuneSettings.engine_region()`` (needed when examples have regions)."""
         self.examples = examples
         self.image_processor = image_processor
         size = image_processor.size
@@ -103,7 +116,9 @@ class ImageStore:
         self.bytes_per_image = 3 * side_h * side_w * 4
         fits = len(examples.images) * self.bytes_per_image <= capacity_mb * 1024 * 1024
         self._held: dict[int, Tensor] | None = {} if fits else None
-        self._limits = EngineSettings()
+        self._limits = EngineSettings(**(region or {}))
+        if examples.regions and not region:
+            raise FinetuneError("the examples are pair regions: give the region policy that renders them")
 
     def preload(self, progress: bool) -> None:
         """Decode every image now (when they fit), so a bad file fails before the first step."""
@@ -137,6 +152,18 @@ class ImageStore:
             decoded = decode_image(
                 data, max_bytes=self._limits.max_image_bytes, max_pixels=self._limits.max_image_pixels
             )
+            if image.region is not None:
+                # As the engine: refuse a box outside the image, render the view, then process it.
+                image.region.check_inside(*decoded.size, field="region")
+                limits = self._limits
+                decoded = render_region(
+                    decoded,
+                    image.region,
+                    policy=limits.region_policy,
+                    margin=limits.region_margin,
+                    dim=limits.region_dim,
+                )
         except InvalidInputError as error:
-            raise FinetuneError(f"{image.where}: {image.path}: {error.reason}") from None
+            what = error.reason if error.field == "image" else f"{error.field}: {error.reason}"
+            raise FinetuneError(f"{image.where}: {image.path}: {what}") from None
         return self.image_processor(images=decoded, return_tensors="pt")["pixel_values"][0]

@@ -11,11 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from teacher_server.errors import FinetuneError
 from teacher_server.hoi.prompts import VARIANTS
+from teacher_server.hoi.region import REGION_POLICIES
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
+#: What a training example shows BLIP: the whole image, or one pair's region under a policy.
+REGION_MODES = ("image", *REGION_POLICIES)
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "region": REGION_MODES,
     "schedule": SCHEDULES,
     "prompt_variant": tuple(VARIANTS),
     "itm_start_token": ("cls", "enc"),
@@ -23,6 +27,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 #: Settings that change how a run executes but not what it computes: a resume may change them.
 RESUME_FREE_SETTINGS = frozenset({"device", "num_threads", "checkpoint_every", "max_steps", "image_cache_mb"})
+#: Settings added after runs were written without them, and the value such a run had in effect
+#: (a run on whole images draws no other-pair negative and renders no region).
+LATER_SETTINGS: dict[str, Any] = {"region": "image", "region_margin": 0.1, "region_dim": 0.8, "other_pair_negatives": 2}
 
 
 def _count(default: int, low: int, high: int) -> Any:
@@ -65,6 +72,16 @@ class FinetuneSettings(BaseModel):
     """(b) per positive: sentences about objects of the dataset that are not in the image."""
     swap_negatives: int = _count(1, 0, 64)
     """(c) per positive: other images' positives from the batch that are not positives here."""
+    other_pair_negatives: int = _count(2, 0, 64)
+    """(d) regions only, per pair: verbs another pair of the same image has and this pair lacks (the
+    other person's "hold horse" beside this one's "ride horse"): true of the image, false of the pair."""
+    region: str = "image"
+    """What an example shows BLIP: ``image`` (whole images, one example per image), or one example
+    per annotated pair, its region rendered as the engine renders it: ``crop`` or ``mask``."""
+    region_margin: float = _number(0.1, high=2.0)
+    """``crop``: grow the union box by this share of its size on each side (the engine's ``region_margin``)."""
+    region_dim: float = _number(0.8, high=1.0)
+    """``mask``: blend pixels outside both boxes towards grey by this much (the engine's ``region_dim``)."""
     prompt_variant: str = "full"
     itm_start_token: str = "cls"
     seed: int = _count(0, 0, 2**63 - 1)
@@ -107,13 +124,23 @@ class FinetuneSettings(BaseModel):
         return self.model_dump()
 
     def differences(self, other: Mapping[str, Any], where: str = "the checkpoint") -> list[str]:
-        """``name: this vs other`` for every setting (except the resume-free ones) that differs."""
+        """``name: this vs other`` for every setting (except the resume-free ones) that differs.
+
+        A setting ``other`` predates (``LATER_SETTINGS``) counts with the value it had in effect.
+        """
         mine = self.to_dict()
+        theirs = {**LATER_SETTINGS, **other}
         return [
-            f"{name}: {mine[name]!r} here vs {other.get(name)!r} in {where}"
+            f"{name}: {mine[name]!r} here vs {theirs.get(name)!r} in {where}"
             for name in mine
-            if name not in RESUME_FREE_SETTINGS and mine[name] != other.get(name)
+            if name not in RESUME_FREE_SETTINGS and mine[name] != theirs.get(name)
         ]
+
+    def engine_region(self) -> dict[str, Any]:
+        """The ``EngineSettings`` region fields that render this run's regions (empty for ``image``)."""
+        if self.region == "image":
+            return {}
+        return {"region_policy": self.region, "region_margin": self.region_margin, "region_dim": self.region_dim}
 
 
 def _range(name: str) -> str:

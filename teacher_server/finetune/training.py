@@ -106,6 +106,12 @@ def finetune(
         raise FinetuneError(
             f"prompt_variant = {settings.prompt_variant!r} but the examples were built with {examples.prompt_variant!r}"
         )
+    if examples.regions != (settings.region != "image"):
+        raise FinetuneError(
+            f"region = {settings.region!r} but the examples are "
+            f"{'pair regions' if examples.regions else 'whole images'}: build them with regions="
+            f"{settings.region != 'image'} (examples_from_annotations)"
+        )
     checkpoint = _claim_output(out, resume=resume)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
@@ -128,7 +134,12 @@ def finetune(
         say(f"stopped at step {run.position.step} of {run.total_steps} (max_steps); resume to continue")
         return _result(out, None, run, started, complete=False)
     fingerprint = _save_output(out, run, examples, settings)
-    say(f"wrote {out} (fingerprint {fingerprint}; serve it with --itm-start-token {settings.itm_start_token})")
+    served = f"--itm-start-token {settings.itm_start_token}"
+    if settings.region != "image":
+        margin_or_dim = "margin" if settings.region == "crop" else "dim"
+        value = settings.region_margin if settings.region == "crop" else settings.region_dim
+        served += f" --region-policy {settings.region} --region-{margin_or_dim} {value:g}"
+    say(f"wrote {out} (fingerprint {fingerprint}; serve it with {served})")
     return _result(out, fingerprint, run, started, complete=True)
 
 
@@ -206,7 +217,9 @@ def _start_run(model: str | Path, examples: FinetuneExamples, settings: Finetune
         device=device,
         autocast_dtype=autocast_dtype,
         tokens=tokens,
-        images=ImageStore(examples, loaded.processor.image_processor, settings.image_cache_mb),
+        images=ImageStore(
+            examples, loaded.processor.image_processor, settings.image_cache_mb, settings.engine_region()
+        ),
         base_model=loaded.model_id,
         base_weights=loaded.weights_identity,
         steps_per_epoch=steps_per_epoch,
@@ -411,9 +424,11 @@ def _save_output(out: Path, run: _Run, examples: FinetuneExamples, settings: Fin
 
 
 def output_fingerprint(out: str | Path, settings: FinetuneSettings) -> str:
-    """The fingerprint ``serve --model OUT`` computes on this device, with the run's start token."""
+    """The fingerprint ``serve --model OUT`` computes on this device, with the run's start token
+    (and, for a run on regions, its region policy: ``serve --region-policy ...``)."""
     engine = ItmEngine.from_pretrained(
-        out, EngineSettings(device=settings.device, itm_start_token=settings.itm_start_token)
+        out,
+        EngineSettings(device=settings.device, itm_start_token=settings.itm_start_token, **settings.engine_region()),
     )
     return engine.fingerprint
 

@@ -16,7 +16,9 @@ from teacher_server.__main__ import main
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
 from teacher_server.hoi.annotations import load_annotations
 from teacher_server.hoi.classes import COCO_OBJECT_IDS, HICO_VERBS, OBJECT_NAMES, hico_correspondence
+from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import SentenceTable
+from teacher_server.hoi.region import Region
 from teacher_server.itm_eval import (
     ItmQuality,
     PairRanking,
@@ -234,3 +236,132 @@ def test_eval_itm_errors_name_the_cause(tiny_blip_dir: Path, synthetic: Path, tm
     assert code == 2 and "eval-itm: model directory" in err
     code, _, err = eval_cli(capsys, "--annotations", broken, "--images", images, "--confidence", "1.5")
     assert code == 2 and err.strip() == "eval-itm: --confidence = 1.5, expected 0 < confidence < 1"
+
+
+# -- regions: each pair scored on its own view ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_person(synthetic_data) -> Path:
+    # Half the test images show two people with two objects of one class (synthetic.json lists them).
+    return synthetic_data(0, 10, seed=3, two_person_rate=0.5)
+
+
+def pairs_by_image(quality: ItmQuality) -> dict[str, list[PairRanking]]:
+    grouped: dict[str, list[PairRanking]] = {}
+    for pair in quality.pairs:
+        grouped.setdefault(pair.image, []).append(pair)
+    return grouped
+
+
+def common_verb_scores(first: PairRanking, second: PairRanking) -> tuple[np.ndarray, np.ndarray]:
+    """The two pairs' scores of the verbs both were scored on (same object class: same candidates)."""
+    common = [verb for verb in first.verbs if verb in second.verbs]
+    assert len(common) >= 2
+    return (
+        np.array([first.scores[first.verbs.index(v)] for v in common]),
+        np.array([second.scores[second.verbs.index(v)] for v in common]),
+    )
+
+
+@pytest.mark.parametrize("policy", ["crop", "mask"])
+def test_regions_score_each_pair_on_its_own_view(tiny_blip_dir: Path, two_person: Path, policy: str) -> None:
+    annotations, images = two_person / "annotations" / "test_hico.json", two_person / "images" / "test"
+    ambiguous = json.loads((two_person / "synthetic.json").read_text())["two_person_images"]["test"]
+    assert 0 < len(ambiguous) < 10
+    whole = evaluate_itm(
+        ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu")),
+        annotations,
+        images,
+        progress=False,
+        labels="pair",
+        only_images=set(ambiguous),
+    )
+    engine = ItmEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu", region_policy=policy))
+    regional = evaluate_itm(engine, annotations, images, progress=False, regions=True, only_images=set(ambiguous))
+    assert regional.labels == "pair" and regional.region == engine.settings.region_description()
+    assert {pair.image for pair in regional.pairs} == set(ambiguous) == {pair.image for pair in whole.pairs}
+    by_image, whole_by_image = pairs_by_image(regional), pairs_by_image(whole)
+    # (A person who ignores the other horse is a no_interaction pair: no positive, not evaluated.)
+    both = {name: pairs for name, pairs in by_image.items() if len(pairs) == 2}
+    assert both
+    for name, (first, second) in both.items():
+        # Two people, two objects of one class: whole-image scores are one list for both pairs...
+        same = common_verb_scores(*whole_by_image[name])
+        np.testing.assert_array_equal(*same)
+        # ... region scores are each pair's own.
+        ours = common_verb_scores(first, second)
+        assert np.abs(ours[0] - ours[1]).max() > 1e-4, name
+    # Each pair's scores are the engine's on its region, rendered from its annotated boxes.
+    annotation = next(a for a in load_annotations(annotations, "hico") if a.file_name == regional.pairs[0].image)
+    pair = annotation.pairs()[0]
+    region = Region.from_values([*annotation.boxes[pair.subject], *annotation.boxes[pair.object]])
+    view = engine.prepare_image((images / annotation.file_name).read_bytes(), region=region)
+    table = SentenceTable(hico_correspondence(), HICO_VERBS)
+    first = regional.pairs[0]
+    sentences = [table.sentence(verb, first.object_index) for verb in first.verbs]
+    (scores,) = engine.score([ImageSentences(view.digest, view, sentences, region=region)])
+    np.testing.assert_allclose(first.scores, [score.match_logit for score in scores], atol=1e-6)
+
+
+def test_pair_labels_make_the_other_pairs_verbs_negatives(tmp_path: Path) -> None:
+    # One image, two people, two horses: ride (person 0, horse 1), hold (person 2, horse 3).
+    entry = {
+        "file_name": "two.jpg",
+        "annotations": [box("person"), box("horse"), box("person"), box("horse")],
+        "hoi_annotation": [hoi("ride", 1), {**hoi("hold", 3), "subject_id": 2}],
+    }
+    path = tmp_path / "test_hico.json"
+    path.write_text(json.dumps([entry]))
+    (annotation,) = load_annotations(path, "hico")
+    table = SentenceTable(hico_correspondence(), HICO_VERBS)
+    hold, ride = HICO_VERBS.index("hold"), HICO_VERBS.index("ride")
+    image_rule = plan_pairs(annotation, table, None, Counter())
+    pair_rule = plan_pairs(annotation, table, None, Counter(), labels="pair")
+    verbs = [[verb for verb, _ in plan.candidates] for plan in image_rule]
+    assert hold not in verbs[0] and ride not in verbs[1]  # neither right nor wrong of the image
+    labelled = [dict(zip([v for v, _ in p.candidates], p.labels, strict=True)) for p in pair_rule]
+    assert (labelled[0][ride], labelled[0][hold]) == (True, False)
+    assert (labelled[1][hold], labelled[1][ride]) == (True, False)
+    assert [plan.boxes for plan in pair_rule] == [(0, 1), (2, 3)]
+    with pytest.raises(DatasetError, match="labels must be one of image, pair"):
+        plan_pairs(annotation, table, None, Counter(), labels="pairs")
+
+
+def test_eval_itm_cli_regions_and_two_person_selection(tiny_blip_dir: Path, two_person: Path, tmp_path, capsys) -> None:
+    annotations, images = two_person / "annotations" / "test_hico.json", two_person / "images" / "test"
+    common = ("--model", tiny_blip_dir, "--annotations", annotations, "--images", images, "--device", "cpu", "--json")
+    ambiguous = json.loads((two_person / "synthetic.json").read_text())["two_person_images"]["test"]
+    summaries = {}
+    for region in ("image", "crop", "mask"):
+        code, out, err = eval_cli(capsys, *common, "--region", region, "--only-two-person", "--labels", "pair")
+        assert code == 0, err
+        summaries[region] = json.loads(out.strip().splitlines()[-1])
+        assert summaries[region]["images"] == len(ambiguous) and summaries[region]["labels"] == "pair"
+    assert (
+        summaries["image"]["region"] == "image"
+        and "scored on: the whole image" in eval_cli(capsys, *common, "--limit", "1")[1]
+    )
+    assert summaries["crop"]["region"] == "crop:margin=0.1" and summaries["mask"]["region"] == "mask:dim=0.8"
+    code, out, _ = eval_cli(capsys, *common, "--region", "crop", "--region-margin", "0.3", "--only-two-person")
+    assert json.loads(out.strip().splitlines()[-1])["region"] == "crop:margin=0.3"
+    assert "scored on: each pair region, crop:margin=0.3; negatives: every verb the pair lacks" in out
+    # --images-from FILE:KEY is the general form of --only-two-person.
+    listing = f"{two_person / 'synthetic.json'}:two_person_images"
+    code, out, err = eval_cli(capsys, *common, "--region", "mask", "--labels", "pair", "--images-from", listing)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == summaries["mask"]
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(ambiguous[:1]))
+    code, out, err = eval_cli(capsys, *common, "--images-from", listed)
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["images"] == 1
+    # Errors name the file and the key.
+    code, _, err = eval_cli(capsys, *common, "--images-from", f"{listed}:nothing")
+    assert code == 2 and "has no key 'nothing'" in err
+    alone = tmp_path / "annotations"
+    alone.mkdir()
+    shutil.copy(annotations, alone / "test_hico.json")
+    code, _, err = eval_cli(
+        capsys, *common[:2], "--annotations", alone / "test_hico.json", "--images", images, "--only-two-person"
+    )
+    assert code == 2 and "synthetic.json does not exist" in err
