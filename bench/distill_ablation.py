@@ -3,6 +3,8 @@
     python bench/distill_ablation.py                                    # finetuned,random x none,default, 3 seeds
     python bench/distill_ablation.py --variants none,kl,soft,margin --seeds 5
     python bench/distill_ablation.py --eval-split val --override distill.lambda_itm=2   # tuning: val only
+    python bench/distill_ablation.py --teachers finetuned --variants none,kl --regions image,pair \
+        --two-person-rate 0.5                                           # pair regions vs whole image
 
 For every seed s in ``--first-seed`` .. ``--first-seed + --seeds - 1`` (the seed of the data, the
 teacher and the student alike):
@@ -10,8 +12,9 @@ teacher and the student alike):
 1. the synthetic world of seed s (``student.data.synthetic``): a training split with HICO-DET's
    weaknesses (the long tail; co-occurring labels dropped at ``--drop-cooccurring``, default 1:
    never annotated; verb labels on only ``--verb-label-fraction`` of the pairs), fully labelled
-   validation and test splits,
-   and the teacher's own corpus (balanced, fully labelled, seen by the teacher only);
+   validation and test splits, ``--two-person-rate`` of every split's images two-person ambiguous
+   scenes (two people doing different things with objects of one class), and the teacher's own
+   corpus (balanced, fully labelled, seen by the teacher only);
 2. the teachers: ``finetuned``, a tiny BLIP fine-tuned on the corpus (``teacher_server
    finetune``, from random weights of seed s); ``random``, the same architecture with random
    weights whose scores spread over (0, 1) (initializer range 0.2): confident and uninformed, the
@@ -19,7 +22,10 @@ teacher and the student alike):
    (an inert control). ``eval-itm`` measures how well each ranks the verbs of the test pairs;
 3. the same student recipe (``--config``, default the demo's) trained once per cell: ``none``
    (no teacher; once per seed whatever the teachers), and ``<teacher>/<variant>`` for every
-   teacher and distillation variant (``default`` = the config's own ``distill.variant``);
+   teacher and distillation variant (``default`` = the config's own ``distill.variant``) and every
+   teacher region of ``--regions`` (``image``: sentences scored on the whole image, the cell's name
+   as before; ``pair``: on each pair's region, ``teacher.region=pair``, named
+   ``<teacher>/<variant>/pair``);
 4. every run's final checkpoint evaluated on the test split (``--eval-split val`` for tuning; a
    run is trained once and evaluated on each split asked for, so tuning on val and reporting on
    test share the training): HICO-DET Default mAP Full, Rare, Non-rare, and ``dropped``: the
@@ -60,6 +66,7 @@ sys.path.insert(0, str(REPO))
 from student.demo import DEMO_CONFIG  # noqa: E402
 
 TEACHERS = ("finetuned", "random", "base")
+REGIONS = ("image", "pair")  # teacher.region: what a teacher scores a sentence on
 # The evaluation split's files, as config overrides (make-synthetic's layout).
 SPLIT_FILES = {
     "test": ("data.test_images=images/test", "data.test_annotations=annotations/test_hico.json"),
@@ -81,18 +88,23 @@ class World:
     # class AP is rank-based), so there is nothing for a teacher to give back; docs/distillation.md.
     drop_cooccurring: float = 1.0
     verb_label_fraction: float = 1.0
+    two_person_rate: float = 0.0  # two-person ambiguous scenes, in every split (make-synthetic's)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One student configuration: no teacher, or a teacher and a distillation variant."""
+    """One student configuration: no teacher, or a teacher, a distillation variant and a region."""
 
     teacher: str | None  # None, "finetuned" or "random"
     variant: str | None  # None (no teacher) or a variant name / "default"
+    region: str = "image"  # teacher.region: "image" or "pair" (meaningless without a teacher)
 
     @property
     def name(self) -> str:
-        return "none" if self.teacher is None else f"{self.teacher}/{self.variant}"
+        if self.teacher is None:
+            return "none"
+        # image keeps the names (and run directories) the ablation had before regions existed.
+        return f"{self.teacher}/{self.variant}" + ("" if self.region == "image" else f"/{self.region}")
 
     @property
     def directory(self) -> str:
@@ -124,6 +136,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="none,default",
         help="none, kl, margin, soft, default (the config's own variant); default: none,default",
     )
+    parser.add_argument(
+        "--regions",
+        default="image",
+        help="teacher regions: image (whole image), pair (each pair's region); default: image",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds S..S+N-1 (default 0)")
     parser.add_argument("--epochs", type=int, default=50, help="student epochs (default 50, lr x0.1 for the last 20%%)")
@@ -136,6 +153,13 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--corpus", type=int, default=World.corpus, help=f"teacher corpus (default {World.corpus})")
     parser.add_argument("--drop-cooccurring", type=float, default=World.drop_cooccurring, metavar="RATE")
     parser.add_argument("--verb-label-fraction", type=float, default=World.verb_label_fraction, metavar="F")
+    parser.add_argument(
+        "--two-person-rate",
+        type=float,
+        default=World.two_person_rate,
+        metavar="RATE",
+        help="fraction of two-person ambiguous images in every split (make-synthetic's; default 0)",
+    )
     parser.add_argument("--image-size", type=int, default=128, help="synthetic image height (default 128)")
     parser.add_argument("--eval-split", choices=("test", "val"), default="test", help="test (report) or val (tune)")
     parser.add_argument("--jobs", type=int, default=2, help="student runs in parallel, one thread each (default 2)")
@@ -145,6 +169,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.teachers = _split(args.teachers, TEACHERS, "--teachers")
     args.variants = _split(args.variants, ("none", "kl", "margin", "soft", "default"), "--variants")
+    args.regions = _split(args.regions, REGIONS, "--regions")
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     return args
@@ -158,10 +183,10 @@ def _split(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def cells_of(teachers: Sequence[str], variants: Sequence[str]) -> list[Cell]:
-    """``none`` once (when asked for), then every teacher x distillation variant."""
+def cells_of(teachers: Sequence[str], variants: Sequence[str], regions: Sequence[str] = ("image",)) -> list[Cell]:
+    """``none`` once (when asked for), then every teacher x distillation variant x region."""
     cells = [Cell(None, None)] if "none" in variants else []
-    cells += [Cell(t, v) for t in teachers for v in variants if v != "none"]
+    cells += [Cell(t, v, r) for t in teachers for v in variants if v != "none" for r in regions]
     return cells
 
 
@@ -183,7 +208,7 @@ def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[
         "max_people": 1,
         "drop_cooccurring": world.drop_cooccurring,
         "verb_label_fraction": world.verb_label_fraction,
-        "two_person_rate": 0.0,  # synthetic.json records it; the ablation's worlds have none
+        "two_person_rate": world.two_person_rate,
     }
     summary_file = root / SUMMARY_FILE
     if summary_file.is_file() and json.loads(summary_file.read_text()).get("arguments") == arguments:
@@ -199,6 +224,7 @@ def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[
         max_people=1,
         drop_cooccurring=world.drop_cooccurring,
         verb_label_fraction=world.verb_label_fraction,
+        two_person_rate=world.two_person_rate,
         progress=False,
     )
     return json.loads(summary_file.read_text())
@@ -273,6 +299,8 @@ def student_overrides(
         overrides += ["teacher.device=cpu", "teacher.dtype=fp32"]
         if cell.variant != "default":
             overrides.append(f"distill.variant={cell.variant}")
+        if cell.region != "image":  # image is the default: earlier runs stay reusable
+            overrides.append(f"teacher.region={cell.region}")
     # distill.* overrides mean nothing without a teacher: ``none`` runs stay reusable across them.
     extra = [o for o in args.override if cell.teacher is not None or not o.startswith("distill.")]
     return [*overrides, *extra]
@@ -369,7 +397,8 @@ def summarise(results: Sequence[RunResult], cells: Sequence[Cell]) -> dict[str, 
     summary: dict[str, dict[str, Any]] = {}
     for cell in cells:
         runs = by_cell.get(cell.name, {})
-        entry: dict[str, Any] = {"seeds": sorted(runs)}
+        # The region axis, by name: what the cell's teacher scored its sentences on (None: no teacher).
+        entry: dict[str, Any] = {"seeds": sorted(runs), "region": cell.region if cell.teacher is not None else None}
         for metric in METRICS:
             values = [runs[s].metrics[metric] for s in sorted(runs) if runs[s].metrics[metric] is not None]
             entry[f"{metric}_per_seed"] = [_round(v) for v in values]
@@ -408,12 +437,13 @@ def format_table(summary: dict[str, dict[str, Any]]) -> str:
             return ""
         return f"{gain:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
-    header = f"{'cell':22}" + "".join(f"{m:>16}" for m in METRICS)
+    header = f"{'cell':22}{'region':>8}" + "".join(f"{m:>16}" for m in METRICS)
     lines = ["HICO-DET Default mAP (%), mean ± sd over seeds; paired gain over none ± SE", header, "-" * len(header)]
     for name, entry in summary.items():
-        lines.append(f"{name:22}" + "".join(f"{cell_text(entry, m):>16}" for m in METRICS))
+        region = entry.get("region") or "-"
+        lines.append(f"{name:22}{region:>8}" + "".join(f"{cell_text(entry, m):>16}" for m in METRICS))
         if "gain_full" in entry:
-            lines.append(f"{'  gain vs none':22}" + "".join(f"{gain_text(entry, m):>16}" for m in METRICS))
+            lines.append(f"{'  gain vs none':22}{'':8}" + "".join(f"{gain_text(entry, m):>16}" for m in METRICS))
     return "\n".join(lines)
 
 
@@ -427,9 +457,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_chatter()
     started = time.perf_counter()
     say = (lambda _: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
-    world = World(args.train, args.val, args.test, args.corpus, args.drop_cooccurring, args.verb_label_fraction)
+    world = World(
+        args.train,
+        args.val,
+        args.test,
+        args.corpus,
+        args.drop_cooccurring,
+        args.verb_label_fraction,
+        args.two_person_rate,
+    )
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    cells = cells_of(args.teachers, args.variants)
+    cells = cells_of(args.teachers, args.variants, args.regions)
     needs_teacher = any(cell.teacher is not None for cell in cells)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     worlds = {
@@ -509,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "teachers": teachers_summary,
                 "seeds": seeds,
                 "eval_split": args.eval_split,
+                "regions": args.regions,
                 "world": asdict(world),
                 "epochs": args.epochs,
                 "overrides": args.override,

@@ -6,6 +6,7 @@ are ``cxcywh`` normalised by the image size. Every conversion between the two go
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import torch
@@ -43,6 +44,31 @@ def denormalize_cxcywh(boxes: Tensor, width: float | Tensor, height: float | Ten
     else:
         scale = boxes.new_tensor([width, height, width, height])
     return box_cxcywh_to_xyxy(boxes) * scale
+
+
+def frame_to_original(
+    boxes: Tensor, affine: Tensor | Sequence[float], orig_size: tuple[int, int] | None = None
+) -> Tensor:
+    """Absolute-pixel xyxy (..., 4) in an augmented frame -> xyxy in the original image's pixels.
+
+    ``affine``: the target's ``frame_affine`` ``(a_x, b_x, a_y, b_y)``, with ``x = a_x * x_orig + b_x``
+    (``student.data.transforms``); it is inverted here. A mirrored frame (``a_x < 0``) swaps the
+    two x ends, so the result keeps x1 <= x2. ``orig_size`` (h, w): clamp into the original image
+    (a predicted box may reach past the augmented image, or past a crop's edge).
+    """
+    a_x, b_x, a_y, b_y = (float(v) for v in (affine.tolist() if isinstance(affine, Tensor) else affine))
+    if a_x == 0 or a_y == 0:
+        raise ValueError(f"frame_affine {(a_x, b_x, a_y, b_y)}: a scale of 0 cannot be inverted")
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    xa, xb = (x1 - b_x) / a_x, (x2 - b_x) / a_x
+    ya, yb = (y1 - b_y) / a_y, (y2 - b_y) / a_y
+    result = torch.stack(
+        (torch.minimum(xa, xb), torch.minimum(ya, yb), torch.maximum(xa, xb), torch.maximum(ya, yb)), -1
+    )
+    if orig_size is not None:
+        height, width = orig_size
+        result = torch.minimum(result.clamp(min=0), result.new_tensor([width, height, width, height]))
+    return result
 
 
 def box_area(boxes: Tensor) -> Tensor:

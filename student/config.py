@@ -201,10 +201,14 @@ class TeacherConfig(Section):
     timeout_s: Positive = 60.0
     on_error: Literal["skip", "fail"] = "skip"
     token_env: str = "HOIDISTILL_AUTH_TOKEN"  # gRPC: bearer token read from this variable, if set
-    memo_entries: NonNegativeInt = 2_000_000  # in-process (digest, sentence) -> score memo
+    memo_entries: NonNegativeInt = 2_000_000  # in-process (view, sentence) -> score memo
     redis_url: str | None = None  # service only: read-through of its score cache before any RPC
     prefetch: NonNegativeInt = 2  # service only: batches whose scores are requested ahead; 0 = in the step
     deadline_s: Positive = 10.0  # service only: longest wait for a batch's scores (then on_error)
+    # What a sentence is scored on: image (the whole original image) | pair (each ground-truth
+    # pair's human + object boxes in original pixels; margin: the predicted boxes). A pair without
+    # a usable region falls back to the whole image. See docs/distillation.md.
+    region: Literal["image", "pair"] = "image"
 
     @field_validator("source")
     @classmethod

@@ -5,7 +5,10 @@ A sample's target is the per-image dict of ``docs/contracts.md``: ``obj_labels (
 ``verb_known (P,)`` bool (False for a pair of ``pairs_without_verbs``: its verbs are unknown, not negative),
 ``sub_boxes``/``obj_boxes (P, 4)`` cxcywh normalised, ``size``/``orig_size (2,)`` (h, w),
 ``image_id`` (index into the annotation list), ``file_name`` and ``image_digest`` (SHA-256 of the
-original file bytes: the teacher scores the un-augmented original).
+original file bytes: the teacher scores the un-augmented original), and for the teacher's pair
+regions ``pair_regions_orig (P, 8)`` (each pair's human and object box, xyxy pixels of the
+original file, untouched by augmentation) and ``frame_affine (4,)`` (original pixels -> the
+augmented frame, see ``student.data.transforms``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from teacher_server.hoi.annotations import (
 from teacher_server.hoi.classes import NO_OBJECT_INDEX
 from teacher_server.hoi.digest import image_digest
 from teacher_server.hoi.errors import DatasetError
-from student.data.transforms import Transform, make_transforms
+from student.data.transforms import Transform, identity_affine, make_transforms
 
 TruncatePolicy = Literal["warn", "ignore", "error"]
 
@@ -206,6 +209,9 @@ class HOIDataset(Dataset):
             verb_labels[p, list(pair.verbs)] = 1.0
             verb_known[p] = pair.verbs_known
         size = torch.tensor(orig_size)
+        # The original-pixel boxes travel as one more per-pair row (filtered with the pairs when a
+        # crop drops some), so the teacher's pair regions stay aligned with obj_labels.
+        pair_regions = torch.cat((sub_boxes, obj_boxes), dim=1)
         return {
             "sub_boxes": sub_boxes,
             "obj_boxes": obj_boxes,
@@ -215,4 +221,6 @@ class HOIDataset(Dataset):
             "verb_known": verb_known,
             "size": size,
             "orig_size": size.clone(),
+            "pair_regions_orig": pair_regions,
+            "frame_affine": identity_affine(),
         }

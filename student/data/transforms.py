@@ -7,7 +7,14 @@ image is a PIL image and the target holds absolute-pixel ``xyxy`` boxes:
   ``has_object`` False for a V-COCO pair without object: geometric transforms leave it alone);
 - ``has_object: BoolTensor (P,)``, ``obj_labels: LongTensor (P,)``, ``verb_labels: FloatTensor (P, V)``,
   ``verb_known: BoolTensor (P,)`` (optional; False where a pair's verbs were never annotated);
-- ``size: LongTensor (2,)`` (h, w), updated by every geometric transform.
+- ``size: LongTensor (2,)`` (h, w), updated by every geometric transform;
+- ``pair_regions_orig: FloatTensor (P, 8)`` (optional): each pair's human and object boxes in
+  pixels of the ORIGINAL image file, never transformed: what the teacher scores a pair on. It is
+  a per-pair key, so it stays aligned with ``obj_labels`` when a crop drops pairs;
+- ``frame_affine: FloatTensor (4,)`` (optional) ``(a_x, b_x, a_y, b_y)``: the current frame from
+  the original pixels, ``x = a_x * x_orig + b_x`` and ``y = a_y * y_orig + b_y``, updated by every
+  geometric transform (a flip makes ``a_x`` negative). ``frame_to_original`` inverts it, so a box
+  predicted on the augmented image can be named in the original file's pixels.
 
 ``ToTensor`` + ``Normalize`` turn the image into an ImageNet-normalised tensor and ``BoxesToCxcywh``
 converts the boxes to ``cxcywh`` normalised by the final size (via ``student.box_ops``) and drops
@@ -33,7 +40,16 @@ Target = dict[str, Any]
 Transform = Callable[[Any, Target], tuple[Any, Target]]
 
 #: Target entries with one row per HOI pair: filtered together when a crop drops pairs.
-PAIR_KEYS = ("sub_boxes", "obj_boxes", "has_object", "obj_labels", "verb_labels", "verb_known")
+PAIR_KEYS = (
+    "sub_boxes",
+    "obj_boxes",
+    "has_object",
+    "obj_labels",
+    "verb_labels",
+    "verb_known",
+    "pair_regions_orig",
+)
+AFFINE_KEY = "frame_affine"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,6 +97,22 @@ def _map_object_boxes(target: Target, fn: Callable[[Tensor], Tensor]) -> None:
     target["obj_boxes"] = obj_boxes
 
 
+def _compose_affine(target: Target, scale_x: float, offset_x: float, scale_y: float, offset_y: float) -> None:
+    """Follow a geometric step ``x' = scale_x * x + offset_x`` (y likewise) in ``frame_affine``, if present."""
+    affine = target.get(AFFINE_KEY)
+    if affine is None:
+        return
+    a_x, b_x, a_y, b_y = affine.tolist()
+    target[AFFINE_KEY] = torch.tensor(
+        [scale_x * a_x, scale_x * b_x + offset_x, scale_y * a_y, scale_y * b_y + offset_y], dtype=torch.float32
+    )
+
+
+def identity_affine() -> Tensor:
+    """``frame_affine`` of an untransformed image: the frame is the original pixels."""
+    return torch.tensor([1.0, 0.0, 1.0, 0.0])
+
+
 class RandomHorizontalFlip:
     """Mirror image and boxes with probability ``p``."""
 
@@ -100,6 +132,7 @@ class RandomHorizontalFlip:
             return torch.stack((width - x2, y1, width - x1, y2), dim=-1)
 
         _map_object_boxes(target, mirror)
+        _compose_affine(target, -1.0, float(width), 1.0, 0.0)
         return image, target
 
     def __repr__(self) -> str:
@@ -132,6 +165,7 @@ class RandomResize:
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
         target = dict(target)
         _map_object_boxes(target, lambda b: b * b.new_tensor([scale_x, scale_y, scale_x, scale_y]))
+        _compose_affine(target, scale_x, 0.0, scale_y, 0.0)
         target["size"] = torch.tensor([new_h, new_w])
         return image, target
 
@@ -148,6 +182,7 @@ def crop(image: Image.Image, target: Target, region: tuple[int, int, int, int]) 
     limit = torch.tensor([width, height, width, height], dtype=torch.float32)
     offset = torch.tensor([left, top, left, top], dtype=torch.float32)
     _map_object_boxes(target, lambda b: torch.minimum((b - offset).clamp(min=0), limit))
+    _compose_affine(target, 1.0, -float(left), 1.0, -float(top))
 
     def non_empty(boxes: Tensor) -> Tensor:
         return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])

@@ -14,8 +14,9 @@ Three variants, all documented with their formulas in ``docs/distillation.md``:
   with that probability as its target (``teacher_soft_targets``; the criterion's
   ``loss_verb_soft``). Everything else stays with the label. Prefetchable like ``kl``.
 
-The teacher margin is ``z = l_match - l_nomatch`` of a sentence against the original image; it is
-a constant here, NaN where a score is missing.
+The teacher margin is ``z = l_match - l_nomatch`` of a sentence against the original image (the
+whole image, or with ``teacher.region=pair`` the pair's region of it); it is a constant here, NaN
+where a score is missing.
 """
 
 from __future__ import annotations
@@ -84,14 +85,15 @@ class MarginStats(TypedDict):
 
 
 def teacher_verb_margin(
-    obj_labels: Tensor, correspondence: np.ndarray | Tensor, score: Callable[[int, int], float | None]
+    obj_labels: Tensor, correspondence: np.ndarray | Tensor, score: Callable[[int, int, int], float | None]
 ) -> Tensor:
-    """Build a target's ``teacher_verb_margin`` (P, V): z of (verb v, object of pair p), NaN elsewhere.
+    """Build a target's ``teacher_verb_margin`` (P, V): z of (verb v, object of pair p) on pair p's view.
 
     obj_labels: (P,) object index per pair (>= number of object classes: no object, an all-NaN row).
     correspondence: (V, C) bool, verb v valid with object o (e.g. ``hico_correspondence()``).
-    score: (verb index, object index) -> the teacher's margin, or None when it has none (a missing
-        score, or a verb with no sentence such as "no_interaction").
+    score: (verb index, object index, pair index) -> the teacher's margin for that pair (scored on
+        the whole image or on the pair's region), or None when it has none (a missing score, or a
+        verb with no sentence such as "no_interaction"). NaN elsewhere.
     """
     valid = torch.as_tensor(np.asarray(correspondence), dtype=torch.bool)
     if valid.dim() != 2:
@@ -102,7 +104,7 @@ def teacher_verb_margin(
         if not 0 <= obj < num_objects:
             continue
         for verb in torch.nonzero(valid[:, obj]).flatten().tolist():
-            value = score(verb, obj)
+            value = score(verb, obj, p)
             if value is not None:
                 margin[p, verb] = float(value)
     return margin
@@ -218,6 +220,10 @@ class MarginTriplets:
     verb: Tensor  # (T,) int64
     obj: Tensor  # (T,) int64, a real object class (never "no object")
     is_positive: Tensor  # (T,) bool: agrees with the ground truth of the pair the query is matched to
+    # (T, 4) the query's predicted human / object box, cxcywh normalised by the (augmented) image
+    # size: what ``teacher.region=pair`` scores the triplet on. None: not known (whole image).
+    sub_boxes: Tensor | None = None
+    obj_boxes: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.query.shape[0])
@@ -291,7 +297,20 @@ def select_margin_triplets(
         query = torch.cat([pos_q, neg_q[keep]])
         verb = torch.cat([pos_v, neg_v[keep]])
         is_positive = torch.cat([torch.ones_like(pos_q, dtype=torch.bool), torch.zeros_like(keep, dtype=torch.bool)])
-        result.append(MarginTriplets(query=query, verb=verb, obj=obj_cls[query], is_positive=is_positive))
+        sub_boxes, obj_boxes = (
+            outputs[key][b].detach().float().cpu()[query] if key in outputs else None
+            for key in ("pred_sub_boxes", "pred_obj_boxes")
+        )
+        result.append(
+            MarginTriplets(
+                query=query,
+                verb=verb,
+                obj=obj_cls[query],
+                is_positive=is_positive,
+                sub_boxes=sub_boxes,
+                obj_boxes=obj_boxes,
+            )
+        )
     return result
 
 

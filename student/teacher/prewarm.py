@@ -15,6 +15,13 @@ Resumable: finished images are appended to a progress file (``--progress-file``,
 ``--redis URL`` images whose every sentence the cache already holds are skipped too. An image
 whose request failed is reported and not recorded, so a re-run retries it; the exit code is 1
 when any failed.
+
+With ``teacher.region=pair`` (the training config's switch) an item is one view: an image and one
+pair region of it (``Region(human box, object box)`` in the original file's pixels, from the
+same annotation training reads), with the candidate sentences of the pairs on those boxes, so a
+full prewarm leaves a ``pair`` training run with nothing to ask the teacher either. The image
+headers are read then (training clips the boxes to the image, and so must the regions here).
+Progress and the cache are kept per view (a view id is the digest for a whole image).
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from student.teacher.pool import EndpointPool
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.digest import image_digest
+from teacher_server.hoi.region import Region, view_id
 
 log = logging.getLogger(__name__)
 PROGRESS_HEADER = "# hoi-distill prewarm, teacher fingerprint "
@@ -52,18 +61,24 @@ class PrewarmError(TeacherError):
 
 @dataclass(frozen=True)
 class PrewarmItem:
-    """One training image and the sentences its ground truth needs scored."""
+    """One training image (or one pair region of it) and the sentences its ground truth needs scored."""
 
     digest: str  # SHA-256 hex of the image file
     path: Path
     sentences: tuple[str, ...]
+    region: Region | None = None  # teacher.region=pair: the pair, in original pixels; None = whole image
+
+    @property
+    def view(self) -> str:
+        """The item's key in the progress file and the cache (the digest for a whole image)."""
+        return view_id(self.digest, self.region)
 
 
 @dataclass
 class PrewarmResult:
     """What a prewarm run did (``describe`` is its summary line)."""
 
-    images: int = 0  # training images with at least one sentence
+    images: int = 0  # items: training images (teacher.region=pair: views) with at least one sentence
     skipped_done: int = 0  # in the progress file already
     skipped_cached: int = 0  # every sentence already in the cache
     scored_images: int = 0
@@ -92,16 +107,18 @@ def file_digest(path: Path) -> str:
 
 
 def plan_items(config: Any) -> list[PrewarmItem]:
-    """Every training image with a non-empty candidate sentence set, in annotation order.
+    """Every training image (``teacher.region=pair``: every view) with candidate sentences, in annotation order.
 
     The sentences are the ones ``TeacherScores.plan`` asks for during training (the same code
-    builds them), over all the image's pairs (a superset when ``data.max_pairs`` truncates).
+    builds them and, for ``pair``, the regions), over all the image's pairs (a superset when
+    ``data.max_pairs`` truncates).
     """
-    from student.teacher.scores import TeacherScores
+    from student.teacher.scores import TeacherScores, pair_region
     from teacher_server.hoi.annotations import dataset_spec, load_annotations, load_correspondence
 
     data = config.data
     image_root = data.path("train_images")
+    pairs_mode = getattr(config.teacher, "region", "image") == "pair"
     sentences_of = TeacherScores(
         None,
         verbs=dataset_spec(data.dataset).verbs,
@@ -110,19 +127,41 @@ def plan_items(config: Any) -> list[PrewarmItem]:
         prompt_variant=config.distill.prompt_variant,
     ).sentences_of_object
     items = []
-    # Images are not opened here, so boxes outside them are not seen: under clamp / drop training
-    # may drop a few more pairs, and prewarm then scores a few sentences more, never fewer.
-    for annotation in load_annotations(data.path("train_annotations"), data.dataset, box_policy=data.box_policy):
-        objects = dict.fromkeys(int(annotation.labels[p.object]) for p in annotation.pairs() if p.object >= 0)
-        sentences = tuple(dict.fromkeys(s for obj in objects for s in sentences_of(obj).values()))
-        if sentences:
-            path = image_root / annotation.file_name
-            items.append(PrewarmItem(file_digest(path), path, sentences))
+    # image: the images are not opened here, so boxes outside them are not seen: under clamp /
+    # drop training may drop a few more pairs, and prewarm then scores a few sentences more, never
+    # fewer. pair: the headers are read (as the training set does), so the clipped boxes, and with
+    # them the regions, are the ones training names.
+    annotations = load_annotations(
+        data.path("train_annotations"),
+        data.dataset,
+        image_root=image_root if pairs_mode else None,
+        box_policy=data.box_policy,
+    )
+    for annotation in annotations:
+        by_view: dict[Region | None, list[str]] = {}
+        # float32, as the training target holds them: the canonical rounding then agrees exactly.
+        boxes = np.asarray(annotation.boxes, dtype=np.float32).tolist()
+        for pair in annotation.pairs():
+            if pair.object < 0:
+                continue
+            region = None
+            if pairs_mode:
+                values = [*boxes[pair.subject], *boxes[pair.object]]
+                region = pair_region(values, annotation.image_size)
+            by_view.setdefault(region, []).extend(sentences_of(int(annotation.labels[pair.object])).values())
+        path = image_root / annotation.file_name
+        digest = None
+        for region, sentences in by_view.items():
+            unique = tuple(dict.fromkeys(sentences))
+            if unique:
+                digest = digest or file_digest(path)
+                items.append(PrewarmItem(digest, path, unique, region))
     return items
 
 
 class ProgressFile:
-    """Digests of finished images, one per line, under a header naming the teacher's fingerprint.
+    """View ids of finished items (an image's digest, or digest/region), one per line, under a header
+    naming the teacher's fingerprint.
 
     A file written for another fingerprint (another model) is started afresh. Appends are
     flushed per chunk, so a killed run loses at most the chunks in flight.
@@ -154,12 +193,12 @@ class ProgressFile:
 
 
 def fully_cached(items: Sequence[PrewarmItem], cache: Any, fingerprint: str) -> set[str]:
-    """Digests of the items whose every sentence the cache holds (one lookup per ``LOOKUP_BATCH``)."""
+    """Views of the items whose every sentence the cache holds (one lookup per ``LOOKUP_BATCH``)."""
     found: set[str] = set()
     for start in range(0, len(items), LOOKUP_BATCH):
         chunk = items[start : start + LOOKUP_BATCH]
-        hits = cache.lookup(fingerprint, [(item.digest, list(item.sentences)) for item in chunk])
-        found.update(item.digest for item, row in zip(chunk, hits, strict=True) if all(h is not None for h in row))
+        hits = cache.lookup(fingerprint, [(item.view, list(item.sentences)) for item in chunk])
+        found.update(item.view for item, row in zip(chunk, hits, strict=True) if all(h is not None for h in row))
     return found
 
 
@@ -183,13 +222,13 @@ def prewarm(
     except TeacherError as error:
         raise PrewarmError(f"the teacher does not answer ({error})") from None
     record = ProgressFile(progress_file, fingerprint)
-    todo = [item for item in items if item.digest not in record.done]
+    todo = [item for item in items if item.view not in record.done]
     result.skipped_done = len(items) - len(todo)
     if cache is not None and fingerprint is not None and todo:
         cached = fully_cached(todo, cache, fingerprint)
         result.skipped_cached = len(cached)
-        record.record(item.digest for item in todo if item.digest in cached)
-        todo = [item for item in todo if item.digest not in cached]
+        record.record(item.view for item in todo if item.view in cached)
+        todo = [item for item in todo if item.view not in cached]
     log.info(
         "prewarm: %d of %d images to score with %s (%d in parallel)", len(todo), len(items), pool.description, workers
     )
@@ -199,13 +238,15 @@ def prewarm(
 
     def score(chunk: list[PrewarmItem]) -> None:
         try:
-            answers = pool.score([item.path for item in chunk], [list(item.sentences) for item in chunk])
+            answers = pool.score(
+                [item.path for item in chunk], [list(item.sentences) for item in chunk], [item.region for item in chunk]
+            )
         except TeacherError as error:
             log.warning("prewarm: %d images failed (%s); a re-run retries them", len(chunk), error)
             with lock:
                 result.failed_images += len(chunk)
         else:
-            record.record(item.digest for item in chunk)
+            record.record(item.view for item in chunk)
             with lock:
                 result.scored_images += len(chunk)
                 result.sentences += sum(len(row) for row in answers)

@@ -63,7 +63,7 @@ class TeacherStats:
     """Counters since the adapter was made (the training log shows them)."""
 
     batches: int = 0
-    pairs_requested: int = 0  # (image, sentence) lookups
+    pairs_requested: int = 0  # (view, sentence) lookups: a view is the whole image or one pair region
     memo_hits: int = 0
     pairs_scored: int = 0  # sent to the backend
     failed_batches: int = 0  # scoring failed and the ITM term of the batch was skipped
@@ -71,14 +71,15 @@ class TeacherStats:
 
 @dataclass(frozen=True)
 class ScorePlan:
-    """What a batch needs: per target the image query (or None when it needs no score)."""
+    """What a batch needs: ``teacher.region=image``: per target the image query (None when it needs
+    no score); ``pair``: per target one query per distinct view (pair region) its pairs need."""
 
     queries: tuple[ScoreQuery | None, ...]
 
 
 @dataclass
 class BatchScores:
-    """Margins by (digest, sentence) for one plan; ``failed`` when the teacher could not answer."""
+    """Margins by (view id, sentence) for one plan; ``failed`` when the teacher could not answer."""
 
     margins: dict[tuple[str, str], float] = field(default_factory=dict)
     failed: bool = False

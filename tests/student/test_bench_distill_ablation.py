@@ -69,6 +69,39 @@ def test_gains_are_paired_by_seed_with_their_standard_error() -> None:
     assert "+3.00 ± 1.15" in table and "33.00 ± 11.14" in table
 
 
+def test_the_region_axis_names_its_cells_and_sets_the_teachers_region(tmp_path: Path) -> None:
+    cells = bench.cells_of(["finetuned"], ["none", "kl"], ["image", "pair"])
+    # image keeps the names (and run directories) of the ablations made before regions existed.
+    assert [c.name for c in cells] == ["none", "finetuned/kl", "finetuned/kl/pair"]
+    assert [c.directory for c in cells] == ["none", "finetuned-kl", "finetuned-kl-pair"]
+    args = bench.parse_arguments(["--regions", "image,pair", "--two-person-rate", "0.5"])
+    assert args.regions == ["image", "pair"] and args.two_person_rate == 0.5
+    assert bench.parse_arguments([]).regions == ["image"]
+    with pytest.raises(SystemExit, match="--regions"):
+        bench.parse_arguments(["--regions", "image,box"])
+    teachers = {"finetuned": tmp_path / "teacher"}
+    image, pair = (bench.student_overrides(c, 0, tmp_path, teachers, args) for c in cells[1:])
+    assert "teacher.region=pair" in pair and not any(o.startswith("teacher.region") for o in image)
+    assert [o for o in pair if o != "teacher.region=pair"] == image
+    summary = bench.summarise([result(c.name, 0, 20.0) for c in cells], cells)
+    assert [summary[c.name]["region"] for c in cells] == [None, "image", "pair"]
+    table = bench.format_table(summary).splitlines()
+    assert "region" in table[1]
+    assert table[3].split()[:2] == ["none", "-"] and table[4].split()[:2] == ["finetuned/kl", "image"]
+    assert table[6].split()[:2] == ["finetuned/kl/pair", "pair"]
+
+
+def test_the_world_is_rewritten_when_its_two_person_rate_changes(tmp_path: Path) -> None:
+    tiny = {"train": 2, "val": 1, "test": 1, "corpus": 2}
+    plain = bench.prepare_world(tmp_path, 1, bench.World(**tiny), 64)
+    assert plain["arguments"]["two_person_rate"] == 0.0 and not plain["two_person_images"].get("train")
+    ambiguous = bench.prepare_world(tmp_path, 1, bench.World(**tiny, two_person_rate=1.0), 64)
+    assert ambiguous["arguments"]["two_person_rate"] == 1.0
+    assert len(ambiguous["two_person_images"]["train"]) == 2  # every training image, at rate 1
+    again = bench.prepare_world(tmp_path, 1, bench.World(**tiny, two_person_rate=1.0), 64)
+    assert again == ambiguous
+
+
 def test_one_seed_has_no_standard_error() -> None:
     mean, se = bench.mean_and_se([2.5])
     assert mean == 2.5 and se is None
@@ -91,18 +124,23 @@ def test_tiny_ablation_runs_every_cell_and_ends_with_json(tmp_path: Path) -> Non
     argv = ["--seeds", "2", "--first-seed", "3", "--epochs", "1", "--teacher-epochs", "1", "--jobs", "1"]
     argv += ["--train", "8", "--val", "4", "--test", "6", "--corpus", "8", "--image-size", "64"]
     argv += ["--variants", "none,soft", "--teachers", "finetuned,random", "--work-dir", str(tmp_path)]
+    # pair regions end to end (image is the default path, its cell names a unit test above checks);
+    # one region keeps the run count, and the test's time, where it was.
+    argv += ["--regions", "pair", "--two-person-rate", "0.5"]
     argv += [item for override in tiny for item in ("--override", override)]
     done = subprocess.run(
         [sys.executable, str(BENCH), *argv], cwd=REPO, capture_output=True, text=True, timeout=900, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert set(report["cells"]) == {"none", "finetuned/soft", "random/soft"}
+    distilled = ("finetuned/soft/pair", "random/soft/pair")
+    assert set(report["cells"]) == {"none", *distilled}
     assert report["seeds"] == [3, 4] and report["eval_split"] == "test"
+    assert report["regions"] == ["pair"]
     for name, cell in report["cells"].items():
         assert cell["seeds"] == [3, 4], name
         assert len(cell["full_per_seed"]) == 2
-    for name in ("finetuned/soft", "random/soft"):
+    for name in distilled:
         cell, none = report["cells"][name], report["cells"]["none"]
         paired = [a - b for a, b in zip(cell["full_per_seed"], none["full_per_seed"], strict=True)]
         assert cell["gain_full"] == pytest.approx(statistics.fmean(paired), abs=0.011)
@@ -111,10 +149,12 @@ def test_tiny_ablation_runs_every_cell_and_ends_with_json(tmp_path: Path) -> Non
         seed_dir = tmp_path / f"seed{seed}"
         world = json.loads((seed_dir / "data" / "synthetic.json").read_text())
         assert world["arguments"]["seed"] == seed and world["dropped_triplets"]
+        assert world["arguments"]["two_person_rate"] == 0.5
         assert (seed_dir / "teacher-finetuned" / "finetune.json").is_file()
-        config = (seed_dir / "finetuned-soft" / "config.yaml").read_text()
+        config = (seed_dir / "finetuned-soft-pair" / "config.yaml").read_text()
         assert "variant: soft" in config and str(seed_dir / "teacher-finetuned") in config
         assert "source: none" in (seed_dir / "none" / "config.yaml").read_text()
+        assert "region: pair" in config
     assert set(report["teachers"]) == {"finetuned", "random"}
     for teacher in report["teachers"].values():  # soft's completions as eval-itm measured them, per seed
         rates = [seed["completion"]["true_rate"] for seed in teacher["per_seed"].values()]

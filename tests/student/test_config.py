@@ -138,7 +138,9 @@ def test_configs_written_before_pydantic_still_load() -> None:
     written = yaml.safe_load(DEMO_WRITTEN_BY_THE_DATACLASS_VERSION)
     config = load_config(CONFIGS / "demo.yaml")
     assert config_from_dict(written) == config
-    assert config.to_dict() == written  # and a checkpoint written today holds the same dict
+    # A checkpoint written today holds the same dict, plus the keys added since at their defaults.
+    added = {"teacher": {**written["teacher"], "region": "image"}}
+    assert config.to_dict() == {**written, **added}
 
 
 def test_round_trip_through_a_dict_and_yaml(tmp_path: Path) -> None:
@@ -171,6 +173,7 @@ def test_round_trip_through_a_dict_and_yaml(tmp_path: Path) -> None:
         ("optim=3", "optim: expected a mapping"),
         ("data.max_size=100", "data.max_size: got 100, expected >= max(scales) = 800"),
         ("teacher.source=5", "teacher.source: got 5, expected a string"),
+        ("teacher.region=box", "teacher.region: got 'box', expected 'image' or 'pair'"),
         ("calibrate_bn_images=8", "calibrate_bn_images: a pretrained backbone keeps its batch-norm statistics"),
         ("calibrate_bn_images=-1", "calibrate_bn_images: got -1, expected >= 0"),
         ("data.max_pairs=65", "data.max_pairs: got 65, but model.decoder.num_queries=64"),
@@ -215,6 +218,11 @@ def test_unknown_key_in_a_file_lists_the_known_ones(tmp_path: Path) -> None:
         load_config(path)
     message = str(caught.value)
     assert "optim.learning_rate" in message and "'lr'" in message
+
+
+def test_teacher_region_defaults_to_the_whole_image() -> None:
+    assert load_config(None).teacher.region == "image"
+    assert load_config(None, ["teacher.region=pair"]).teacher.region == "pair"
 
 
 def test_teacher_sources() -> None:

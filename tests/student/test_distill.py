@@ -172,7 +172,7 @@ def test_teacher_verb_margin_builds_candidate_rows() -> None:
     correspondence[[1, 4], 7] = True
     scores = {(0, 3): 1.5, (2, 3): -0.5, (1, 7): 0.25}  # (5, 3) and (4, 7) have no score
 
-    margin = teacher_verb_margin(torch.tensor([3, 7, 80]), correspondence, lambda v, o: scores.get((v, o)))
+    margin = teacher_verb_margin(torch.tensor([3, 7, 80]), correspondence, lambda v, o, p: scores.get((v, o)))
     assert margin.shape == (3, VERBS) and margin.dtype == torch.float32
     assert margin[0, 0].item() == 1.5 and margin[0, 2].item() == -0.5
     assert margin[1, 1].item() == 0.25
@@ -180,7 +180,7 @@ def test_teacher_verb_margin_builds_candidate_rows() -> None:
     assert finite.sum().item() == 3  # non-candidates, missing scores and the no-object pair stay NaN
     assert not finite[2].any()
     with pytest.raises(LossError, match="correspondence must be"):
-        teacher_verb_margin(torch.tensor([0]), np.zeros(3, dtype=bool), lambda v, o: 0.0)
+        teacher_verb_margin(torch.tensor([0]), np.zeros(3, dtype=bool), lambda v, o, p: 0.0)
 
 
 # -- margin: selecting the triplets ----------------------------------------------------------------

@@ -82,6 +82,8 @@ def test_target_follows_the_contract(hico, tmp_path):
         "image_id",
         "file_name",
         "image_digest",
+        "pair_regions_orig",
+        "frame_affine",
     }
     assert target["verb_known"].tolist() == [True, True, True]
     # Three pairs: (0, horse) with ride+straddle merged, (0, cup), (3, cup), in order of appearance.

@@ -37,8 +37,10 @@ def overrides(root: Path, output: Path) -> list[str]:
     return [f"data.root={root}", f"run.output_dir={output}", "data.scales=[64]", "data.max_size=96"]
 
 
-def test_plan_items_are_the_sentences_training_asks_for(data_root: Path, tmp_path: Path) -> None:
-    config = load_config(DEMO_CONFIG, overrides(data_root, tmp_path))
+@pytest.mark.parametrize("region", ["image", "pair"])
+def test_plan_items_are_the_sentences_training_asks_for(data_root: Path, tmp_path: Path, region: str) -> None:
+    # Training's augmentation (flip, crop) is on: the plan must not depend on it.
+    config = load_config(DEMO_CONFIG, [*overrides(data_root, tmp_path), f"teacher.region={region}"])
     items = plan_items(config)
     dataset = build_train_dataset(config)
     adapter = TeacherScores(
@@ -46,14 +48,61 @@ def test_plan_items_are_the_sentences_training_asks_for(data_root: Path, tmp_pat
         verbs=dataset.verbs,
         correspondence=correspondence_of(config),
         image_root=config.data.path("train_images"),
+        region=config.teacher.region,
     )
-    by_digest = {item.digest: item for item in items}
-    assert len(items) == len(dataset) > 0
+    by_view = {item.view: item for item in items}
+    assert len(by_view) == len(items) >= len(dataset) > 0
+    asked = set()
     for index in range(len(dataset)):
         _, target = dataset[index]
-        (query,) = adapter.plan([target]).queries
-        assert query is not None
-        assert set(query.sentences) == set(by_digest[target["image_digest"]].sentences)
+        queries = adapter.plan([target]).queries
+        if region == "image":
+            assert len(queries) == 1
+        for query in queries:
+            assert query is not None
+            assert set(query.sentences) <= set(by_view[query.view].sentences)
+            asked.add(query.view)
+    if region == "pair":  # a view per pair region, none of them the whole image
+        assert all(item.region is not None for item in items) and len(items) > len(dataset)
+    # A crop may drop pairs from a sample; over the set every prewarmed view is asked for.
+    assert asked <= set(by_view)
+
+
+@pytest.mark.parametrize("region", ["image", "pair"])
+def test_after_a_full_prewarm_training_asks_the_teacher_nothing(
+    tiny_blip_dir: Path, redis_server: RedisServer, tmp_path: Path, synthetic_data, region: str
+) -> None:
+    from testkit.student import tiny_overrides
+    from testkit.teacher import running_teacher, teacher_settings
+
+    from student.training import train
+
+    # Its own Redis database and teacher: nothing another test scored is in the cache.
+    redis_url = redis_server.url.rsplit("/", 1)[0] + ("/5" if region == "image" else "/6")
+    root = synthetic_data(6, 2, seed=8, two_person_rate=0.5)
+    settings = [
+        *tiny_overrides(root, tmp_path / "run", "data.crop=true", "optim.batch_size=2", "schedule.epochs=1"),
+        "run.progress=false",
+        "run.eval_at_end=false",
+        "distill.variant=kl",
+        f"teacher.region={region}",
+        f"teacher.redis_url={redis_url}",
+    ]
+    with running_teacher(teacher_settings(tiny_blip_dir, redis_url=redis_url)) as server:
+        config = load_config(DEMO_CONFIG, [*settings, f"teacher.source=grpc://{server.target}"])
+        items = plan_items(config)
+        with contextlib.closing(EndpointPool(f"grpc://{server.target}")) as pool:
+            done = prewarm(items, pool, progress_file=None, progress=False)
+        assert done.scored_images == len(items) > 0 and done.failed_images == 0
+        if region == "pair":
+            assert all(item.region is not None for item in items)
+        calls = score_calls(server)
+        result = train(config)
+        # Every score came from Redis: not one Score RPC, so the teacher's model ran for nothing.
+        assert score_calls(server) == calls
+        assert result.teacher_stats["pairs_scored"] > 0
+        assert result.teacher_stats["cache_hits"] == result.teacher_stats["pairs_scored"]
+        assert result.teacher_stats["failed_batches"] == 0
 
 
 def test_prewarm_fills_the_cache_and_resumes(

@@ -125,10 +125,13 @@ def test_read_through_serves_the_cache_without_rpcs(
         backend.close()
 
 
-def test_prefetch_gives_the_synchronous_margins(teacher: RunningTeacher, config: Any, batches: list) -> None:
-    reference = adapter(config, ReadThroughBackend(EndpointPool(f"grpc://{teacher.target}")))
+@pytest.mark.parametrize("region", ["image", "pair"])
+def test_prefetch_gives_the_synchronous_margins(
+    teacher: RunningTeacher, config: Any, batches: list, region: str
+) -> None:
+    reference = adapter(config, ReadThroughBackend(EndpointPool(f"grpc://{teacher.target}")), region=region)
     prefetcher = TeacherPrefetcher(
-        adapter(config, ReadThroughBackend(EndpointPool(f"grpc://{teacher.target}"))), deadline_s=30
+        adapter(config, ReadThroughBackend(EndpointPool(f"grpc://{teacher.target}")), region=region), deadline_s=30
     )
     try:
         seen = 0

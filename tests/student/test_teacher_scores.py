@@ -14,11 +14,13 @@ from PIL import Image
 from student.losses import MarginTriplets
 from student.losses.distill import TEACHER_KEY
 from student.teacher import GrpcTeacher, LocalTeacher, TeacherScores, build_backend
+from student.teacher.scores import pair_region
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.classes import HICO_VERBS, NO_INTERACTION_INDEX, OBJECT_NAMES, hico_correspondence
 from teacher_server.hoi.digest import image_digest
 from teacher_server.hoi.prompts import candidate_sentences, triplet_sentence
+from teacher_server.hoi.region import Region
 
 HORSE = OBJECT_NAMES.index("horse")
 CUP = OBJECT_NAMES.index("cup")
@@ -210,3 +212,178 @@ def test_triton_endpoint_selects_the_triton_client() -> None:
         assert "Triton teacher at triton://127.0.0.1:8001" in backend.description
     finally:
         backend.close()
+
+
+# -- teacher.region=pair ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def noisy(tmp_path: Path) -> Path:
+    """A 100x80 (w x h) image of random pixels: every region of it looks different to BLIP."""
+    from testkit.teacher import png_bytes
+
+    (tmp_path / "noisy.png").write_bytes(png_bytes(5, (100, 80)))
+    return tmp_path
+
+
+def _direct_region(engine: ItmEngine, path: Path, region: Region, sentences: list[str]) -> list[float]:
+    prepared = engine.prepare_image(path.read_bytes(), region=region)
+    request = ImageSentences(prepared.digest, prepared, sentences, region)
+    return [s.match_logit for s in engine.score([request])[0]]
+
+
+def _pair_target(root: Path, name: str, obj_labels: list[int], regions: list[list[float]]) -> dict:
+    return {
+        **_target(root, name, obj_labels),
+        "pair_regions_orig": torch.tensor(regions, dtype=torch.float32),
+        "orig_size": torch.tensor([80, 100]),
+    }
+
+
+def test_pair_regions_give_two_pairs_of_one_class_their_own_margins(engine: ItmEngine, noisy: Path) -> None:
+    regions = [
+        [5, 5, 40, 70, 30, 40, 60, 78],  # person 1 and horse 1
+        [55, 2, 95, 60, 60, 30, 99, 79],  # person 2 and horse 2
+        [5, 5, 40, 70, 0, 0, 0, 0],  # no object box: the whole image
+        [55, 2, 95, 60, 60, 30, 99, 79],  # the same boxes as pair 1: the same view
+    ]
+    teacher = _adapter(LocalTeacher(engine), noisy, region="pair")
+    target = _pair_target(noisy, "noisy.png", [HORSE] * 4, regions)
+    plan = teacher.plan([target])
+    assert [q.region for q in plan.queries] == [
+        Region.from_values(regions[0]),
+        Region.from_values(regions[1]),
+        None,
+    ]
+    assert teacher.annotate([target]) == 4
+    margin = target[TEACHER_KEY]
+    candidates = candidate_sentences(HORSE, hico_correspondence(), HICO_VERBS)
+    verbs, sentences = [v for v, _ in candidates], [s for _, s in candidates]
+    for row in (0, 1):
+        expected = _direct_region(engine, noisy / "noisy.png", Region.from_values(regions[row]), sentences)
+        assert margin[row, verbs].tolist() == pytest.approx(expected, abs=1e-5)
+    # The point of regions: the two horse pairs are told apart (whole-image scores were one row).
+    assert (margin[0, verbs] - margin[1, verbs]).abs().max() > 1e-3
+    assert margin[2, verbs].tolist() == pytest.approx(_direct(engine, noisy / "noisy.png", sentences), abs=1e-5)
+    assert torch.equal(margin[3].nan_to_num(), margin[1].nan_to_num())
+    # The memo keeps the views apart: a second epoch asks the teacher nothing.
+    scored = teacher.stats.pairs_scored
+    assert scored == 3 * len(sentences)
+    teacher.annotate([_pair_target(noisy, "noisy.png", [HORSE] * 4, regions)])
+    assert teacher.stats.pairs_scored == scored
+
+
+def test_image_mode_ignores_the_pair_regions(engine: ItmEngine, noisy: Path) -> None:
+    regions = [[5, 5, 40, 70, 30, 40, 60, 78], [55, 2, 95, 60, 60, 30, 99, 79]]
+    teacher = _adapter(LocalTeacher(engine), noisy)
+    target = _pair_target(noisy, "noisy.png", [HORSE, HORSE], regions)
+    (query,) = teacher.plan([target]).queries
+    assert query is not None and query.region is None
+    teacher.annotate([target])
+    assert torch.equal(target[TEACHER_KEY][0].nan_to_num(), target[TEACHER_KEY][1].nan_to_num())
+
+
+def test_pair_region_clips_to_the_image_and_refuses_what_names_no_pair() -> None:
+    region = pair_region([-3, 2, 50, 90, 10, 10, 120, 40], (80, 100))
+    assert region == Region(human=(0.0, 2.0, 50.0, 80.0), object=(10.0, 10.0, 100.0, 40.0))
+    assert pair_region([0, 0, 10, 10, 0, 0, 0, 0], (80, 100)) is None  # no object box
+    assert pair_region([0, 0, 10, 10, 5, 5, 5.5, 9], (80, 100)) is None  # under a pixel wide
+    assert pair_region([0, 0, 10, 10, 101, 5, 130, 9], (80, 100)) is None  # wholly outside: empty once clipped
+    assert pair_region([0, 0, 10, float("nan"), 1, 1, 5, 5]) is None
+    with pytest.raises(ValueError, match=r"region must be 'image' or 'pair', got 'box'"):
+        _adapter(None, Path("."), region="box")
+
+
+def test_the_region_sent_is_the_original_boxes_after_flip_and_resize(synthetic_data) -> None:
+    from student.data.hoi_dataset import HOIDataset
+    from student.data.transforms import BoxesToCxcywh, Compose, Normalize, RandomHorizontalFlip, RandomResize
+    from student.data.transforms import ToTensor as ToTensorStep
+
+    root = synthetic_data(6, 2, seed=11)
+    augment = Compose([RandomHorizontalFlip(p=1.0), RandomResize([40]), ToTensorStep(), Normalize(), BoxesToCxcywh()])
+    dataset = HOIDataset(root / "images" / "train", root / "annotations" / "trainval_hico.json", transforms=augment)
+    teacher = _adapter(None, dataset.root_images, region="pair")
+    checked = 0
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        annotation = dataset.annotations[target["image_id"]]
+        height, width = annotation.image_size
+        assert image.shape[-2] != height or image.shape[-1] != width  # the tensor was resized
+        expected = [
+            Region.from_values([*annotation.boxes[p.subject], *annotation.boxes[p.object]])
+            for p in annotation.pairs()
+            if p.object >= 0
+        ]
+        assert teacher.pair_regions(target) == expected  # in pair order, the flip and resize undone
+        regions = {q.region for q in teacher.plan([target]).queries if q is not None}
+        assert regions == set(expected)
+        checked += len(expected)
+    assert checked > 0
+
+
+def _image_triplets(sub: list[list[float]], obj: list[list[float]], verbs: list[int], objs: list[int]):
+    return MarginTriplets(
+        query=torch.arange(len(verbs)),
+        verb=torch.tensor(verbs),
+        obj=torch.tensor(objs),
+        is_positive=torch.ones(len(verbs), dtype=torch.bool),
+        sub_boxes=torch.tensor(sub),
+        obj_boxes=torch.tensor(obj),
+    )
+
+
+def test_margin_scores_predicted_boxes_mapped_back_to_original_pixels(engine: ItmEngine, noisy: Path) -> None:
+    ride = HICO_VERBS.index("ride")
+    # The 100x80 original was flipped, then resized x2 to 200x160: x = -2 x_orig + 200, y = 2 y_orig.
+    target = {
+        **_target(noisy, "noisy.png", [HORSE]),
+        "size": torch.tensor([160, 200]),
+        "orig_size": torch.tensor([80, 100]),
+        "frame_affine": torch.tensor([-2.0, 200.0, 2.0, 0.0]),
+    }
+    # Human [10, 20, 30, 40] -> flip [70, 20, 90, 40] -> x2 [140, 40, 180, 80] -> cxcywh / (200, 160):
+    # (0.8, 0.375, 0.2, 0.25). Horse [50, 10, 90, 70] -> [10, 10, 50, 70] -> [20, 20, 100, 140] ->
+    # (0.3, 0.5, 0.4, 0.75). A human at (0.05, 0.5, 0.2, 0.25) is [-10, 60, 30, 100] in the frame,
+    # [85, 30, 105, 50] in the original, clipped to [85, 30, 100, 50]. A zero-width one is degenerate.
+    triplets = _image_triplets(
+        [[0.8, 0.375, 0.2, 0.25], [0.05, 0.5, 0.2, 0.25], [0.5, 0.5, 0.0, 0.2]],
+        [[0.3, 0.5, 0.4, 0.75]] * 3,
+        [ride, ride, ride],
+        [HORSE, HORSE, HORSE],
+    )
+    teacher = _adapter(LocalTeacher(engine), noisy, region="pair")
+    regions = teacher.triplet_regions(target, triplets)
+    horse = (50.0, 10.0, 90.0, 70.0)
+    assert regions[0] is not None and regions[1] is not None and regions[2] is None
+    assert regions[0].human == pytest.approx((10.0, 20.0, 30.0, 40.0)) and regions[0].object == pytest.approx(horse)
+    assert regions[1].human == pytest.approx((85.0, 30.0, 100.0, 50.0))
+    (margins,) = teacher.triplet_margins([target], [triplets])
+    assert margins is not None
+    sentence = [triplet_sentence("ride", "horse")]
+    for t in (0, 1):
+        expected = _direct_region(engine, noisy / "noisy.png", regions[t], sentence)[0]
+        assert margins[t].item() == pytest.approx(expected, abs=1e-5)
+    assert margins[0].item() != pytest.approx(margins[1].item(), abs=1e-4)
+    assert math.isnan(margins[2].item())  # degenerate: no score, the loss skips it
+    # image mode scores the same triplets on the whole image, boxes or not.
+    (whole,) = _adapter(LocalTeacher(engine), noisy).triplet_margins([target], [triplets])
+    assert whole is not None
+    assert whole.tolist() == pytest.approx(_direct(engine, noisy / "noisy.png", sentence) * 3, abs=1e-5)
+
+
+def test_select_margin_triplets_carries_the_predicted_boxes() -> None:
+    from student.losses.distill import select_margin_triplets
+
+    torch.manual_seed(0)
+    outputs = {
+        "pred_obj_logits": torch.randn(1, 3, 81),
+        "pred_verb_logits": torch.randn(1, 3, len(HICO_VERBS)),
+        "pred_sub_boxes": torch.rand(1, 3, 4),
+        "pred_obj_boxes": torch.rand(1, 3, 4),
+    }
+    outputs["pred_obj_logits"][0, :, HORSE] = 10.0
+    target = {"obj_labels": torch.tensor([HORSE]), "verb_labels": torch.zeros(1, len(HICO_VERBS))}
+    (triplets,) = select_margin_triplets(outputs, [(torch.tensor([0]), torch.tensor([0]))], [target], 4, 0.0)
+    assert len(triplets) > 0 and triplets.sub_boxes is not None and triplets.obj_boxes is not None
+    assert torch.equal(triplets.sub_boxes, outputs["pred_sub_boxes"][0][triplets.query])
+    assert torch.equal(triplets.obj_boxes, outputs["pred_obj_boxes"][0][triplets.query])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from student.box_ops import denormalize_cxcywh
+from student.box_ops import denormalize_cxcywh, frame_to_original
 from student.data.transforms import (
     SMALL_MAX_SIZE,
     SMALL_SCALES,
@@ -21,6 +21,7 @@ from student.data.transforms import (
     RandomSizeCrop,
     ToTensor,
     crop,
+    identity_affine,
     make_transforms,
     resized_shape,
 )
@@ -212,3 +213,64 @@ def test_make_transforms_without_scales_keeps_the_size_and_rejects_unknown_split
     assert tensor.shape == (3, 120, 160)
     with pytest.raises(ValueError, match="split"):
         make_transforms("val")  # type: ignore[arg-type]
+
+
+def with_frame(target: dict) -> dict:
+    """``scene``'s target as the dataset builds it: original-pixel regions and the identity frame."""
+    regions = torch.cat((target["sub_boxes"], target["obj_boxes"]), dim=1)
+    return {**target, "pair_regions_orig": regions, "frame_affine": identity_affine()}
+
+
+@pytest.mark.parametrize("transform", GEOMETRIC)
+@pytest.mark.parametrize("seed", range(6))
+def test_the_frame_affine_maps_augmented_boxes_back_to_the_original(transform, seed):
+    torch.manual_seed(seed)
+    image, target = scene(no_object_pair=True)
+    target = with_frame(target)
+    tensor, out = Compose([transform, ToTensor(), BoxesToCxcywh()])(image, target)
+    height, width = tensor.shape[-2:]
+    # The original-pixel regions are per-pair rows: untouched, and dropped with their pair.
+    kept = len(out["obj_labels"])
+    assert out["pair_regions_orig"].shape == (kept, 8)
+    assert torch.equal(out["pair_regions_orig"], target["pair_regions_orig"][:kept])
+    assert out["obj_labels"].tolist() == target["obj_labels"][:kept].tolist()
+    if kept:
+        # Boxes the crop did not clip come back exactly (resizes are float scales: to 1e-3 px).
+        sub = denormalize_cxcywh(out["sub_boxes"][:1], width, height)
+        obj = denormalize_cxcywh(out["obj_boxes"][:1], width, height)
+        box = lambda b: frame_to_original(b, out["frame_affine"], (120, 160))[0].tolist()  # noqa: E731
+        checked = 0
+        for predicted, colour, original in ((sub, RED, [20, 30, 60, 100]), (obj, BLUE, [90, 50, 140, 80])):
+            extent = colour_box(tensor, colour)
+            # Only a box no crop edge cut is whole in the frame (a cut one maps back to its cut part).
+            if extent is not None and extent[0] > 0 and extent[1] > 0 and extent[2] < width and extent[3] < height:
+                assert box(predicted) == pytest.approx(original, abs=1e-3)
+                checked += 1
+        assert checked or isinstance(transform, (RandomSizeCrop, RandomSelect))
+
+
+def test_flip_resize_crop_compose_into_one_affine():
+    image, target = scene()
+    target = with_frame(target)
+    torch.manual_seed(0)
+    _, flipped = RandomHorizontalFlip(p=1.0)(image, target)
+    # Mirror in a 160 px wide image: x = -1 * x_orig + 160.
+    assert flipped["frame_affine"].tolist() == [-1.0, 160.0, 1.0, 0.0]
+    resized_image, resized = RandomResize([60])(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flipped)
+    # 160x120 -> 80x60: both scales 0.5; then x = -0.5 x_orig + 80, y = 0.5 y_orig.
+    assert resized["frame_affine"].tolist() == [-0.5, 80.0, 0.5, 0.0]
+    _, cropped = crop(resized_image, resized, (5, 10, 50, 60))
+    # A crop at (top 5, left 10) shifts: x = -0.5 x_orig + 70, y = 0.5 y_orig - 5.
+    assert cropped["frame_affine"].tolist() == [-0.5, 70.0, 0.5, -5.0]
+    # The human box [20, 30, 60, 100] in the final frame: x 70 - 30 = 40 .. 70 - 10 = 60, y 10 .. 45.
+    assert cropped["sub_boxes"].tolist() == [[40.0, 10.0, 60.0, 45.0]]
+    back = frame_to_original(cropped["sub_boxes"], cropped["frame_affine"], (120, 160))
+    assert back.tolist() == [[20.0, 30.0, 60.0, 100.0]]
+    assert torch.equal(cropped["pair_regions_orig"], target["pair_regions_orig"])
+
+
+def test_frame_to_original_clamps_to_the_image_and_refuses_a_zero_scale():
+    boxes = torch.tensor([[-10.0, -4.0, 30.0, 200.0]])
+    assert frame_to_original(boxes, [1.0, 0.0, 1.0, 0.0], (120, 160)).tolist() == [[0.0, 0.0, 30.0, 120.0]]
+    with pytest.raises(ValueError, match="scale of 0"):
+        frame_to_original(boxes, [0.0, 0.0, 1.0, 0.0])
