@@ -230,8 +230,17 @@ def prepare_world(root: Path, seed: int, world: World, image_size: int) -> dict[
     return json.loads(summary_file.read_text())
 
 
-def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, threads: int, say: Any) -> dict[str, Path]:
-    """The random tiny BLIP of ``seed`` and its fine-tuning on the corpus (both reused when present)."""
+def prepare_teachers(
+    seed_dir: Path, data: Path, seed: int, epochs: int, threads: int, say: Any, regions: Sequence[str] = ("image",)
+) -> dict[str, Path]:
+    """The random tiny BLIP of ``seed`` and its fine-tuning on the corpus (both reused when present).
+
+    With ``pair`` in ``regions`` also ``finetuned/pair``: the same start fine-tuned on each corpus
+    pair's ``crop`` region, the policy the local engine scores regions with. A teacher trained on
+    whole images ranks a pair's verbs the same whatever view it is shown, and one trained on crops
+    is poor on whole images (docs/teacher-quality.md, "Regions"): each region mode gets the
+    teacher trained for it, and the comparison is of the two pipelines.
+    """
     from teacher_server.demo import taught_tiny_teacher
     from teacher_server.tiny_model import LEARNABLE_TINY_SHAPES, make_tiny_model
 
@@ -246,20 +255,42 @@ def prepare_teachers(seed_dir: Path, data: Path, seed: int, epochs: int, threads
     )
     if not taught.reused:
         say(f"seed {seed}: teacher fine-tuned in {taught.seconds:.0f} s")
+    teachers = {"finetuned": taught.path, "base": taught.random}
+    if "pair" in regions:
+        on_pairs = taught_tiny_teacher(
+            seed_dir / "teacher-pair",
+            data / "annotations" / "corpus_hico.json",
+            data / "images" / "corpus",
+            seed=seed,
+            epochs=epochs,
+            num_threads=threads,
+            say=lambda _: None,
+            region="crop",
+        )
+        if not on_pairs.reused:
+            say(f"seed {seed}: teacher fine-tuned on pair crops in {on_pairs.seconds:.0f} s")
+        teachers["finetuned/pair"] = on_pairs.path
     spread = seed_dir / "teacher-random-spread"
     if not (spread / "model.safetensors").is_file():
         # Random weights at the tests' initializer range: scores spread over (0, 1) like a
         # teacher's, with no knowledge behind them.
         make_tiny_model(spread, seed=seed + 7919, **{**LEARNABLE_TINY_SHAPES, "initializer_range": 0.2})
-    return {"finetuned": taught.path, "random": spread, "base": taught.random}
+    return {**teachers, "random": spread}
 
 
-def teacher_quality(model: Path, data: Path, split: str) -> dict[str, Any]:
-    """``eval-itm`` of one teacher on the evaluation split (whole images, every candidate verb)."""
+def teacher_of(cell: Cell, teachers: dict[str, Path]) -> Path:
+    """The model a cell's student asks: the pair-trained one for a ``pair`` cell where there is one."""
+    assert cell.teacher is not None
+    return teachers.get(f"{cell.teacher}/{cell.region}", teachers[cell.teacher])
+
+
+def teacher_quality(model: Path, data: Path, split: str, *, pairs: bool = False) -> dict[str, Any]:
+    """``eval-itm`` of one teacher on the evaluation split, every candidate verb: on whole images
+    (labels per image), or with ``pairs`` on each pair's crop region (labels per pair)."""
     from teacher_server.engine import EngineSettings, ItmEngine
     from teacher_server.itm_eval import evaluate_itm
 
-    engine = ItmEngine.from_pretrained(model, EngineSettings(device="cpu", dtype="fp32"))
+    engine = ItmEngine.from_pretrained(model, EngineSettings(device="cpu", dtype="fp32", region_policy="crop"))
     names = {"test": "test_hico.json", "val": "val_hico.json"}
     quality = evaluate_itm(
         engine,
@@ -267,6 +298,7 @@ def teacher_quality(model: Path, data: Path, split: str) -> dict[str, Any]:
         data / "images" / split,
         train_annotations=data / "annotations" / "trainval_hico.json",
         progress=False,
+        regions=pairs,
     )
     return quality.summary()
 
@@ -295,7 +327,7 @@ def student_overrides(
     if cell.teacher is None:
         overrides.append("teacher.source=none")
     else:
-        overrides += ["teacher.source=local", f"teacher.model={teachers[cell.teacher]}"]
+        overrides += ["teacher.source=local", f"teacher.model={teacher_of(cell, teachers)}"]
         overrides += ["teacher.device=cpu", "teacher.dtype=fp32"]
         if cell.variant != "default":
             overrides.append(f"distill.variant={cell.variant}")
@@ -482,9 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Fine-tuning runs in this process and sets torch's global thread count and RNG: one at a
         # time (the student runs are subprocesses and go on beside it).
         with in_process:
-            teachers = prepare_teachers(seed_dir, seed_dir / "data", seed, args.teacher_epochs, threads, say)
-            for name in args.teachers:
-                measured = teacher_quality(teachers[name], seed_dir / "data", args.eval_split)
+            teachers = prepare_teachers(
+                seed_dir, seed_dir / "data", seed, args.teacher_epochs, threads, say, args.regions
+            )
+            names = [*args.teachers, *(f"{t}/pair" for t in args.teachers if f"{t}/pair" in teachers)]
+            for name in names:
+                measured = teacher_quality(
+                    teachers[name], seed_dir / "data", args.eval_split, pairs=name.endswith("/pair")
+                )
                 quality.setdefault(name, {})[seed] = measured
                 completion = measured["completion"]
                 say(

@@ -83,6 +83,11 @@ def test_the_region_axis_names_its_cells_and_sets_the_teachers_region(tmp_path: 
     image, pair = (bench.student_overrides(c, 0, tmp_path, teachers, args) for c in cells[1:])
     assert "teacher.region=pair" in pair and not any(o.startswith("teacher.region") for o in image)
     assert [o for o in pair if o != "teacher.region=pair"] == image
+    # With a teacher fine-tuned on pair crops, the pair cell asks that one; the image cell does not.
+    teachers["finetuned/pair"] = tmp_path / "teacher-pair"
+    image, pair = (bench.student_overrides(c, 0, tmp_path, teachers, args) for c in cells[1:])
+    assert f"teacher.model={tmp_path / 'teacher-pair'}" in pair
+    assert f"teacher.model={tmp_path / 'teacher'}" in image
     summary = bench.summarise([result(c.name, 0, 20.0) for c in cells], cells)
     assert [summary[c.name]["region"] for c in cells] == [None, "image", "pair"]
     table = bench.format_table(summary).splitlines()
@@ -152,10 +157,12 @@ def test_tiny_ablation_runs_every_cell_and_ends_with_json(tmp_path: Path) -> Non
         assert world["arguments"]["two_person_rate"] == 0.5
         assert (seed_dir / "teacher-finetuned" / "finetune.json").is_file()
         config = (seed_dir / "finetuned-soft-pair" / "config.yaml").read_text()
-        assert "variant: soft" in config and str(seed_dir / "teacher-finetuned") in config
+        # The pair cell's teacher is the one fine-tuned on the corpus pairs' crops.
+        assert (seed_dir / "teacher-pair" / "teacher-finetuned" / "finetune.json").is_file()
+        assert "variant: soft" in config and str(seed_dir / "teacher-pair" / "teacher-finetuned") in config
         assert "source: none" in (seed_dir / "none" / "config.yaml").read_text()
         assert "region: pair" in config
-    assert set(report["teachers"]) == {"finetuned", "random"}
+    assert set(report["teachers"]) == {"finetuned", "random", "finetuned/pair"}
     for teacher in report["teachers"].values():  # soft's completions as eval-itm measured them, per seed
         rates = [seed["completion"]["true_rate"] for seed in teacher["per_seed"].values()]
         assert teacher["completed_true"] == pytest.approx(100 * statistics.fmean(rates), abs=0.011)
