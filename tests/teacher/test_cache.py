@@ -39,6 +39,7 @@ from teacher_server.cache import (
     score_key,
 )
 from teacher_server.hoi.digest import image_digest, is_digest
+from teacher_server.hoi.region import Region, view_id
 
 FP = "fp0001"
 OTHER_FP = "fp0002"
@@ -71,6 +72,24 @@ def test_key_scheme_is_versioned_and_tags_the_digest() -> None:
     assert key.startswith(KEY_PREFIX + ":")
     # Redis Cluster hashes the text between the first "{" and the next "}": the digest.
     assert key[key.index("{") + 1 : key.index("}")] == D1
+
+
+def test_a_region_has_its_own_key_in_its_images_hash_tag() -> None:
+    pair = Region.from_values([10.4, 5, 60, 90.6, 30, 40, 120, 100])
+    key = score_key(FP, view_id(D1, pair))
+    assert key == f"{KEY_PREFIX}:{FP}:{{{D1}}}:r=10,5,60,91,30,40,120,100"
+    assert key[key.index("{") + 1 : key.index("}")] == D1  # the image's slot
+    # Rounded to whole pixels: the same pair of the same ground truth, the same key; another
+    # pair or the whole image, another key.
+    assert score_key(FP, view_id(D1, Region.from_values([10, 5, 60, 91, 30, 40, 120, 100]))) == key
+    other = Region.from_values([10, 5, 60, 91, 30, 40, 121, 100])
+    assert len({key, score_key(FP, view_id(D1, other)), score_key(FP, D1)}) == 3
+
+
+@pytest.mark.parametrize("view", [D1 + "/", D1 + "/1,2,3", D1 + "/1,2,3,4,5,6,7,8.5", D1 + "/a,b,c,d,e,f,g,h"])
+def test_key_refuses_malformed_regions(view: str) -> None:
+    with pytest.raises(ValueError, match="canonical region"):
+        score_key(FP, view)
 
 
 @pytest.mark.parametrize("fingerprint", ["", "a:b", "a{b}", "x" * 65, "sp ace"])
@@ -458,6 +477,11 @@ def test_redis_cluster_keeps_an_image_in_one_slot_and_works_sync_and_async(redis
     slot = cache.client.keyslot(D1)
     assert cache.client.keyslot(score_key(FP, D1)) == cache.client.keyslot(score_key(OTHER_FP, D1)) == slot
     assert cache.client.keyslot(score_key(FP, D2)) != slot
+    # A region of the image is in the image's slot too, and is read and written beside it.
+    pair = view_id(D1, Region.from_values([1, 2, 3, 4, 5, 6, 7, 8]))
+    assert cache.client.keyslot(score_key(FP, pair)) == slot
+    cache.store(FP, [(pair, {"a": S2})])
+    assert cache.lookup(FP, [(D1, ["a"]), (pair, ["a"])]) == [[S1], [S2]]
     cache.close()
 
     async def scenario() -> list[list[CachedScore | None]]:
