@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "student.commands.prewarm",
         "score every candidate sentence of every training image once (fills the cache)",
     ),
+    "plot": ("student.commands.plot", "draw a run's loss terms and test mAP per epoch into one PNG"),
     "demo": ("student.commands.demo", "the main job end to end on embedded defaults"),
 }
 MODULE_PROG = "python -m student"

@@ -261,8 +261,26 @@ class RunConfig(Section):
     log_every: PositiveInt = 20  # CSV rows every this many steps
     eval_every: NonNegativeInt = 0  # evaluate on the test split every this many epochs; 0 = only at the end
     eval_at_end: bool = True
-    progress: bool = True  # tqdm bar
+    # tqdm bars: true = when stderr is a terminal (a log file gets the log's one line per epoch,
+    # not every redraw of a bar); always = into a file or pipe too; false = never.
+    progress: bool | Literal["always"] = True
+    tensorboard: bool = True  # also write TensorBoard event files into output_dir (rank 0)
     tf32: bool = True  # CUDA only: fp32 matrix products and convolutions on TF32 tensor cores
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _known_progress(cls, progress: Any) -> Any:
+        # Not 1 or 0 (equal to True and False, but not what the key takes).
+        if not (isinstance(progress, bool) or progress == "always"):
+            raise Invalid(f"got {progress!r}, expected true, false or always")
+        return progress
+
+    def tqdm_progress(self, main: bool = True) -> bool | None:
+        """``progress`` as ``teacher_server.logs.show_progress`` takes it (None = on a terminal);
+        False off rank 0 (``main`` False): one bar per job, not one per rank."""
+        if not main or self.progress is False:
+            return False
+        return True if self.progress == "always" else None
 
     @field_validator("device")
     @classmethod

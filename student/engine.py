@@ -32,6 +32,7 @@ from tqdm import tqdm
 from student.losses.distill import GROUND_TRUTH_VARIANTS
 from student.losses.total import MAIN_TERMS, TrainingLoss
 from student.teacher.scores import TeacherScores
+from teacher_server.logs import show_progress
 
 LOG_COLUMNS = (
     "epoch",
@@ -234,12 +235,13 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     teacher: TeacherScores | None = None,
     hooks: Sequence[StepHook] = (),
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> EpochResult:
     """Train over ``loader`` (already positioned at ``start_batch`` of ``epoch``).
 
     Stops early once ``global_step`` reaches ``max_steps``. ``teacher`` (``kl`` only) annotates
-    each batch's targets with the teacher's margins before the forward pass.
+    each batch's targets with the teacher's margins before the forward pass. ``progress``: a tqdm
+    bar; None = when stderr is a terminal (``show_progress``).
     """
     amp = amp or AmpSettings()
     model.train()
@@ -252,7 +254,7 @@ def train_one_epoch(
         total=len(loader),
         initial=0,
         desc=f"epoch {epoch}",
-        disable=not progress,
+        disable=not show_progress(progress),
         dynamic_ncols=True,
         leave=False,
     )
@@ -322,15 +324,41 @@ def _progress_postfix(terms: Mapping[str, float]) -> dict[str, str]:
 # -- logging -----------------------------------------------------------------------------------
 
 
+class StepWindow:
+    """The means of the step terms over every ``every`` optimiser steps (what the logs write).
+
+    ``add(info)`` returns the window's row at its last step (terms averaged, running totals as
+    their latest value, plus epoch, batch, global_step and the learning rates), else None.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def add(self, info: StepInfo) -> dict[str, Any] | None:
+        values = dict(info.terms, grad_norm=info.grad_norm, seconds_per_step=info.seconds)
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        if info.global_step % self.every:
+            return None
+        row: dict[str, Any] = {key: value / self._count for key, value in self._sums.items()}
+        row.update({key: info.terms[key] for key in _RUNNING_TOTALS if key in info.terms})
+        row.update(epoch=info.epoch, batch=info.batch, global_step=info.global_step)
+        row["lr"] = info.lrs.get("transformer", next(iter(info.lrs.values()), None))
+        row["backbone_lr"] = info.lrs.get("backbone")
+        self._sums, self._count = {}, 0
+        return row
+
+
 class CsvLog:
     """Appends rows of fixed columns to a CSV file (header once); the averages of every ``every`` steps."""
 
     def __init__(self, path: str | Path, every: int = 20, columns: Sequence[str] = LOG_COLUMNS) -> None:
         self.path = Path(path)
-        self.every = every
         self.columns = tuple(columns)
-        self._sums: dict[str, float] = {}
-        self._count = 0
+        self.window = StepWindow(every)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists() or self.path.stat().st_size == 0:
             with self.path.open("w", newline="") as handle:
@@ -342,18 +370,65 @@ class CsvLog:
 
     def __call__(self, info: StepInfo) -> None:
         """A step hook: accumulate, and write the window's means every ``every`` steps."""
-        values = dict(info.terms, grad_norm=info.grad_norm, seconds_per_step=info.seconds)
-        for key, value in values.items():
-            self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += 1
-        if info.global_step % self.every == 0:
-            row: dict[str, Any] = {key: value / self._count for key, value in self._sums.items()}
-            row.update({key: info.terms[key] for key in _RUNNING_TOTALS if key in info.terms})
-            row.update(epoch=info.epoch, batch=info.batch, global_step=info.global_step)
-            row["lr"] = info.lrs.get("transformer", next(iter(info.lrs.values()), None))
-            row["backbone_lr"] = info.lrs.get("backbone")
+        row = self.window.add(info)
+        if row is not None:
             self.write(row)
-            self._sums, self._count = {}, 0
+
+
+class TensorBoardLog:
+    """TensorBoard event files of a run (``tensorboard --logdir RUN_DIR``), beside its CSV logs.
+
+    Scalars, all against the global step so that the charts line up:
+    ``train/<term>`` the means of every ``every`` steps (the rows of ``train_log.csv``: loss,
+    loss_hoi, loss_itm, the six last-layer terms, grad_norm...), ``lr/<group>`` every parameter
+    group's learning rate at those steps, ``epoch/<term>`` the epoch means (``epochs.csv``) and
+    ``eval/map`` each evaluation's headline number (HICO-DET Default Full mAP or V-COCO
+    scenario-1 role AP, in percent). Non-finite values are left out (a chart cannot draw them).
+
+    ``purge_step``: a resumed run hides the events of the interrupted one from that step on
+    (they were written after the checkpoint it resumes from, and are written again).
+    Needs the ``tensorboard`` package (the student extra).
+    """
+
+    def __init__(self, log_dir: str | Path, every: int = 20, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+        self.window = StepWindow(every)
+        self._evaluated_at: int | None = None
+
+    def _scalar(self, tag: str, value: Any, step: int) -> None:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self.writer.add_scalar(tag, float(value), step)
+
+    def __call__(self, info: StepInfo) -> None:
+        """A step hook: the window's means as ``train/*`` and the learning rates as ``lr/*``."""
+        row = self.window.add(info)
+        if row is None:
+            return
+        for key, value in row.items():
+            if key not in ("epoch", "batch", "global_step", "lr", "backbone_lr"):
+                self._scalar(f"train/{key}", value, info.global_step)
+        for name, lr in info.lrs.items():
+            self._scalar(f"lr/{name}", lr, info.global_step)
+
+    def epoch(self, result: EpochResult) -> None:
+        """The epoch's means as ``epoch/*``, at the global step where it ended."""
+        for key, value in result.means.items():
+            self._scalar(f"epoch/{key}", value, result.global_step)
+        self.writer.flush()  # a run watched live shows each epoch as it ends
+
+    def evaluation(self, result: EvalResult, global_step: int) -> None:
+        """An evaluation's headline number as ``eval/map`` (once per step: the final evaluation of a
+        run whose last epoch was evaluated too scores the same model again)."""
+        if global_step == self._evaluated_at:
+            return
+        self._evaluated_at = global_step
+        self._scalar("eval/map", result.headline, global_step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _format(value: Any) -> str:
@@ -388,7 +463,7 @@ def predict(
     settings: EvalSettings,
     num_images: int,
     amp: AmpSettings | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> list[dict[str, Any] | None]:
     """preds.json entries of every image of the split, indexed by ``target["image_id"]``.
 
@@ -404,7 +479,7 @@ def predict(
     model.eval()
     entries: list[dict[str, Any] | None] = [None] * num_images
     try:
-        for images, masks, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        for images, masks, targets in tqdm(loader, desc="evaluate", disable=not show_progress(progress), leave=False):
             with amp.context(device):
                 outputs = model(images.to(device), masks.to(device))
             batch_entries = postprocess(

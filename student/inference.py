@@ -26,14 +26,14 @@ def evaluate_model(
     device: torch.device,
     *,
     dataset: Any | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     context: DistributedContext | None = None,
 ) -> tuple[list[dict[str, Any]], EvalResult | None]:
     """Run ``model`` over the test split; returns the preds.json entries and the metrics.
 
     Under DDP (``context`` distributed) every rank must call it: each predicts its shard of the
     images (positions rank, rank + W, ...), rank 0 gathers the entries and scores them. The
-    other ranks get ``([], None)``.
+    other ranks get ``([], None)``. ``progress``: a tqdm bar; None = when stderr is a terminal.
     """
     dataset = dataset if dataset is not None else build_test_dataset(config)
     distributed = context is not None and context.is_distributed

@@ -3,10 +3,13 @@
     result = train(load_config("student/configs/hico.yaml", ["optim.lr=2e-4"]), resume="auto")
 
 The run directory gets ``config.yaml`` (the resolved config), ``train_log.csv`` (loss terms
-every ``run.log_every`` steps), ``epochs.csv`` (one row per epoch), ``checkpoint.pth`` (written
-atomically after every epoch, and when ``schedule.max_steps`` stops a run) and, after the final
-evaluation, ``preds.json`` and ``metrics.json``. Under ``torchrun`` every rank calls ``train``;
-rank 0 alone writes the run directory (``student.distributed``).
+every ``run.log_every`` steps), ``epochs.csv`` (one row per epoch: the loss terms' means, the
+learning rate, the test mAP when evaluated), TensorBoard event files with the same numbers
+(``events.out.tfevents.*``, unless ``run.tensorboard`` is false; ``engine.TensorBoardLog``),
+``checkpoint.pth`` (written atomically after every epoch, and when ``schedule.max_steps`` stops a
+run) and, after the final evaluation, ``preds.json`` and ``metrics.json``.
+``python -m student plot RUN_DIR`` draws ``epochs.csv`` (``student.curves``). Under ``torchrun``
+every rank calls ``train``; rank 0 alone writes the run directory (``student.distributed``).
 """
 
 from __future__ import annotations
@@ -58,13 +61,38 @@ from student.distributed import (
     shutdown,
     wrap_model,
 )
-from student.engine import AmpSettings, CsvLog, EpochResult, EvalResult, StepHook, train_one_epoch
+from student.engine import (
+    AmpSettings,
+    CsvLog,
+    EpochResult,
+    EvalResult,
+    StepHook,
+    TensorBoardLog,
+    train_one_epoch,
+)
 from student.evaluation import save_predictions
 from student.inference import evaluate_model
+from student.losses.total import MAIN_TERMS
 from student.model import HOIDetector
 from student.teacher import PrefetchingLoader, TeacherPrefetcher, TeacherScores
 
 log = logging.getLogger(__name__)
+#: The columns of ``epochs.csv``: the totals first, the last-layer terms after (their epoch means).
+EPOCH_COLUMNS = (
+    "epoch",
+    "steps",
+    "global_step",
+    "completed",
+    "seconds",
+    "lr",
+    "loss",
+    "loss_hoi",
+    "loss_itm",
+    "map",
+    *MAIN_TERMS,
+)
+#: The names of TensorBoard's event files (``SummaryWriter``), removed when a fresh run starts.
+TENSORBOARD_EVENTS = "events.out.tfevents.*"
 
 
 @dataclass
@@ -192,6 +220,8 @@ def _train(
         # A fresh run starts fresh logs (a resumed one appends to them).
         for name in ("train_log.csv", "epochs.csv"):
             (output_dir / name).unlink(missing_ok=True)
+        for events in output_dir.glob(TENSORBOARD_EVENTS):
+            events.unlink()
     else:
         log.info(
             "resumed from %s: epoch %d, batch %d, step %d",
@@ -205,7 +235,10 @@ def _train(
     batches: Any = loader
     if isinstance(teacher, TeacherPrefetcher):
         batches = PrefetchingLoader(loader, teacher, lead=config.teacher.prefetch)
-    step_hooks = [CsvLog(output_dir / "train_log.csv", every=run.log_every), *hooks] if main else []
+    board = _open_tensorboard(output_dir, run.log_every, position.global_step) if main and run.tensorboard else None
+    step_hooks: list[StepHook] = []
+    if main:
+        step_hooks = [CsvLog(output_dir / "train_log.csv", every=run.log_every), *([board] if board else []), *hooks]
     samples_per_epoch = getattr(sampler, "per_rank", len(parts.train_set))
     result = TrainResult(
         output_dir=output_dir, position=position, teacher=teacher.description, model=parts.model, is_main=main
@@ -231,7 +264,7 @@ def _train(
                 scaler=parts.scaler,
                 teacher=teacher,
                 hooks=step_hooks,
-                progress=run.progress and main,
+                progress=run.tqdm_progress(main),
             )
             epoch_result.means = reduce_means(epoch_result.means, context)
             result.epochs.append(epoch_result)
@@ -261,10 +294,14 @@ def _train(
             if epoch_result.completed and run.eval_every and (epoch + 1) % run.eval_every == 0:
                 with isolated_rng(device):  # a resumed run does not repeat this evaluation
                     _, evaluation = evaluate_model(
-                        parts.model, config, device, progress=run.progress and main, context=context
+                        parts.model, config, device, progress=run.tqdm_progress(main), context=context
                     )
             if main:
                 _write_epoch_row(output_dir / "epochs.csv", epoch_result, parts.optimizer, evaluation)
+            if board is not None:
+                board.epoch(epoch_result)
+                if evaluation is not None:
+                    board.evaluation(evaluation, epoch_result.global_step)
             log.info(_describe_epoch(epoch_result, config.schedule.epochs, teacher, evaluation))
             if not epoch_result.completed:
                 break
@@ -272,13 +309,17 @@ def _train(
         if run.eval_at_end:
             with isolated_rng(device):  # every rank predicts its shard of the test images
                 entries, result.evaluation = evaluate_model(
-                    parts.model, config, device, progress=run.progress and main, context=context
+                    parts.model, config, device, progress=run.tqdm_progress(main), context=context
                 )
             if result.evaluation is not None:
                 save_predictions(entries, output_dir / "preds.json")
                 (output_dir / "metrics.json").write_text(json.dumps(result.evaluation.summary, indent=2) + "\n")
+                if board is not None:
+                    board.evaluation(result.evaluation, position.global_step)
     finally:
         teacher.close()
+        if board is not None:
+            board.close()
     stats = teacher.stats
     # Summed over the ranks (the collective also waits for rank 0's final evaluation).
     totals = reduce_sums(
@@ -294,6 +335,23 @@ def _train(
     result.teacher_stats = {key: int(value) for key, value in totals.items()}
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _open_tensorboard(output_dir: Path, every: int, global_step: int) -> TensorBoardLog | None:
+    """The run's TensorBoard log, or None (with a warning) when the package is not installed.
+
+    A resumed run (``global_step`` > 0) purges the events the interrupted run wrote after its
+    checkpoint: this run writes those steps again.
+    """
+    try:
+        return TensorBoardLog(output_dir, every=every, purge_step=global_step or None)
+    except ImportError as error:
+        # A missing optional package must not stop a run that is otherwise ready: the CSVs hold it all.
+        log.warning(
+            "run.tensorboard: %s; writing the CSV logs only (pip install tensorboard, or run.tensorboard=false)",
+            error,
+        )
+        return None
 
 
 def _describe_epoch(epoch: EpochResult, epochs: int, teacher: TeacherScores, evaluation: EvalResult | None) -> str:
@@ -317,7 +375,6 @@ def _describe_epoch(epoch: EpochResult, epochs: int, teacher: TeacherScores, eva
 def _write_epoch_row(
     path: Path, epoch: EpochResult, optimizer: torch.optim.Optimizer, evaluation: EvalResult | None
 ) -> None:
-    columns = ("epoch", "steps", "global_step", "completed", "seconds", "lr", "loss", "loss_hoi", "loss_itm", "map")
     row = {
         "epoch": epoch.epoch,
         "steps": epoch.steps,
@@ -329,12 +386,25 @@ def _write_epoch_row(
         "loss_hoi": epoch.means.get("loss_hoi"),
         "loss_itm": epoch.means.get("loss_itm"),
         "map": evaluation.headline if evaluation is not None else None,
+        **{term: epoch.means.get(term) for term in MAIN_TERMS},
     }
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    # A resumed run appends in the file's own columns (a run started before a column was added
+    # keeps its header; the new column is left out rather than misaligning every later one).
+    columns = EPOCH_COLUMNS if new else _header(path)
     with path.open("a", newline="") as handle:
         writer = csv.writer(handle)
         if new:
             writer.writerow(columns)
-        writer.writerow(
-            ["" if row[c] is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c]) for c in columns]
-        )
+        writer.writerow([_cell(row.get(column)) for column in columns])
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _header(path: Path) -> tuple[str, ...]:
+    with path.open(newline="") as handle:
+        return tuple(next(csv.reader(handle), EPOCH_COLUMNS))

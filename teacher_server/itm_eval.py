@@ -59,6 +59,7 @@ from teacher_server.hoi.annotations import (
 from teacher_server.hoi.errors import DatasetError
 from teacher_server.hoi.prompts import VARIANTS, SentenceTable
 from teacher_server.hoi.region import REGION_POLICIES, Region
+from teacher_server.logs import show_progress
 
 #: The student's default ``distill.confidence`` for ``soft`` (``student/losses/distill.py``).
 DEFAULT_CONFIDENCE = 0.8
@@ -469,7 +470,7 @@ def evaluate_itm(
     skipped: Counter = Counter({"unknown_verbs": 0, "no_positive": 0, "no_negative": 0})
     planned = [(annotation, plan_pairs(annotation, table, rare, skipped, labels)) for annotation in annotations]
     planned = [(annotation, plans) for annotation, plans in planned if plans]
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
     results: list[PairRanking] = []
     with tqdm(total=len(annotations), desc="eval-itm", unit="img", disable=not show) as bar:
         bar.update(len(annotations) - len(planned))  # images without an evaluable pair

@@ -5,12 +5,16 @@
 the call passed in ``extra=`` (``log.info("...", extra={"grpc_port": 50051})``), and ``exception``
 with the traceback when there is one. A message with line breaks stays one line (JSON escapes
 them), so a collector never splits a record. uvicorn's and gRPC's records reach the same handler.
+
+``show_progress`` decides, for both packages, whether a tqdm bar is drawn: by default only when
+stderr is a terminal, so a log file gets the log lines and not thousands of bar redraws.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
@@ -56,3 +60,17 @@ def configure_logging(level: str = "INFO", log_format: str = "text", stream: Tex
     logging.basicConfig(level=level, handlers=[handler], force=True)
     # Python's warnings as records too, so that a collector reading JSON sees no stray text line.
     logging.captureWarnings(True)
+
+
+def show_progress(progress: bool | None, stream: TextIO | None = None) -> bool:
+    """Whether to draw a progress bar: ``progress`` when given (an explicit ask wins), else whether
+    ``stream`` (default: the current ``sys.stderr``, where tqdm writes) is a terminal.
+
+    Not a terminal means a log file, a pipe or CI capture: each bar redraw would land there as a
+    line ending in a carriage return, thousands per epoch, burying the one log line per epoch.
+    """
+    if progress is not None:
+        return progress
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)  # a replaced sys.stderr may be any file-like object
+    return bool(isatty is not None and isatty())

@@ -3,9 +3,10 @@
     python -m student demo [--train 400 --test 100 --epochs 4] [--ranks 1 --teacher local]
 
 The steps (synthetic data, the teacher, the untrained student, training on ``torchrun`` ranks
-with prewarm and the teacher as its own service, the table) are described in ``student.demo``,
-which holds them; this module turns the flags into them. The last line on stdout is one JSON
-object: ``{"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc"}``.
+with prewarm and the teacher as its own service, the table, the pictures) are described in
+``student.demo``, which holds them; this module turns the flags into them. The line before the
+last names the picture files; the last line on stdout is one JSON object:
+``{"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc", "pictures"}``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from student.demo import (
     DEMO_DROP_COOCCURRING,
     DEMO_MAX_PEOPLE,
     DEMO_RANKS,
+    draw_pictures,
     dropped_table,
     prepare_data,
     prepare_teacher,
@@ -36,6 +37,7 @@ from student.demo import (
 )
 from student.inference import evaluate_model
 from student.training import train
+from teacher_server.logs import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``python -m student demo``."""
     started = time.perf_counter()
     # Bars only for a person watching: a log file or CI output gets the lines, not every redraw.
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = show_progress(False if args.no_progress else None)
     work_dir = args.work_dir
     data_root = work_dir / "data"
     run_dir = work_dir / "train"
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 f"scored {result.teacher_stats.get('pairs_scored', 0)} (image, sentence) pairs, "
                 f"{result.teacher_stats.get('failed_batches', 0)} failed batches"
             )
+        pictures = draw_pictures(config)
     except USER_ERRORS as error:
         return report_error("demo", error)
     seconds = time.perf_counter() - started
@@ -187,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(dropped_table(dropped, rows))
     print(f"teacher: {teacher_name}; {scored_line}")
     print(f"run directory: {run_dir} (checkpoint.pth, preds.json, train_log.csv); total {seconds:.1f} s")
+    print(f"pictures: {', '.join(str(path) for path in pictures)}")
     print(
         json.dumps(
             {
@@ -195,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 "seconds": round(seconds, 1),
                 "teacher": teacher_name,
                 "teacher_auc": round(teacher_auc, 3) if teacher_auc is not None else None,
+                "pictures": [str(path) for path in pictures],
             }
         )
     )

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         model = HOIDetector(config.model)
         model.load_state_dict(checkpoint["model"])
         model.to(device)
-        entries, result = evaluate_model(model, config, device, progress=not args.no_progress)
+        entries, result = evaluate_model(model, config, device, progress=False if args.no_progress else None)
         assert result is not None  # one process: always scored
     except USER_ERRORS as error:
         return report_error("evaluate", error)

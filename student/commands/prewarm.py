@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                 images_per_request=args.images_per_request,
                 progress_file=progress_file,
                 cache=cache,
-                progress=not args.no_progress,
+                progress=False if args.no_progress else None,
             )
         finally:
             pool.close()

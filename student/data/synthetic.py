@@ -63,6 +63,7 @@ from teacher_server.hoi.classes import (
     hico_correspondence,
     hico_hoi_id,
 )
+from teacher_server.logs import show_progress
 
 Point = tuple[float, float]
 Color = tuple[int, int, int]
@@ -906,7 +907,8 @@ def write_split(
     image_dir = root / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     entries = []
-    show = count >= 200 if progress is None else progress
+    # By default a bar only for splits long enough to wait for, and only on a terminal.
+    show = (count >= 200 and show_progress(None)) if progress is None else progress
     for index in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=not show):
         rng = np.random.default_rng([seed, _split_code(split), index])
         two_person = is_two_person_image(seed, split, index, two_person_rate)
@@ -975,7 +977,7 @@ def write_synthetic_dataset(
     (``render_scene(two_person=True)``); ``synthetic.json`` lists them under ``two_person_images``.
     ``synthetic.json`` records all of it.
 
-    Same arguments, same bytes. ``progress``: tqdm bar (default: for splits of 200+ images).
+    Same arguments, same bytes. ``progress``: tqdm bar (default: for splits of 200+ images, on a terminal).
     """
     counts = {"train": train, "test": test, "val": val, "corpus": corpus}
     for name, count in counts.items():

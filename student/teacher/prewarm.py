@@ -43,6 +43,7 @@ from student.teacher.pool import EndpointPool
 from teacher_server.errors import TeacherError
 from teacher_server.hoi.digest import image_digest
 from teacher_server.hoi.region import Region, view_id
+from teacher_server.logs import show_progress
 
 log = logging.getLogger(__name__)
 PROGRESS_HEADER = "# hoi-distill prewarm, teacher fingerprint "
@@ -210,9 +211,12 @@ def prewarm(
     images_per_request: int = 8,
     progress_file: Path | None = None,
     cache: Any | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> PrewarmResult:
-    """Score every item's sentences through ``pool``, skipping what is already done or cached."""
+    """Score every item's sentences through ``pool``, skipping what is already done or cached.
+
+    ``progress``: a tqdm bar; None = when stderr is a terminal (``show_progress``).
+    """
     if workers < 1 or images_per_request < 1:
         raise PrewarmError(f"workers ({workers}) and images_per_request ({images_per_request}) must be >= 1")
     started = time.perf_counter()
@@ -234,7 +238,7 @@ def prewarm(
     )
     chunks = [todo[start : start + images_per_request] for start in range(0, len(todo), images_per_request)]
     lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc="prewarm", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="prewarm", unit="img", disable=not show_progress(progress), dynamic_ncols=True)
 
     def score(chunk: list[PrewarmItem]) -> None:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from teacher_server.finetune.checkpoint import (
 from teacher_server.finetune.examples import FinetuneExamples, TrainingPair, epoch_order, sample_pairs
 from teacher_server.finetune.objective import ImageStore, ItmTokens, balanced_itm_loss, itm_logits
 from teacher_server.finetune.settings import FinetuneSettings
+from teacher_server.logs import show_progress
 from teacher_server.precision import PrecisionError, choose_dtype, device_capability
 from teacher_server.rng_state import capture_rng_state, restore_rng_state
 
@@ -101,7 +101,7 @@ def finetune(
     """
     started = time.perf_counter()
     out = Path(out)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = show_progress(progress)
     if examples.prompt_variant is not None and examples.prompt_variant != settings.prompt_variant:
         raise FinetuneError(
             f"prompt_variant = {settings.prompt_variant!r} but the examples were built with {examples.prompt_variant!r}"

@@ -139,7 +139,7 @@ def test_configs_written_before_pydantic_still_load() -> None:
     config = load_config(CONFIGS / "demo.yaml")
     assert config_from_dict(written) == config
     # A checkpoint written today holds the same dict, plus the keys added since at their defaults.
-    added = {"teacher": {**written["teacher"], "region": "image"}}
+    added = {"teacher": {**written["teacher"], "region": "image"}, "run": {**written["run"], "tensorboard": True}}
     assert config.to_dict() == {**written, **added}
 
 
@@ -159,7 +159,7 @@ def test_round_trip_through_a_dict_and_yaml(tmp_path: Path) -> None:
         ("optim.lr=fast", "optim.lr: got 'fast', expected a number"),
         ("optim.lr=-1", "optim.lr: got -1, expected > 0"),  # the value as written
         ("optim.batch_size=2.5", "optim.batch_size: got 2.5, expected an integer"),
-        ("run.progress=maybe", "run.progress: got 'maybe', expected true or false"),
+        ("run.progress=maybe", "run.progress: got 'maybe', expected true, false or always"),
         ("distill.variant=cosine", "distill.variant: got 'cosine', expected 'kl', 'margin' or 'soft'"),
         ("distill.tau=0", "distill.tau: must be > 0"),
         ("model.backbone.depth=7", "model.backbone.depth"),

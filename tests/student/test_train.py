@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from testkit import DEMO_CONFIG
@@ -93,6 +94,84 @@ def test_train_writes_every_output(trained_run: Path, data_root: Path) -> None:
     assert len(json.loads((trained_run / "preds.json").read_text())) == 4
     saved = load_config(trained_run / "config.yaml")
     assert saved.data.root == str(data_root) and saved.teacher.source == "none"
+
+
+def test_train_writes_tensorboard_events_of_the_csv_numbers(trained_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list(trained_run.glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(trained_run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    terms = ("loss", "loss_hoi", "loss_obj_ce", "loss_verb_ce", "loss_sub_bbox", "loss_obj_bbox")
+    assert {f"train/{term}" for term in (*terms, "grad_norm")} <= tags
+    assert {f"epoch/{term}" for term in terms} | {"lr/transformer", "lr/backbone", "eval/map"} <= tags
+    assert not any("loss_itm" in tag for tag in tags)  # no teacher: the CSV cell is empty too
+
+    def series(tag: str) -> list[tuple[int, float]]:
+        return [(event.step, event.value) for event in events.Scalars(tag)]
+
+    # log_every=1: a train/ point per CSV row, at its global step (TensorBoard stores float32).
+    rows = read_log(trained_run / "train_log.csv")
+    assert series("train/loss") == [(int(r["global_step"]), pytest.approx(float(r["loss"]), rel=1e-5)) for r in rows]
+    # The step drop after epoch 1 (lr_drop=[1]) shows from step 4 on.
+    assert series("lr/transformer") == [(step, pytest.approx(1e-3 if step <= 3 else 1e-4)) for step in range(1, 7)]
+    # Each epoch's means at the step where it ended (3 steps per epoch), as epochs.csv has them.
+    epochs = read_log(trained_run / "epochs.csv")
+    for term in terms:
+        assert series(f"epoch/{term}") == [
+            (3, pytest.approx(float(epochs[0][term]), rel=1e-5)),
+            (6, pytest.approx(float(epochs[1][term]), rel=1e-5)),
+        ]
+    # eval_every=0: one evaluation, the final one, at the last step; its mAP is metrics.json's.
+    final = json.loads((trained_run / "metrics.json").read_text())["default"]["full"]
+    assert series("eval/map") == [(6, pytest.approx(final, abs=1e-4))]
+
+
+def test_plot_command_draws_a_training_run(trained_run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from student.curves import CURVE_COLOURS, DPI, FIGURE_INCHES
+
+    code, out, err = run_cli("plot", str(trained_run), "--out", str(tmp_path / "curves.png"))
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.size == (FIGURE_INCHES[0] * DPI, FIGURE_INCHES[1] * DPI)
+        pixels = np.array(image.convert("RGB"), dtype=int)
+    # Two epochs: a short segment per term; the total's colour in the loss panel (left half), the
+    # final evaluation's star in the mAP panel (right third).
+    for colour, columns in ((CURVE_COLOURS["loss"], slice(0, 600)), (CURVE_COLOURS["map"], slice(800, None))):
+        rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(pixels[:, columns] - rgb) <= 12).all(axis=-1).sum() > 40, colour
+
+
+def test_tensorboard_can_be_turned_off_and_a_fresh_run_drops_old_events(data_root: Path, tmp_path: Path) -> None:
+    stale = tmp_path / "events.out.tfevents.1.old-run"
+    stale.write_bytes(b"not this run")
+    args = tiny(data_root, tmp_path, "run.tensorboard=false", "schedule.max_steps=1", "run.eval_at_end=false")
+    code, _, err = run_cli("train", "--config", str(DEMO_CONFIG), *args)
+    assert code == 0, err
+    assert (tmp_path / "epochs.csv").is_file() and not list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_a_log_file_gets_epoch_lines_and_no_progress_bars(data_root: Path, tmp_path: Path) -> None:
+    """stderr to a file (not a terminal): the default run.progress (true: bars on a terminal)
+    draws no bar; run.progress=always still does (so this test would see bars that leaked)."""
+
+    def train_to_file(name: str, *extra: str) -> str:
+        overrides = [o for o in tiny(data_root, tmp_path / name, *extra) if o != "run.progress=false"]
+        log = tmp_path / f"{name}.log"
+        with log.open("w") as handle, contextlib.redirect_stderr(handle), contextlib.redirect_stdout(io.StringIO()):
+            assert main(["train", "--config", str(DEMO_CONFIG), *overrides]) == 0
+        return log.read_bytes().decode()  # not read_text(): it would turn each \r into \n
+
+    quiet = train_to_file("quiet")  # 2 epochs of 3 steps, then the final evaluation
+    assert "\r" not in quiet and "it/s" not in quiet
+    epoch_lines = [line for line in quiet.splitlines() if " student.training: epoch " in line]
+    assert [line.split(" student.training: ")[1][:9] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    shown = train_to_file("shown", "run.progress=always", "schedule.epochs=1", "run.eval_at_end=false")
+    assert "\r" in shown and "epoch 0:" in shown  # tqdm's redraws of the bar "epoch 0"
 
 
 def test_train_with_the_local_teacher_adds_the_itm_term(

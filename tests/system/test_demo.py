@@ -44,7 +44,11 @@ def test_demo_runs_end_to_end_and_ends_with_json(
     assert "trained (soft distillation)" in text
     lines = text.strip().splitlines()
     result = json.loads(lines[-1])
-    assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc"}
+    assert set(result) == {"map_trained", "map_untrained", "seconds", "teacher", "teacher_auc", "pictures"}
+    # The pictures it names exist (the curves first; the predictions join when predict lands).
+    assert result["pictures"][0] == str(work / "train" / "curves.png")
+    assert lines[-2] == f"pictures: {', '.join(result['pictures'])}"
+    assert all(Path(picture).stat().st_size > 0 for picture in result["pictures"])
     # The triplets the training labels never show get their own rows (untrained and trained AP).
     header = lines.index(next(line for line in lines if line.startswith("triplets the training labels leave out")))
     world = json.loads((work / "data" / "synthetic.json").read_text())
