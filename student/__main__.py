@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("student.commands.train", "train a student (config file plus overrides)"),
     "evaluate": ("student.commands.evaluate", "run a checkpoint on a test split and write preds.json"),
     "eval-predictions": ("student.commands.eval_predictions", "compute HICO-DET or V-COCO metrics of a preds.json"),
+    "predict": ("student.commands.predict", "run a checkpoint on images and draw the triplets it detects"),
     "prewarm": (
         "student.commands.prewarm",
         "score every candidate sentence of every training image once (fills the cache)",

@@ -76,18 +76,25 @@ def build_train_dataset(config: TrainConfig) -> Any:
     )
 
 
-def build_test_dataset(config: TrainConfig) -> Any:
-    """The test split, every image in annotation order, resized to the test scale."""
-    from student.data.hoi_dataset import HOIDataset
+def build_test_transforms(config: TrainConfig) -> Any:
+    """The model's test transform: shorter side to ``data.test_scale`` (default: the largest training
+    scale), longer side at most ``data.max_size``; the test split and ``predict`` both use it."""
     from student.data.transforms import make_transforms
 
     data = config.data
-    scale = data.test_scale or max(data.scales)
+    return make_transforms("test", [data.test_scale or max(data.scales)], data.max_size)
+
+
+def build_test_dataset(config: TrainConfig) -> Any:
+    """The test split, every image in annotation order, resized to the test scale."""
+    from student.data.hoi_dataset import HOIDataset
+
+    data = config.data
     return HOIDataset(
         data.path("test_images"),
         data.path("test_annotations"),
         data.dataset,
-        make_transforms("test", [scale], data.max_size),
+        build_test_transforms(config),
         on_truncate="ignore",  # evaluation reads the annotation file itself, not these targets
         # Nor are its boxes scored from here: the evaluator reads the ground truth as the protocol
         # does (as written), so one odd box must not stop the test images from being predicted.
