@@ -183,6 +183,18 @@ class ServerSettings(BaseSettings):
     max_sentence_tokens: int = _setting(64, "longest sentence in tokenizer tokens", "N", ge=1)
     max_message_bytes: int = _setting(64 * MiB, "largest gRPC/HTTP message (bytes), both directions", "BYTES", ge=1024)
 
+    # --- evidence maps (POST /v1/explain) ------------------------------------------------------
+    explain_layer: int | None = _setting(
+        None,
+        "text layer whose cross-attention the evidence maps read (0 = first, -1 = last); unset = "
+        "the layer two thirds up the text tower (8 of 12 in BLIP-base, as BLIP's own Grad-CAM demo)",
+        "LAYER",
+    )
+    explain_max_sentences: int = _setting(8, "most sentences in one evidence-map request", "N", ge=1)
+    explain_concurrency: int = _setting(
+        1, "evidence maps computed at once; a request beyond them gets 429 + retry hint", "N", ge=1
+    )
+
     # --- security --------------------------------------------------------------------------
     tls_cert: str | None = _setting(None, "PEM certificate chain of the server; enables TLS", "PATH")
     tls_key: str | None = _setting(None, "PEM private key of --tls-cert", "PATH")

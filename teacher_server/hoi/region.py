@@ -156,19 +156,9 @@ def render_region(
     from PIL import ImageDraw
 
     width, height = image.size
-    region = region.clipped(width, height)
     if policy == "crop":
-        x1, y1, x2, y2 = region.union()
-        grow_x, grow_y = (x2 - x1) * margin, (y2 - y1) * margin
-        box = (
-            max(0, math.floor(x1 - grow_x)),
-            max(0, math.floor(y1 - grow_y)),
-            min(width, math.ceil(x2 + grow_x)),
-            min(height, math.ceil(y2 + grow_y)),
-        )
-        if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a sub-pixel pair at the very edge
-            box = (min(box[0], width - 1), min(box[1], height - 1), max(box[2], box[0] + 1), max(box[3], box[1] + 1))
-        return image.crop(box)
+        return image.crop(view_box(region, width, height, policy=policy, margin=margin))
+    region = region.clipped(width, height)
     if policy == "mask":
         keep = PILImage.new("L", image.size, 0)
         draw = ImageDraw.Draw(keep)
@@ -178,6 +168,28 @@ def render_region(
         dimmed = PILImage.blend(image, PILImage.new("RGB", image.size, _GREY), dim)
         return PILImage.composite(image, dimmed, keep)
     raise ValueError(f"region policy must be one of {', '.join(REGION_POLICIES)}, got {policy!r}")
+
+
+def view_box(
+    region: Region | None, width: int, height: int, *, policy: str = "crop", margin: float = 0.1
+) -> tuple[int, int, int, int]:
+    """The pixels of a ``width`` x ``height`` image that BLIP is shown for ``region``, as
+    ``(x1, y1, x2, y2)``: the grown, clipped union box under ``crop``; the whole image under
+    ``mask`` or for no region. ``render_region`` crops this box; evidence maps are drawn back into it.
+    """
+    if region is None or policy != "crop":
+        return (0, 0, width, height)
+    x1, y1, x2, y2 = region.clipped(width, height).union()
+    grow_x, grow_y = (x2 - x1) * margin, (y2 - y1) * margin
+    box = (
+        max(0, math.floor(x1 - grow_x)),
+        max(0, math.floor(y1 - grow_y)),
+        min(width, math.ceil(x2 + grow_x)),
+        min(height, math.ceil(y2 + grow_y)),
+    )
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:  # a sub-pixel pair at the very edge
+        box = (min(box[0], width - 1), min(box[1], height - 1), max(box[2], box[0] + 1), max(box[3], box[1] + 1))
+    return box
 
 
 def _box(values: Sequence[float]) -> Box:

@@ -4,6 +4,10 @@
   optional ``region`` (human box, object box) scores them on that pair instead of the whole image.
 - ``POST /v1/score/triplets``: an image and (verb, object) triplets, made into sentences by the
   student's own prompt function (``bodies.triplet_sentences``).
+- ``POST /v1/explain``: an image, sentences and optionally a region -> evidence maps (the Grad-CAM
+  of the ITM match logit over a text layer's cross-attention, ``teacher_server.explain``) as the
+  patch grid in JSON or, for one sentence, a PNG of the map over the image; computed in the thread
+  pool, outside the scoring batcher, at most ``explain_concurrency`` at once (else 429).
 - ``GET /v1/model`` (model id, fingerprint, limits, readiness), ``GET /metrics`` (Prometheus text
   of the service's registry).
 - Open to everyone even with a token set: ``GET /healthz`` (liveness: 200 while the loop runs),
@@ -23,21 +27,27 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from teacher_server.explain import TARGET, Explainer, Explanation, overlay, png_bytes
 from teacher_server.grpc_api import Drain, ServiceUnavailableError, unavailable_reason
 from teacher_server.hoi.digest import image_digest
 from teacher_server.http_api.bodies import parse_body, request_region, triplet_sentences
-from teacher_server.http_api.errors import http_error, install_error_handlers, renamer
+from teacher_server.http_api.errors import http_error, install_error_handlers, invalid, region_field, renamer
 from teacher_server.http_api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from teacher_server.http_api.schemas import (
     ERROR_RESPONSES,
     MODELS,
     SORT_QUERY,
     TIMEOUT_QUERY,
+    ExplainFields,
+    ExplainForm,
+    ExplainRequest,
+    ExplainResponse,
     ImageSummary,
     ModelSummary,
     ScoreForm,
     ScoreRequest,
     ScoreResponse,
+    SentenceMap,
     SentenceScore,
     SentencesFields,
     SortOrder,
@@ -59,9 +69,15 @@ if TYPE_CHECKING:
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 SCORE_PATH = "/v1/score"
 TRIPLETS_PATH = "/v1/score/triplets"
+EXPLAIN_PATH = "/v1/explain"
 MODEL_PATH = "/v1/model"
 # Requests counted in the service's request/error metrics (as gRPC counts its methods).
-COUNTED_PATHS = frozenset({SCORE_PATH, TRIPLETS_PATH, MODEL_PATH})
+COUNTED_PATHS = frozenset({SCORE_PATH, TRIPLETS_PATH, EXPLAIN_PATH, MODEL_PATH})
+PNG_RESPONSE = {
+    "description": "the evidence map of one sentence drawn over the image (format=png or Accept: image/png); "
+    "headers X-Match-Prob, X-Match-Logit and X-Layer carry the numbers",
+    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+}
 # The page loads nothing from elsewhere; a sentence that is markup must stay text even if a bug
 # ever put it into innerHTML: no inline script may run.
 PAGE_HEADERS = {
@@ -103,6 +119,13 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
         set_token(app, settings.auth_token)
         guarded.append(Depends(require_bearer_token))
     api = APIRouter(dependencies=guarded)
+    # Evidence maps on the first replica's model, in the thread pool: never in the batcher's queue.
+    explainer = Explainer(
+        service.engines[0],
+        layer=settings.explain_layer,
+        max_sentences=settings.explain_max_sentences,
+        concurrency=settings.explain_concurrency,
+    )
 
     async def score_one(
         image: bytes,
@@ -205,11 +228,79 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
             scores=_ranked(scores, sort),
         )
 
+    @api.post(
+        EXPLAIN_PATH,
+        response_model=ExplainResponse,
+        responses={200: PNG_RESPONSE, **ERROR_RESPONSES},
+        summary="Evidence maps of sentences",
+        openapi_extra=request_body(ExplainRequest, ExplainForm),
+    )
+    async def explain(request: Request) -> Any:
+        """Where the teacher's match decision looks: per sentence, the Grad-CAM of the ITM match logit
+        over the cross-attention of the image patches in one text layer (`layer`, default the server's
+        `explain_layer`), averaged over heads and the sentence's word tokens, on the patch grid,
+        divided by its maximum (docs/pictures.md, "Teacher evidence maps").
+
+        Body as `POST /v1/score` (JSON with a base64 `image`, or a multipart form), 1 to
+        `explain_max_sentences` sentences and an optional `region`. Answers JSON (`maps[i].grid`,
+        rows x cols, row 0 at the top, covering `view_box` of the original image), or with
+        `format=png` / `Accept: image/png` and one sentence, a PNG of the original image with the map
+        over the pixels the model saw (the rest dimmed). Runs outside the scoring batcher, at most
+        `explain_concurrency` at once: 429 when busy.
+        """
+        body = await parse_body(request, ExplainRequest, ExplainFields, settings, frozenset({"sentences"}))
+        fields: ExplainFields = body.fields  # type: ignore[assignment]
+        region = request_region(fields.region)
+        wants_png = fields.format == "png" or (fields.format is None and _accepts_png(request))
+        if wants_png and len(fields.sentences) > 1:
+            raise invalid(
+                "sentences",
+                f"a PNG shows one sentence's map, got {len(fields.sentences)} sentences: send one, "
+                f"or ask for JSON (format=json) for up to {settings.explain_max_sentences}",
+            )
+        try:
+            reason = unavailable_reason(drain, service)
+            if reason is not None:
+                raise ServiceUnavailableError(reason)
+            digest = await run_in_threadpool(image_digest, body.image)
+            explanation = await run_in_threadpool(
+                explainer.explain, body.image, fields.sentences, region=region, layer=fields.layer
+            )
+        except Exception as exc:
+            raise http_error(exc, f"POST {EXPLAIN_PATH}", region_field) from None
+        if wants_png:
+            return await run_in_threadpool(_png_answer, explanation)
+        return ExplainResponse(
+            model=_model_summary(service),
+            image=ImageSummary(digest=digest, size_bytes=len(body.image)),
+            region=fields.region,
+            layer=explanation.layer,
+            target=TARGET,
+            rows=explanation.rows,
+            cols=explanation.cols,
+            view_box=list(explanation.view_box),
+            maps=[
+                SentenceMap(
+                    index=i,
+                    sentence=m.sentence,
+                    match_prob=m.match_prob,
+                    match_logit=m.match_logit,
+                    grid=[[round(float(v), 6) for v in row] for row in m.grid.tolist()],
+                )
+                for i, m in enumerate(explanation.maps)
+            ],
+        )
+
     @api.get(MODEL_PATH, responses={401: ERROR_RESPONSES[401]}, summary="Model, fingerprint and limits")
     async def model_info() -> dict[str, Any]:
         """`model_id`, `fingerprint`, `itm_start_token`, `dtype`, `region_policy` (how a `region` is shown
-        to the model, e.g. `crop:margin=0.1`), `limits`, batching, cache, `ready`."""
-        return {**service.model_info(), "ready": unavailable_reason(drain, service) is None}
+        to the model, e.g. `crop:margin=0.1`), `limits`, batching, cache, `explain` (the evidence maps'
+        default `layer`, `layers`, `max_sentences`, `concurrency`), `ready`."""
+        return {
+            **service.model_info(),
+            "explain": explainer.describe(),
+            "ready": unavailable_reason(drain, service) is None,
+        }
 
     @api.get(
         "/metrics",
@@ -287,6 +378,24 @@ def _document_request_bodies(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _accepts_png(request: Request) -> bool:
+    """Whether the Accept header asks for a PNG rather than JSON."""
+    accept = request.headers.get("accept", "").lower()
+    return "image/png" in accept and "application/json" not in accept
+
+
+def _png_answer(explanation: Explanation) -> Response:
+    (only,) = explanation.maps
+    picture = overlay(explanation.image, only.grid, explanation.view_box)
+    headers = {
+        "X-Match-Prob": f"{only.match_prob:.6f}",
+        "X-Match-Logit": f"{only.match_logit:.6f}",
+        "X-Layer": str(explanation.layer),
+        "Cache-Control": "no-store",
+    }
+    return Response(png_bytes(picture), media_type="image/png", headers=headers)
 
 
 def _model_summary(service: ScoringService) -> ModelSummary:

@@ -210,8 +210,86 @@ class TripletsForm(BaseModel):
     region: str | None = _FORM_REGION
 
 
+ExplainFormat = Literal["json", "png"]
+
+
+class ExplainFields(BaseModel):
+    """The fields of an evidence-map request but the image (validates a form's fields too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sentences: list[str] = Field(
+        description="sentences whose evidence to map, 1 to explain_max_sentences (default 8); a PNG answer "
+        "shows one sentence",
+        examples=[["a person ride a horse"]],
+    )
+    region: RegionBody | None = Field(
+        None,
+        description="map the evidence of this human-object pair, as the teacher scores it (boxes in pixels of the "
+        "original image); leave it out (or null) for the whole image",
+    )
+    layer: int | None = Field(
+        None,
+        description="text layer whose cross-attention is read (0 = first, -1 = last); null: the server's "
+        "explain_layer (GET /v1/model)",
+        examples=[None],
+    )
+    format: ExplainFormat | None = Field(
+        None,
+        description="json: the patch grid; png: the map drawn over the image. Null: png when the Accept header "
+        "asks for image/png, else json",
+    )
+
+
+class ExplainRequest(ExplainFields):
+    """JSON body of ``POST /v1/explain``."""
+
+    image: str = _IMAGE_FIELD
+
+
+class SentenceMap(BaseModel):
+    """The evidence map of one sentence."""
+
+    index: int = Field(description="position of the sentence in the request")
+    sentence: str
+    match_prob: float = Field(description="softmax of the ITM logits, match class (as POST /v1/score)")
+    match_logit: float = Field(description="ITM logit margin z = l_match - l_nomatch")
+    grid: list[list[float]] = Field(
+        description="rows x cols values in [0, 1] over the image patches, row 0 at the top: the Grad-CAM of the "
+        "match logit, divided by its maximum"
+    )
+
+
+class ExplainResponse(BaseModel):
+    """Evidence maps of the sentences over the patch grid of the view the model saw."""
+
+    model: ModelSummary
+    image: ImageSummary
+    region: RegionBody | None = Field(description="the human-object pair the maps are for; null: the whole image")
+    layer: int = Field(description="the text layer read (0-based)")
+    target: str = Field(description="what the Grad-CAM differentiates: match_logit (l_match)")
+    rows: int = Field(description="patch rows (image_size / patch_size)")
+    cols: int
+    view_box: list[int] = Field(
+        description="[x1, y1, x2, y2] of the original image that the model saw and the grid covers: the whole "
+        "image, or the region's crop under the crop policy",
+        examples=[[0, 0, 640, 480]],
+    )
+    maps: list[SentenceMap]
+
+
+class ExplainForm(BaseModel):
+    """Multipart form: the image file, the sentences, optionally a region, layer and format."""
+
+    image: bytes = Field(description="the image file")
+    sentences: list[str] = Field(description="one sentence per field (repeat the field)")
+    region: str | None = _FORM_REGION
+    layer: int | None = None
+    format: ExplainFormat | None = None
+
+
 # Models that only ``request_body`` references name, for the schema's components.
-MODELS: tuple[type[BaseModel], ...] = (ScoreRequest, TripletsRequest)
+MODELS: tuple[type[BaseModel], ...] = (ScoreRequest, TripletsRequest, ExplainRequest)
 
 SortOrder = Literal["given", "desc"]
 SORT_QUERY = Query("given", description="given: in request order; desc: ranked by match_prob, highest first")

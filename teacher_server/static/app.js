@@ -3,6 +3,8 @@
 // into the page with textContent, never as markup: a sentence "<img onerror=...>" shows literally.
 // A person may draw two boxes on the image (the human, then the object): the scores are then for
 // that pair, and the boxes go to the API in pixels of the original image (the `region` field).
+// After scoring, clicking a sentence asks `v1/explain` for its evidence map (a PNG of the image with
+// the teacher's Grad-CAM drawn in) and lays it over the image; a button toggles back to the plain image.
 "use strict";
 
 (() => {
@@ -19,6 +21,10 @@
   let previewUrl = null;
   let boxes = []; // drawn boxes, [x1, y1, x2, y2] in pixels of the original image: human, then object
   let drawing = null; // the drag in progress: {start: [x, y], end: [x, y]} in original pixels
+  let scored = null; // what the shown results were scored on: {file, region}, for their evidence maps
+  let evidenceUrl = null;
+  const evidence = byId("evidence");
+  const toggleEvidence = byId("toggle-evidence");
 
   function setStatus(text, isError = false) {
     const status = byId("status");
@@ -38,6 +44,9 @@
       return;
     }
     imageFile = file;
+    scored = null; // the results on show were for another image: no maps for them
+    hideEvidence();
+    byId("evidence-tools").hidden = true;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     clearBoxes(); // boxes belong to the image they were drawn on
@@ -156,10 +165,76 @@
     }
   }
 
+  // ---------------------------------------------------------------------------- evidence maps
+  function hideEvidence() {
+    evidence.hidden = true;
+    evidence.removeAttribute("src");
+    if (evidenceUrl) URL.revokeObjectURL(evidenceUrl);
+    evidenceUrl = null;
+    toggleEvidence.hidden = true;
+    for (const row of byId("results").querySelectorAll(".row.explained")) {
+      row.classList.remove("explained");
+      row.setAttribute("aria-pressed", "false");
+    }
+  }
+
+  function showEvidence(visible) {
+    evidence.hidden = !visible;
+    toggleEvidence.textContent = visible ? "Show plain image" : "Show evidence map";
+  }
+
+  async function explain(row, item) {
+    if (!scored) return;
+    if (item.classList.contains("explained") && evidenceUrl) {
+      showEvidence(evidence.hidden); // the same sentence again: toggle its map
+      return;
+    }
+    const body = new FormData();
+    body.append("image", scored.file, scored.file.name || "image");
+    body.append("sentences", row.sentence);
+    body.append("format", "png");
+    if (scored.region) body.append("region", JSON.stringify(scored.region));
+    setStatus(`Mapping the evidence for “${row.sentence}”…`);
+    try {
+      const response = await fetch("v1/explain", { method: "POST", body, headers: authHeaders() });
+      if (!response.ok) {
+        const data = await response.json().catch(() => null);
+        const message = data && data.error ? data.error.message : response.statusText;
+        setStatus(`Evidence map: error ${response.status}: ${message}`, true);
+        return;
+      }
+      const picture = await response.blob();
+      hideEvidence();
+      evidenceUrl = URL.createObjectURL(picture);
+      evidence.src = evidenceUrl;
+      item.classList.add("explained");
+      item.setAttribute("aria-pressed", "true");
+      toggleEvidence.hidden = false;
+      showEvidence(true);
+      setStatus(`Evidence map of “${row.sentence}” (text layer ${response.headers.get("X-Layer")}; ` +
+        `match ${Number(response.headers.get("X-Match-Prob")).toFixed(3)}): red is where the decision looks.`);
+    } catch (error) {
+      setStatus(`The evidence-map request failed: ${error.message}`, true);
+    }
+  }
+
+  toggleEvidence.addEventListener("click", () => showEvidence(evidence.hidden));
+
   function resultRow(row) {
     const item = document.createElement("li");
     item.className = row.cached ? "row cached" : "row fresh";
-    item.title = `match logit margin ${row.match_logit.toFixed(4)}; request position ${row.index + 1}`;
+    item.title = `match logit margin ${row.match_logit.toFixed(4)}; request position ${row.index + 1}; ` +
+      "click: evidence map";
+    item.tabIndex = 0;
+    item.setAttribute("role", "button");
+    item.setAttribute("aria-pressed", "false");
+    item.addEventListener("click", () => explain(row, item));
+    item.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        explain(row, item);
+      }
+    });
 
     const label = document.createElement("span");
     label.className = "label";
@@ -186,7 +261,9 @@
   }
 
   function showResults(data) {
+    hideEvidence();
     byId("results").replaceChildren(...data.scores.map(resultRow));
+    byId("evidence-tools").hidden = false;
     const pair = data.region;
     byId("scope").textContent = pair
       ? `For the pair: human ${boxText(pair.human_box)}, object ${boxText(pair.object_box)} ` +
@@ -230,8 +307,9 @@
         setStatus(`Error ${response.status}: ${message}`, true);
         return;
       }
+      scored = { file: imageFile, region: pair };
       showResults(data);
-      setStatus("Done.");
+      setStatus("Done. Click a sentence for its evidence map.");
     } catch (error) {
       setStatus(`The request failed: ${error.message}`, true);
     } finally {

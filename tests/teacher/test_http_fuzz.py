@@ -60,6 +60,7 @@ def client(teacher: RunningHttp) -> Iterator[httpx.Client]:
 OPERATIONS = [
     ("POST", "/v1/score"),
     ("POST", "/v1/score/triplets"),
+    ("POST", "/v1/explain"),
     ("GET", "/v1/model"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),

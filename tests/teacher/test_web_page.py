@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -335,3 +336,75 @@ def test_drawn_boxes_score_the_pair_in_original_pixels(visit: Visit, teacher: Ru
 
 def b64_file(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+# ------------------------------------------------------------------------------ evidence maps
+def stage_pixels(page: Page, path: Path) -> np.ndarray:
+    """The image on screen (the preview's box, 2 px inside its rounded corners), as RGB integers."""
+    page.screenshot(path=str(path))
+    box = page.locator("#preview").bounding_box()
+    assert box is not None and box["width"] > 40, box
+    with Image.open(path) as shot:
+        crop = shot.convert("RGB").crop(
+            (int(box["x"]) + 2, int(box["y"]) + 2, int(box["x"] + box["width"]) - 2, int(box["y"] + box["height"]) - 2)
+        )
+    return np.asarray(crop, dtype=np.int32)
+
+
+def test_clicking_a_sentence_shows_its_evidence_map_over_the_image(
+    visit: Visit, teacher: RunningHttp, tmp_path: Path
+) -> None:
+    page = visit.page
+    page.goto(f"{teacher.url}/")
+    page.set_input_files("#image-input", str(ASSET))
+    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+    score(page, "sentences", "\n".join(SENTENCES))
+    expect(page.locator("#results li")).to_have_count(3)
+    expect(page.locator("#evidence-tools")).to_be_visible()
+    plain = stage_pixels(page, tmp_path / "plain.png")
+
+    row = page.locator("#results li").first
+    sentence = row.locator(".label").text_content()
+    with page.expect_response(lambda response: "/v1/explain" in response.url) as got:
+        row.click()
+    assert got.value.status == 200 and got.value.headers["content-type"] == "image/png"
+    page.wait_for_function(
+        "document.getElementById('evidence').complete && document.getElementById('evidence').naturalWidth > 0"
+    )
+    expect(page.locator("#evidence")).to_be_visible()
+    expect(row).to_have_class(re.compile(r"\bexplained\b"))
+    expect(page.locator("#status")).to_contain_text(f"Evidence map of “{sentence}”")
+    mapped = stage_pixels(page, tmp_path / "mapped.png")
+    assert mapped.shape == plain.shape
+
+    # The API's own PNG for that sentence, scaled to the screen: the page shows it, not the photo.
+    with teacher.client() as web:
+        answer = web.post(
+            "/v1/explain",
+            files={"image": ("asset.jpg", ASSET.read_bytes())},
+            data={"sentences": [sentence], "format": "png"},
+        )
+    height, width = plain.shape[:2]
+    box = page.locator("#preview").bounding_box()
+    assert box is not None
+    with Image.open(io.BytesIO(answer.content)) as expected_png:
+        expected = expected_png.convert("RGB").resize(
+            (round(box["width"]), round(box["height"])), Image.Resampling.BILINEAR
+        )
+    expected_pixels = np.asarray(expected, dtype=np.int32)[2 : 2 + height, 2 : 2 + width]
+    to_map, to_plain = np.abs(mapped - expected_pixels).mean(), np.abs(mapped - plain).mean()
+    assert to_plain > 10, f"the image hardly changed ({to_plain:.1f} levels on average)"
+    assert to_map < to_plain / 3, (to_map, to_plain)
+    # Towards the heat colours: the shown image gained saturated colour that the photo lacks.
+    saturation = lambda pixels: (pixels.max(axis=2) - pixels.min(axis=2)).mean()  # noqa: E731
+    assert saturation(mapped) > saturation(plain) + 10
+
+    # The toggle shows the plain image again, and the map once more.
+    page.click("#toggle-evidence")
+    expect(page.locator("#evidence")).to_be_hidden()
+    expect(page.locator("#toggle-evidence")).to_have_text("Show evidence map")
+    assert np.abs(stage_pixels(page, tmp_path / "again.png") - plain).mean() < 2
+    page.click("#toggle-evidence")
+    expect(page.locator("#evidence")).to_be_visible()
+    visit.only_visited(teacher.url)
+    assert not visit.console_errors
