@@ -416,7 +416,7 @@ def _draw_predictions(checkpoint: Path, images: list[Path], out_dir: Path) -> li
     """The student of ``checkpoint`` run on ``images``, each drawn with its kept triplets into a PNG
     of ``out_dir``; returns the PNGs' paths. The one place the demo draws predictions.
     """
-    # TODO(issue 14, item 1): waiting for ``python -m student predict``: call its drawing API here
-    # (checkpoint, images, out_dir -> the written PNGs). Until it lands the demo draws the curves only.
-    del checkpoint, images, out_dir
-    return []
+    from student.predict import Predictor, predict_files
+
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    return [result.picture for result in predict_files(predictor, images, out_dir)]
