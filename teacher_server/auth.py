@@ -17,8 +17,15 @@ from teacher_server.errors import TeacherError
 
 AUTHORIZATION_KEY = "authorization"
 BEARER_PREFIX = "bearer "
-# Methods callable without a token: liveness/readiness probes cannot send metadata.
-DEFAULT_OPEN_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+# Methods callable without a token: liveness/readiness probes cannot send metadata. They answer
+# "alive" / "ready" and nothing else, so leaving them open tells a caller nothing it could not
+# learn by connecting. KServe v2's probes (Triton's ServerLive / ServerReady) are the same kind;
+# its ModelReady and metadata calls are not opened (they name the model).
+DEFAULT_OPEN_PREFIXES: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 
 
 class AuthConfigError(TeacherError):

@@ -137,6 +137,18 @@ def test_health_needs_no_token(tls_teacher, certs):
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_kserve_liveness_and_readiness_need_no_token_but_model_calls_do(tls_teacher, certs):
+    # Kubernetes probes (and tritonclient's is_server_live / is_server_ready) send no metadata.
+    client = triton.InferenceServerClient(url=tls_teacher.target, ssl=True, root_certificates=str(certs.ca))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        with pytest.raises(InferenceServerException) as caught:
+            client.is_model_ready("blip_itm")
+        assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+    finally:
+        client.close()
+
+
 def test_tritonclient_with_tls_and_token_header(tls_teacher, certs):
     def infer(headers: dict[str, str] | None):
         client = triton.InferenceServerClient(url=tls_teacher.target, ssl=True, root_certificates=str(certs.ca))
