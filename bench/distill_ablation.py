@@ -244,32 +244,25 @@ def prepare_teachers(
     from teacher_server.demo import taught_tiny_teacher
     from teacher_server.tiny_model import LEARNABLE_TINY_SHAPES, make_tiny_model
 
-    taught = taught_tiny_teacher(
-        seed_dir,
-        data / "annotations" / "corpus_hico.json",
-        data / "images" / "corpus",
-        seed=seed,
-        epochs=epochs,
-        num_threads=threads,
-        say=lambda _: None,
-    )
-    if not taught.reused:
-        say(f"seed {seed}: teacher fine-tuned in {taught.seconds:.0f} s")
-    teachers = {"finetuned": taught.path, "base": taught.random}
-    if "pair" in regions:
-        on_pairs = taught_tiny_teacher(
-            seed_dir / "teacher-pair",
+    def fine_tuned(work_dir: Path, region: str, what: str) -> Any:
+        taught = taught_tiny_teacher(
+            work_dir,
             data / "annotations" / "corpus_hico.json",
             data / "images" / "corpus",
             seed=seed,
             epochs=epochs,
             num_threads=threads,
             say=lambda _: None,
-            region="crop",
+            region=region,
         )
-        if not on_pairs.reused:
-            say(f"seed {seed}: teacher fine-tuned on pair crops in {on_pairs.seconds:.0f} s")
-        teachers["finetuned/pair"] = on_pairs.path
+        if not taught.reused:
+            say(f"seed {seed}: teacher fine-tuned{what} in {taught.seconds:.0f} s")
+        return taught
+
+    taught = fine_tuned(seed_dir, "image", "")
+    teachers = {"finetuned": taught.path, "base": taught.random}
+    if "pair" in regions:
+        teachers["finetuned/pair"] = fine_tuned(seed_dir / "teacher-pair", "crop", " on pair crops").path
     spread = seed_dir / "teacher-random-spread"
     if not (spread / "model.safetensors").is_file():
         # Random weights at the tests' initializer range: scores spread over (0, 1) like a
