@@ -33,6 +33,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+# wait_for_function takes function sources ("() => ..."): a bare expression is eval()'d by
+# Playwright inside the page on every poll after the first, which the page's CSP (no
+# 'unsafe-eval') blocks, so such a wait failed whenever its condition was not true at once.
 VIEWPORT = {"width": 1280, "height": 800}
 ASSET = REPO / "teacher_server" / "assets" / "person_riding_horse.jpg"
 XSS = "<img src=x onerror=alert(1)>"
@@ -112,7 +115,7 @@ def test_upload_sentences_render_ranked_bars_as_text(visit: Visit, teacher: Runn
     expect(page.locator("#model-info")).to_contain_text(teacher.service.fingerprint)
     page.set_input_files("#image-input", str(ASSET))
     expect(page.locator("#preview")).to_be_visible()
-    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
 
     sentences = ["a person ride a horse", XSS, "a person feed a horse", "a person hold a cup"]
     score(page, "sentences", "\n".join(sentences) + "\n\n")  # blank lines are ignored
@@ -245,7 +248,7 @@ def test_drawn_boxes_score_the_pair_in_original_pixels(visit: Visit, teacher: Ru
     page.goto(f"{teacher.url}/")
     expect(page.locator("#model-info")).to_contain_text("region policy crop:margin=0.1")
     page.set_input_files("#image-input", str(big))
-    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
     expect(page.locator("#region-state")).to_have_text("No boxes: the whole image is scored.")
     shown = page.locator("#preview").bounding_box()
     assert shown is not None
@@ -357,7 +360,7 @@ def test_clicking_a_sentence_shows_its_evidence_map_over_the_image(
     page = visit.page
     page.goto(f"{teacher.url}/")
     page.set_input_files("#image-input", str(ASSET))
-    page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth > 0")
     score(page, "sentences", "\n".join(SENTENCES))
     expect(page.locator("#results li")).to_have_count(3)
     expect(page.locator("#evidence-tools")).to_be_visible()
@@ -369,7 +372,7 @@ def test_clicking_a_sentence_shows_its_evidence_map_over_the_image(
         row.click()
     assert got.value.status == 200 and got.value.headers["content-type"] == "image/png"
     page.wait_for_function(
-        "document.getElementById('evidence').complete && document.getElementById('evidence').naturalWidth > 0"
+        "() => document.getElementById('evidence').complete && document.getElementById('evidence').naturalWidth > 0"
     )
     expect(page.locator("#evidence")).to_be_visible()
     expect(row).to_have_class(re.compile(r"\bexplained\b"))
