@@ -40,9 +40,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from teacher_server.engine import decode_image, itm_start_token_id
+from teacher_server.engine import decode_image
 from teacher_server.errors import InvalidInputError, ModelLoadError, OverloadedError
 from teacher_server.hoi.region import Region, view_box
+from teacher_server.itm_tokens import ItmTextTokens
 
 if TYPE_CHECKING:
     from teacher_server.engine import ItmEngine
@@ -194,10 +195,9 @@ class Explainer:
         self.max_sentences = max_sentences
         self.concurrency = concurrency
         self._slots = threading.BoundedSemaphore(concurrency)
-        tokenizer = engine.tokenizer
-        self._start_id = itm_start_token_id(tokenizer, engine.settings.itm_start_token)
-        self._special_ids = sorted({*tokenizer.all_special_ids, *([self._start_id] if self._start_id else [])})
-        self._pad_id = tokenizer.pad_token_id or 0
+        self._tokens = ItmTextTokens(engine.tokenizer, engine.settings.itm_start_token)
+        start = self._tokens.start_id
+        self._special_ids = sorted({*engine.tokenizer.all_special_ids, *([start] if start is not None else [])})
 
     def describe(self) -> dict[str, int]:
         """The default layer, the tower's layer count and the limits (for ``GET /v1/model``)."""
@@ -255,7 +255,7 @@ class Explainer:
             if region is not None:
                 region.check_inside(*image.size, field=region_field)
             pixels = engine.preprocess(engine.render(image, region)).to(engine.device, engine.dtype)
-            input_ids, attention_mask = self._tokens(sentences)
+            input_ids, attention_mask = self._tokens.batch(sentences)
             maps, logits = grad_cam(
                 engine.model,
                 pixels,
@@ -278,19 +278,6 @@ class Explainer:
                 for sentence, grid, margin, prob in zip(sentences, maps, margins, probs, strict=True)
             ],
         )
-
-    def _tokens(self, sentences: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """ITM input ids (the engine's start token in place) and attention mask, (B, L), padded."""
-        rows = [list(self.engine.tokenizer(sentence, add_special_tokens=True)["input_ids"]) for sentence in sentences]
-        if self._start_id is not None:
-            rows = [[self._start_id, *row[1:]] for row in rows]
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row)
-            attention_mask[index, : len(row)] = 1
-        return input_ids, attention_mask
 
 
 # ------------------------------------------------------------------------------------- pictures

@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from teacher_server.engine import EngineSettings, decode_image, itm_start_token_id
+from teacher_server.engine import EngineSettings, decode_image
 from teacher_server.errors import FinetuneError, InvalidInputError
 from teacher_server.finetune.examples import FinetuneExamples
 from teacher_server.hoi.region import render_region
+from teacher_server.itm_tokens import ItmTextTokens
 from teacher_server.precision import fp32_linear
 
 
@@ -52,33 +53,19 @@ def balanced_itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.stack(parts).mean()
 
 
-class ItmTokens:
-    """Token ids of ITM text, built as the engine builds them (start-token policy included)."""
+class ItmTokens(ItmTextTokens):
+    """ITM token ids of the training sentences (memoised: every epoch repeats them), and the
+    engine's token limit checked before training starts."""
 
     def __init__(self, tokenizer: Any, policy: str, max_tokens: int) -> None:
-        self.tokenizer = tokenizer
-        self.start_id = itm_start_token_id(tokenizer, policy)
+        super().__init__(tokenizer, policy)
         self.max_tokens = max_tokens
-        self.pad_id = tokenizer.pad_token_id or 0
         self._ids: dict[str, tuple[int, ...]] = {}
 
     def ids(self, sentence: str) -> tuple[int, ...]:
-        """``[CLS] ... [SEP]`` ids of ``sentence``, with the first replaced by the start token."""
         if sentence not in self._ids:
-            ids = tuple(self.tokenizer(sentence, add_special_tokens=True)["input_ids"])
-            self._ids[sentence] = ids if self.start_id is None else (self.start_id, *ids[1:])
+            self._ids[sentence] = super().ids(sentence)
         return self._ids[sentence]
-
-    def batch(self, sentences: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(input_ids, attention_mask), each (P, L), right-padded."""
-        rows = [self.ids(sentence) for sentence in sentences]
-        length = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row)
-            mask[index, : len(row)] = 1
-        return input_ids, mask
 
     def check(self, examples: FinetuneExamples) -> None:
         """Refuse sentences the engine would refuse (over its token limit), naming where they are from."""
