@@ -153,6 +153,8 @@ class CacheStats:
     """Transitions from reachable to unreachable."""
     skipped: int = 0
     """Operations answered without trying Redis because it was in its back-off window."""
+    probes: int = 0
+    """Probe tickets handed out while Redis was down (one per elapsed back-off window)."""
 
     def count(self, results: Sequence[Sequence[CachedScore | None]]) -> None:
         for row in results:
@@ -166,6 +168,9 @@ class RedisHealth:
 
     While Redis is down, ``take_probe()`` hands out one probe per window (so only one caller
     pays a connection attempt); each failed probe doubles the window up to ``backoff_max_s``.
+    Failures of operations that were already in flight when Redis went away (they passed the
+    breaker while it was up) are counted but move neither the window nor the next probe: eight
+    concurrent requests failing together are one outage, not eight failed probes.
     """
 
     def __init__(
@@ -188,11 +193,17 @@ class RedisHealth:
         self._up = True
         self._window = backoff_s
         self._retry_at = 0.0
+        self._probe_out = False  # a probe ticket is out; its failure (and only it) doubles the window
         self._logged_kinds: set[str] = set()
 
     @property
     def up(self) -> bool:
         return self._up
+
+    @property
+    def window_s(self) -> float:
+        """The current back-off window: ``backoff_s`` after an outage began, doubled per failed probe."""
+        return self._window
 
     def take_probe(self) -> bool:
         """While down: True once per elapsed back-off window (the caller then tries Redis)."""
@@ -204,14 +215,19 @@ class RedisHealth:
                 self.stats.skipped += 1
                 return False
             self._retry_at = now + self._window  # the ticket: others skip until it has run
+            self._probe_out = True
+            self.stats.probes += 1
             return True
 
     def failed(self, error: BaseException) -> None:
+        """Count a failed Redis operation; go down, or back off further after a failed probe."""
         with self._lock:
             self.stats.redis_errors += 1
             if self._up:
                 self._up = False
                 self._window = self.backoff_s
+                self._retry_at = self._clock() + self._window
+                self._probe_out = False
                 self.stats.outages += 1
                 log.warning(
                     "Redis score cache at %s is unreachable (%s: %s); serving without the cache and "
@@ -223,10 +239,12 @@ class RedisHealth:
                     self.backoff_max_s,
                     extra={"redis": self.name, "error": f"{type(error).__name__}: {error}"},
                 )
-            else:
+            elif self._probe_out:  # the probe of this window failed: wait twice as long
+                self._probe_out = False
                 self._window = min(self._window * 2, self.backoff_max_s)
+                self._retry_at = self._clock() + self._window
                 log.debug("Redis at %s still unreachable: %s", self.name, error)
-            self._retry_at = self._clock() + self._window
+            # else: an operation that was in flight when Redis went away; counted, nothing more.
         if self._on_error is not None:
             self._on_error(error)
 
@@ -258,6 +276,7 @@ class RedisHealth:
 
     def succeeded(self) -> None:
         with self._lock:
+            self._probe_out = False
             if self._up:
                 return
             self._up = True

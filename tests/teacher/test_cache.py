@@ -491,3 +491,59 @@ def test_redis_cluster_keeps_an_image_in_one_slot_and_works_sync_and_async(redis
         return result
 
     assert asyncio.run(scenario()) == [[S1], [S2]]
+
+
+# ------------------------------------------------------------- back-off per probe, not per request
+def test_concurrent_failures_back_off_once_per_probe_not_per_request(private_redis: RedisServer) -> None:
+    # Issue 15: requests already in flight when Redis died each doubled the back-off, so 8 of them
+    # pushed it from 1 s to the 30 s cap and a 10 s Redis restart cost 30 s without the cache.
+    clock = FakeClock()
+    in_flight = 8
+
+    async def scenario() -> None:
+        cache = AsyncRedisScoreCache(
+            redis.asyncio.Redis.from_url(private_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5),
+            ttl_s=60,
+            backoff_s=1.0,
+            backoff_max_s=30.0,
+            clock=clock,
+        )
+        await cache.store(FP, [(D1, {"a": S1})])
+        private_redis.stop()
+        # All eight pass the breaker while Redis is believed up, then all fail.
+        rows = await asyncio.gather(*(cache.lookup(FP, [(D1, ["a"])]) for _ in range(in_flight)))
+        assert rows == [[[None]]] * in_flight
+        assert cache.stats.redis_errors == in_flight and cache.stats.outages == 1
+        assert not cache.health.up and cache.stats.probes == 0
+
+        private_redis.start()  # back before the first window ends (an empty Redis, same port)
+        clock.now += 1.0  # one back-off period: the first step, not 2^7 of them
+        assert await cache.lookup(FP, [(D1, ["a"])]) == [[None]]  # answered at once; a probe starts
+        assert cache._probe_task is not None, "no probe after one back-off period"
+        await cache._probe_task
+        assert cache.health.up and cache.stats.probes == 1
+        await cache.store(FP, [(D2, {"b": S2})])
+        assert await cache.lookup(FP, [(D2, ["b"])]) == [[S2]]  # the cache is used again
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_health_doubles_per_failed_probe_not_per_failure_in_flight() -> None:
+    clock = FakeClock()
+    stats = CacheStats()
+    health = RedisHealth("r", stats, backoff_s=1.0, backoff_max_s=30.0, clock=clock)
+    for _ in range(8):  # eight requests that were in flight when Redis went away
+        health.failed(OSError("down"))
+    assert health.window_s == 1.0 and stats.redis_errors == 8 and stats.outages == 1
+    clock.now += 0.5
+    health.failed(OSError("late reply"))  # does not push the next probe out either
+    clock.now += 0.5
+    assert health.take_probe() and stats.probes == 1  # one window after the outage began
+    health.failed(OSError("probe failed"))  # the probe's own failure: the window doubles
+    health.failed(OSError("another late reply"))  # a failure that held no ticket: no doubling
+    assert health.window_s == 2.0
+    clock.now += 2.0
+    assert health.take_probe() and not health.take_probe()
+    health.failed(OSError("probe failed"))
+    assert health.window_s == 4.0 and stats.probes == 2
