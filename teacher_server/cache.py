@@ -284,21 +284,32 @@ class RedisHealth:
         log.warning("Redis score cache at %s is reachable again; using it", self.name)
 
 
-def _queue_lookups(pipe: Any, fingerprint: str, queries: Sequence[Query]) -> list[int]:
-    """Queue one HMGET per query with sentences; returns the indices of the queued queries."""
+def _queue_lookups(
+    pipe: Any, fingerprint: str, queries: Sequence[Query], refresh_ttl_s: int | None = None
+) -> list[int]:
+    """Queue one HMGET per query with sentences; returns the indices of the queued queries.
+
+    With ``refresh_ttl_s``, each HMGET is followed by ``EXPIRE key refresh_ttl_s`` in the same
+    pipeline (no extra round trip): a read renews the image's lifetime as a write does. EXPIRE on
+    a key that does not exist does nothing, so a miss creates no key.
+    """
     queued = []
     for index, (digest, sentences) in enumerate(queries):
         if sentences:
-            pipe.hmget(score_key(fingerprint, digest), [sentence_field(s) for s in sentences])
+            key = score_key(fingerprint, digest)
+            pipe.hmget(key, [sentence_field(s) for s in sentences])
+            if refresh_ttl_s is not None:
+                pipe.expire(key, refresh_ttl_s)
             queued.append(index)
     return queued
 
 
 def _decode_lookups(
-    queries: Sequence[Query], queued: list[int], replies: Sequence[Any]
+    queries: Sequence[Query], queued: list[int], replies: Sequence[Any], *, refreshed: bool = False
 ) -> list[list[CachedScore | None]]:
+    """The scores of the HMGET replies (with ``refreshed``, every other reply is an EXPIRE's)."""
     results: list[list[CachedScore | None]] = [[None] * len(sentences) for _, sentences in queries]
-    for index, reply in zip(queued, replies, strict=True):
+    for index, reply in zip(queued, replies[::2] if refreshed else replies, strict=True):
         if isinstance(reply, Exception):  # e.g. WRONGTYPE: someone else's key; a miss (counted)
             continue
         results[index] = [decode_score(raw) for raw in reply]
@@ -465,13 +476,19 @@ class RedisScoreCache(ScoreCache):
         backoff_max_s: float = 30.0,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refresh_ttl_on_read: bool = False,
     ) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.refresh_ttl_on_read = refresh_ttl_on_read
         self.stats = CacheStats()
         self.health = RedisHealth(
             name, self.stats, backoff_s=backoff_s, backoff_max_s=backoff_max_s, on_error=on_error, clock=clock
         )
+
+    @property
+    def _refresh_ttl_s(self) -> int | None:
+        return self.ttl_s if self.refresh_ttl_on_read else None
 
     @classmethod
     def from_url(
@@ -492,10 +509,10 @@ class RedisScoreCache(ScoreCache):
             return misses
         try:
             pipe = self.client.pipeline(transaction=False)
-            queued = _queue_lookups(pipe, fingerprint, queries)
+            queued = _queue_lookups(pipe, fingerprint, queries, self._refresh_ttl_s)
             replies = pipe.execute(raise_on_error=False)
             self.health.check(replies)
-            results = _decode_lookups(queries, queued, replies)
+            results = _decode_lookups(queries, queued, replies, refreshed=self.refresh_ttl_on_read)
         except _OUTAGE_ERRORS as error:
             self.health.failed(error)
             results = misses
@@ -537,14 +554,20 @@ class AsyncRedisScoreCache(AsyncScoreCache):
         backoff_max_s: float = 30.0,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refresh_ttl_on_read: bool = False,
     ) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.refresh_ttl_on_read = refresh_ttl_on_read
         self.stats = CacheStats()
         self.health = RedisHealth(
             name, self.stats, backoff_s=backoff_s, backoff_max_s=backoff_max_s, on_error=on_error, clock=clock
         )
         self._probe_task: asyncio.Task | None = None
+
+    @property
+    def _refresh_ttl_s(self) -> int | None:
+        return self.ttl_s if self.refresh_ttl_on_read else None
 
     @classmethod
     def from_url(
@@ -581,10 +604,10 @@ class AsyncRedisScoreCache(AsyncScoreCache):
             return misses
         try:
             pipe = self.client.pipeline(transaction=False)
-            queued = _queue_lookups(pipe, fingerprint, queries)
+            queued = _queue_lookups(pipe, fingerprint, queries, self._refresh_ttl_s)
             replies = await pipe.execute(raise_on_error=False)
             self.health.check(replies)
-            results = _decode_lookups(queries, queued, replies)
+            results = _decode_lookups(queries, queued, replies, refreshed=self.refresh_ttl_on_read)
         except _OUTAGE_ERRORS as error:
             self.health.failed(error)
             results = misses
@@ -618,8 +641,12 @@ def open_score_cache(
     backoff_max_s: float = 30.0,
     cluster: bool = False,
     on_error: Callable[[BaseException], None] | None = None,
+    refresh_ttl_on_read: bool = False,
 ) -> ScoreCache:
-    """Redis when ``redis_url`` is given, else the in-process LRU (sync flavour)."""
+    """Redis when ``redis_url`` is given, else the in-process LRU (sync flavour).
+
+    ``refresh_ttl_on_read``: a lookup renews each looked-up image's TTL (docs/cache.md: the cost).
+    """
     if redis_url is None:
         return LocalScoreCache(local_entries)
     return RedisScoreCache.from_url(
@@ -630,6 +657,7 @@ def open_score_cache(
         backoff_s=backoff_s,
         backoff_max_s=backoff_max_s,
         on_error=on_error,
+        refresh_ttl_on_read=refresh_ttl_on_read,
     )
 
 
@@ -643,8 +671,10 @@ def open_async_score_cache(
     backoff_max_s: float = 30.0,
     cluster: bool = False,
     on_error: Callable[[BaseException], None] | None = None,
+    refresh_ttl_on_read: bool = False,
 ) -> AsyncScoreCache:
-    """Redis when ``redis_url`` is given, else the in-process LRU (asyncio flavour)."""
+    """Redis when ``redis_url`` is given, else the in-process LRU (asyncio flavour); options as
+    ``open_score_cache``."""
     if redis_url is None:
         return AsyncLocalScoreCache(LocalScoreCache(local_entries))
     return AsyncRedisScoreCache.from_url(
@@ -655,4 +685,5 @@ def open_async_score_cache(
         backoff_s=backoff_s,
         backoff_max_s=backoff_max_s,
         on_error=on_error,
+        refresh_ttl_on_read=refresh_ttl_on_read,
     )

@@ -158,6 +158,11 @@ class ServerSettings(BaseSettings):
     redis_backoff_max_s: float = _setting(
         30.0, "longest back-off between Redis probes during an outage", "SECONDS", ge=0.001
     )
+    cache_refresh_ttl_on_read: bool = _setting(
+        False,
+        "a lookup also renews the looked-up images' TTL in Redis (one EXPIRE per image in the same "
+        "round trip; a write on the primary per read: see docs/cache.md)",
+    )
 
     # --- batching --------------------------------------------------------------------------
     max_batch_sentences: int = _setting(256, "most (image, sentence) pairs merged into one engine call", "N", ge=1)

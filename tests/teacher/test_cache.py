@@ -547,3 +547,41 @@ def test_health_doubles_per_failed_probe_not_per_failure_in_flight() -> None:
     assert health.take_probe() and not health.take_probe()
     health.failed(OSError("probe failed"))
     assert health.window_s == 4.0 and stats.probes == 2
+
+
+# ----------------------------------------------------------------------------- TTL refresh on read
+@pytest.mark.parametrize("refresh", [True, False])
+def test_a_hit_renews_the_ttl_only_when_asked_in_the_same_round_trip(
+    redis_server: RedisServer, request: pytest.FixtureRequest, refresh: bool
+) -> None:
+    fp = unique_fp(request)
+    client = CountingRedis.from_url(redis_server.url)
+    cache = RedisScoreCache(client, ttl_s=500, refresh_ttl_on_read=refresh)
+    cache.store(fp, [(D1, {"a": S1}), (D2, {"b": S2})])
+    for digest in (D1, D2):
+        client.expire(score_key(fp, digest), 5)  # as if written long ago
+    CountingRedis.round_trips = 0
+    assert cache.lookup(fp, [(D1, ["a", "z"]), (D2, ["b"]), (D3, ["c"])]) == [[S1, None], [S2], [None]]
+    assert CountingRedis.round_trips == 1  # the EXPIREs ride in the lookup's pipeline
+    for digest in (D1, D2):
+        ttl = client.ttl(score_key(fp, digest))
+        assert (ttl > 5) if refresh else (0 < ttl <= 5)
+    assert client.exists(score_key(fp, D3)) == 0  # a miss creates nothing
+    assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+    cache.close()
+
+
+def test_async_hit_renews_the_ttl_when_asked(redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
+    fp = unique_fp(request)
+
+    async def scenario(refresh: bool) -> int:
+        cache = open_async_score_cache(redis_server.url, ttl_s=500, refresh_ttl_on_read=refresh)
+        await cache.store(fp, [(D1, {"a": S1})])
+        await cache.client.expire(score_key(fp, D1), 5)
+        assert await cache.lookup(fp, [(D1, ["a", "b"])]) == [[S1, None]]
+        ttl = await cache.client.ttl(score_key(fp, D1))
+        await cache.close()
+        return ttl
+
+    assert asyncio.run(scenario(True)) > 5
+    assert 0 < asyncio.run(scenario(False)) <= 5
