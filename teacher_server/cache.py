@@ -131,13 +131,15 @@ def round_trip(match_logit: float, match_prob: float) -> CachedScore:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password, for logs."""
+    """The URL without its password (``user:pass@`` or a ``password=`` query), for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        parts = parts._replace(netloc=user + netloc)
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    return urlunsplit(parts)
 
 
 # ------------------------------------------------------------------------------------- counters
