@@ -18,6 +18,7 @@ import pytest
 from testkit.http import RunningHttp, b64, running_http
 from testkit.teacher import png_bytes, teacher_settings
 
+from teacher_server.http_api.errors import http_error
 from teacher_server.http_api.routes import PAGE_HEADERS
 
 TOKEN = "tok-3f9a1c77e2b54d08"
@@ -66,6 +67,13 @@ def test_every_json_answer_says_nosniff(client: httpx.Client) -> None:
         assert response.headers.get("x-content-type-options") == "nosniff", name
     metrics = client.get("/metrics", headers=authorised())
     assert metrics.headers.get("x-content-type-options") == "nosniff"
+
+
+def test_an_unexpected_error_says_nosniff_too() -> None:
+    # A 500 comes from Starlette's outermost ServerErrorMiddleware, past every middleware of ours:
+    # the error body itself carries the header.
+    response = http_error(RuntimeError("a bug"), "HTTP").response()
+    assert response.status_code == 500 and response.headers["x-content-type-options"] == "nosniff"
 
 
 # -------------------------------------------------------------------------------------- CSPs
