@@ -258,7 +258,8 @@ class RedisHealth:
             self._logged_kinds.update(new)
         for kind, error in new.items():
             log.warning(
-                "Redis at %s refused a score-cache command (%s: %s); such keys read as misses (logged once per kind)",
+                "Redis at %s refused a score-cache command (%s: %s); that command is skipped for such keys: "
+                "a read is a miss, a write or TTL renewal is dropped (logged once per kind)",
                 self.name,
                 kind,
                 error,

@@ -585,3 +585,30 @@ def test_async_hit_renews_the_ttl_when_asked(redis_server: RedisServer, request:
 
     assert asyncio.run(scenario(True)) > 5
     assert 0 < asyncio.run(scenario(False)) <= 5
+
+
+def test_refresh_on_a_read_only_replica_reads_and_counts_the_refused_expire(
+    redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # docs/cache.md: with the TTL refresh on, reads are writes; a replica refuses the EXPIRE
+    # (READONLY), the scores are still used and the refusal is counted, not an outage.
+    fp = unique_fp(request)
+    RedisScoreCache.from_url(redis_server.url, ttl_s=500).store(fp, [(D1, {"a": S1})])
+    replica = RedisServer(
+        port=free_port(), workdir=tmp_path, extra_args=("--replicaof", "127.0.0.1", str(redis_server.port))
+    )
+    replica.start()
+    try:
+        cache = RedisScoreCache.from_url(replica.url, ttl_s=500, refresh_ttl_on_read=True)
+        deadline = time.monotonic() + 30  # a wait for the first sync, not a timing assertion
+        while cache.client.exists(score_key(fp, D1)) == 0:
+            assert time.monotonic() < deadline, "the replica never synchronised"
+            time.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="teacher_server.cache"):
+            for _ in range(2):
+                assert cache.lookup(fp, [(D1, ["a"])]) == [[S1]]
+        assert cache.health.up and cache.stats.outages == 0 and cache.stats.redis_errors == 2
+        assert sum("ReadOnlyError" in record.getMessage() for record in caplog.records) == 1  # once per kind
+        cache.close()
+    finally:
+        replica.stop()
