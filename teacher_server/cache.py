@@ -130,8 +130,8 @@ def round_trip(match_logit: float, match_prob: float) -> CachedScore:
     return decoded
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password (``user:pass@`` or a ``password=`` query), for logs."""
+def redacted_url(url: str) -> str:
+    """The URL with its password (``user:pass@`` or a ``password=`` query) replaced by ``***``, for logs."""
     parts = urlsplit(url)
     if parts.password is not None:
         netloc = parts.netloc.rsplit("@", 1)[1]
@@ -503,7 +503,7 @@ class RedisScoreCache(ScoreCache):
 
         client_class = RedisCluster if cluster else redis.Redis
         client = client_class.from_url(url, **_client_options(timeout_s, Retry))
-        return cls(client, ttl_s=ttl_s, name=_redacted(url), **options)
+        return cls(client, ttl_s=ttl_s, name=redacted_url(url), **options)
 
     def lookup(self, fingerprint: str, queries: Sequence[Query]) -> list[list[CachedScore | None]]:
         misses: list[list[CachedScore | None]] = [[None] * len(sentences) for _, sentences in queries]
@@ -582,7 +582,7 @@ class AsyncRedisScoreCache(AsyncScoreCache):
 
         client_class = RedisCluster if cluster else redis.asyncio.Redis
         client = client_class.from_url(url, **_client_options(timeout_s, Retry))
-        return cls(client, ttl_s=ttl_s, name=_redacted(url), **options)
+        return cls(client, ttl_s=ttl_s, name=redacted_url(url), **options)
 
     def _usable(self) -> bool:
         """True when Redis is believed up; else maybe start a background probe and say False."""

@@ -373,7 +373,9 @@ class ServerSettings(BaseSettings):
         values = self.model_dump(mode="json")
         values.update({name: "***" for name in _SECRET_FIELDS if values[name] is not None})
         if self.redis_url is not None:
-            values["redis_url"] = _redacted_url(self.redis_url)
+            from teacher_server.cache import redacted_url  # imports redis: only when needed
+
+            values["redis_url"] = redacted_url(self.redis_url)
         return values
 
 
@@ -425,17 +427,6 @@ def _with_password(url: str, password: str) -> str:
 def _has_password(url: str) -> bool:
     parts = urlsplit(url)
     return parts.password is not None or re.search(r"(^|&)password=", parts.query) is not None
-
-
-def _redacted_url(url: str) -> str:
-    """``url`` with its password (in the authority or the query) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-    if "password=" in parts.query:
-        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
-    return urlunsplit(parts)
 
 
 def _flag_secrets(flags: Mapping[str, Any]) -> list[str]:

@@ -35,6 +35,7 @@ from teacher_server.cache import (
     encode_score,
     open_async_score_cache,
     open_score_cache,
+    redacted_url,
     round_trip,
     score_key,
 )
@@ -334,6 +335,19 @@ def test_redis_password_is_not_logged() -> None:
     assert "hunter2" not in cache.health.name and "***" in cache.health.name
     assert cache.lookup(FP, [(D1, ["a"])]) == [[None]]
     cache.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:hunter2@h:6379/0", "redis://user:***@h:6379/0"),
+        ("rediss://:hunter2@h:6380/1?ssl_ca_certs=/ca.pem", "rediss://:***@h:6380/1?ssl_ca_certs=/ca.pem"),
+        ("redis://h:6379/0?db=1&password=hunter2", "redis://h:6379/0?db=1&password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redacted_url_hides_every_form_of_password(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
 
 
 # ------------------------------------------------------------------------------------ health logic
