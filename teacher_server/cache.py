@@ -130,14 +130,16 @@ def round_trip(match_logit: float, match_prob: float) -> CachedScore:
     return decoded
 
 
-def _redacted(url: str) -> str:
-    """The URL without its password, for logs."""
+def redacted_url(url: str) -> str:
+    """The URL with its password (``user:pass@`` or a ``password=`` query) replaced by ``***``, for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        parts = parts._replace(netloc=user + netloc)
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query))
+    return urlunsplit(parts)
 
 
 # ------------------------------------------------------------------------------------- counters
@@ -153,6 +155,8 @@ class CacheStats:
     """Transitions from reachable to unreachable."""
     skipped: int = 0
     """Operations answered without trying Redis because it was in its back-off window."""
+    probes: int = 0
+    """Probe tickets handed out while Redis was down (one per elapsed back-off window)."""
 
     def count(self, results: Sequence[Sequence[CachedScore | None]]) -> None:
         for row in results:
@@ -166,6 +170,9 @@ class RedisHealth:
 
     While Redis is down, ``take_probe()`` hands out one probe per window (so only one caller
     pays a connection attempt); each failed probe doubles the window up to ``backoff_max_s``.
+    Failures of operations that were already in flight when Redis went away (they passed the
+    breaker while it was up) are counted but move neither the window nor the next probe: eight
+    concurrent requests failing together are one outage, not eight failed probes.
     """
 
     def __init__(
@@ -188,11 +195,17 @@ class RedisHealth:
         self._up = True
         self._window = backoff_s
         self._retry_at = 0.0
+        self._probe_out = False  # a probe ticket is out; its failure (and only it) doubles the window
         self._logged_kinds: set[str] = set()
 
     @property
     def up(self) -> bool:
         return self._up
+
+    @property
+    def window_s(self) -> float:
+        """The current back-off window: ``backoff_s`` after an outage began, doubled per failed probe."""
+        return self._window
 
     def take_probe(self) -> bool:
         """While down: True once per elapsed back-off window (the caller then tries Redis)."""
@@ -204,14 +217,19 @@ class RedisHealth:
                 self.stats.skipped += 1
                 return False
             self._retry_at = now + self._window  # the ticket: others skip until it has run
+            self._probe_out = True
+            self.stats.probes += 1
             return True
 
     def failed(self, error: BaseException) -> None:
+        """Count a failed Redis operation; go down, or back off further after a failed probe."""
         with self._lock:
             self.stats.redis_errors += 1
             if self._up:
                 self._up = False
                 self._window = self.backoff_s
+                self._retry_at = self._clock() + self._window
+                self._probe_out = False
                 self.stats.outages += 1
                 log.warning(
                     "Redis score cache at %s is unreachable (%s: %s); serving without the cache and "
@@ -223,10 +241,12 @@ class RedisHealth:
                     self.backoff_max_s,
                     extra={"redis": self.name, "error": f"{type(error).__name__}: {error}"},
                 )
-            else:
+            elif self._probe_out:  # the probe of this window failed: wait twice as long
+                self._probe_out = False
                 self._window = min(self._window * 2, self.backoff_max_s)
+                self._retry_at = self._clock() + self._window
                 log.debug("Redis at %s still unreachable: %s", self.name, error)
-            self._retry_at = self._clock() + self._window
+            # else: an operation that was in flight when Redis went away; counted, nothing more.
         if self._on_error is not None:
             self._on_error(error)
 
@@ -238,7 +258,8 @@ class RedisHealth:
             self._logged_kinds.update(new)
         for kind, error in new.items():
             log.warning(
-                "Redis at %s refused a score-cache command (%s: %s); such keys read as misses (logged once per kind)",
+                "Redis at %s refused a score-cache command (%s: %s); that command is skipped for such keys: "
+                "a read is a miss, a write or TTL renewal is dropped (logged once per kind)",
                 self.name,
                 kind,
                 error,
@@ -258,6 +279,7 @@ class RedisHealth:
 
     def succeeded(self) -> None:
         with self._lock:
+            self._probe_out = False
             if self._up:
                 return
             self._up = True
@@ -265,21 +287,32 @@ class RedisHealth:
         log.warning("Redis score cache at %s is reachable again; using it", self.name)
 
 
-def _queue_lookups(pipe: Any, fingerprint: str, queries: Sequence[Query]) -> list[int]:
-    """Queue one HMGET per query with sentences; returns the indices of the queued queries."""
+def _queue_lookups(
+    pipe: Any, fingerprint: str, queries: Sequence[Query], refresh_ttl_s: int | None = None
+) -> list[int]:
+    """Queue one HMGET per query with sentences; returns the indices of the queued queries.
+
+    With ``refresh_ttl_s``, each HMGET is followed by ``EXPIRE key refresh_ttl_s`` in the same
+    pipeline (no extra round trip): a read renews the image's lifetime as a write does. EXPIRE on
+    a key that does not exist does nothing, so a miss creates no key.
+    """
     queued = []
     for index, (digest, sentences) in enumerate(queries):
         if sentences:
-            pipe.hmget(score_key(fingerprint, digest), [sentence_field(s) for s in sentences])
+            key = score_key(fingerprint, digest)
+            pipe.hmget(key, [sentence_field(s) for s in sentences])
+            if refresh_ttl_s is not None:
+                pipe.expire(key, refresh_ttl_s)
             queued.append(index)
     return queued
 
 
 def _decode_lookups(
-    queries: Sequence[Query], queued: list[int], replies: Sequence[Any]
+    queries: Sequence[Query], queued: list[int], replies: Sequence[Any], *, refreshed: bool = False
 ) -> list[list[CachedScore | None]]:
+    """The scores of the HMGET replies (with ``refreshed``, every other reply is an EXPIRE's)."""
     results: list[list[CachedScore | None]] = [[None] * len(sentences) for _, sentences in queries]
-    for index, reply in zip(queued, replies, strict=True):
+    for index, reply in zip(queued, replies[::2] if refreshed else replies, strict=True):
         if isinstance(reply, Exception):  # e.g. WRONGTYPE: someone else's key; a miss (counted)
             continue
         results[index] = [decode_score(raw) for raw in reply]
@@ -446,13 +479,19 @@ class RedisScoreCache(ScoreCache):
         backoff_max_s: float = 30.0,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refresh_ttl_on_read: bool = False,
     ) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.refresh_ttl_on_read = refresh_ttl_on_read
         self.stats = CacheStats()
         self.health = RedisHealth(
             name, self.stats, backoff_s=backoff_s, backoff_max_s=backoff_max_s, on_error=on_error, clock=clock
         )
+
+    @property
+    def _refresh_ttl_s(self) -> int | None:
+        return self.ttl_s if self.refresh_ttl_on_read else None
 
     @classmethod
     def from_url(
@@ -464,7 +503,7 @@ class RedisScoreCache(ScoreCache):
 
         client_class = RedisCluster if cluster else redis.Redis
         client = client_class.from_url(url, **_client_options(timeout_s, Retry))
-        return cls(client, ttl_s=ttl_s, name=_redacted(url), **options)
+        return cls(client, ttl_s=ttl_s, name=redacted_url(url), **options)
 
     def lookup(self, fingerprint: str, queries: Sequence[Query]) -> list[list[CachedScore | None]]:
         misses: list[list[CachedScore | None]] = [[None] * len(sentences) for _, sentences in queries]
@@ -473,10 +512,10 @@ class RedisScoreCache(ScoreCache):
             return misses
         try:
             pipe = self.client.pipeline(transaction=False)
-            queued = _queue_lookups(pipe, fingerprint, queries)
+            queued = _queue_lookups(pipe, fingerprint, queries, self._refresh_ttl_s)
             replies = pipe.execute(raise_on_error=False)
             self.health.check(replies)
-            results = _decode_lookups(queries, queued, replies)
+            results = _decode_lookups(queries, queued, replies, refreshed=self.refresh_ttl_on_read)
         except _OUTAGE_ERRORS as error:
             self.health.failed(error)
             results = misses
@@ -518,14 +557,20 @@ class AsyncRedisScoreCache(AsyncScoreCache):
         backoff_max_s: float = 30.0,
         on_error: Callable[[BaseException], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refresh_ttl_on_read: bool = False,
     ) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.refresh_ttl_on_read = refresh_ttl_on_read
         self.stats = CacheStats()
         self.health = RedisHealth(
             name, self.stats, backoff_s=backoff_s, backoff_max_s=backoff_max_s, on_error=on_error, clock=clock
         )
         self._probe_task: asyncio.Task | None = None
+
+    @property
+    def _refresh_ttl_s(self) -> int | None:
+        return self.ttl_s if self.refresh_ttl_on_read else None
 
     @classmethod
     def from_url(
@@ -537,7 +582,7 @@ class AsyncRedisScoreCache(AsyncScoreCache):
 
         client_class = RedisCluster if cluster else redis.asyncio.Redis
         client = client_class.from_url(url, **_client_options(timeout_s, Retry))
-        return cls(client, ttl_s=ttl_s, name=_redacted(url), **options)
+        return cls(client, ttl_s=ttl_s, name=redacted_url(url), **options)
 
     def _usable(self) -> bool:
         """True when Redis is believed up; else maybe start a background probe and say False."""
@@ -562,10 +607,10 @@ class AsyncRedisScoreCache(AsyncScoreCache):
             return misses
         try:
             pipe = self.client.pipeline(transaction=False)
-            queued = _queue_lookups(pipe, fingerprint, queries)
+            queued = _queue_lookups(pipe, fingerprint, queries, self._refresh_ttl_s)
             replies = await pipe.execute(raise_on_error=False)
             self.health.check(replies)
-            results = _decode_lookups(queries, queued, replies)
+            results = _decode_lookups(queries, queued, replies, refreshed=self.refresh_ttl_on_read)
         except _OUTAGE_ERRORS as error:
             self.health.failed(error)
             results = misses
@@ -599,8 +644,12 @@ def open_score_cache(
     backoff_max_s: float = 30.0,
     cluster: bool = False,
     on_error: Callable[[BaseException], None] | None = None,
+    refresh_ttl_on_read: bool = False,
 ) -> ScoreCache:
-    """Redis when ``redis_url`` is given, else the in-process LRU (sync flavour)."""
+    """Redis when ``redis_url`` is given, else the in-process LRU (sync flavour).
+
+    ``refresh_ttl_on_read``: a lookup renews each looked-up image's TTL (docs/cache.md: the cost).
+    """
     if redis_url is None:
         return LocalScoreCache(local_entries)
     return RedisScoreCache.from_url(
@@ -611,6 +660,7 @@ def open_score_cache(
         backoff_s=backoff_s,
         backoff_max_s=backoff_max_s,
         on_error=on_error,
+        refresh_ttl_on_read=refresh_ttl_on_read,
     )
 
 
@@ -624,8 +674,10 @@ def open_async_score_cache(
     backoff_max_s: float = 30.0,
     cluster: bool = False,
     on_error: Callable[[BaseException], None] | None = None,
+    refresh_ttl_on_read: bool = False,
 ) -> AsyncScoreCache:
-    """Redis when ``redis_url`` is given, else the in-process LRU (asyncio flavour)."""
+    """Redis when ``redis_url`` is given, else the in-process LRU (asyncio flavour); options as
+    ``open_score_cache``."""
     if redis_url is None:
         return AsyncLocalScoreCache(LocalScoreCache(local_entries))
     return AsyncRedisScoreCache.from_url(
@@ -636,4 +688,5 @@ def open_async_score_cache(
         backoff_s=backoff_s,
         backoff_max_s=backoff_max_s,
         on_error=on_error,
+        refresh_ttl_on_read=refresh_ttl_on_read,
     )

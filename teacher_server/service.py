@@ -143,6 +143,7 @@ class ScoringService:
                 backoff_max_s=s.redis_backoff_max_s,
                 cluster=s.redis_cluster,
                 on_error=lambda _: self.metrics.redis_errors.inc(),
+                refresh_ttl_on_read=s.cache_refresh_ttl_on_read,
             )
         )
         self.batcher = DynamicBatcher(

@@ -19,7 +19,9 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -45,7 +47,16 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 _SECRET_FIELDS = frozenset({"auth_token"})
 # Settings whose empty value means "unset" (compose files write HOIDISTILL_REDIS_URL=).
-_OPTIONAL_TEXT = ("model_revision", "redis_url", "tls_cert", "tls_key", "tls_client_ca", "auth_token")
+_OPTIONAL_TEXT = (
+    "model_revision",
+    "redis_url",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "auth_token",
+    "auth_token_file",
+    "redis_password_file",
+)
 
 
 class SettingsError(TeacherError, ValueError):
@@ -131,8 +142,10 @@ class ServerSettings(BaseSettings):
     redis_url: str | None = _setting(
         None,
         "Redis for the shared score cache (redis://host:6379/0, rediss://..., unix://...); "
-        "unset = in-process LRU cache",
+        "unset = in-process LRU cache. A URL with a password (redis://user:pass@...) is a secret: "
+        "refused as a flag, give it by the variable or use --redis-password-file",
         "URL",
+        repr=False,  # it may hold a password
     )
     redis_cluster: bool = _setting(
         False, "--redis-url points at a Redis Cluster node (keys carry a hash tag per image)"
@@ -157,6 +170,11 @@ class ServerSettings(BaseSettings):
     )
     redis_backoff_max_s: float = _setting(
         30.0, "longest back-off between Redis probes during an outage", "SECONDS", ge=0.001
+    )
+    cache_refresh_ttl_on_read: bool = _setting(
+        False,
+        "a lookup also renews the looked-up images' TTL in Redis (one EXPIRE per image in the same "
+        "round trip; a write on the primary per read: see docs/cache.md)",
     )
 
     # --- batching --------------------------------------------------------------------------
@@ -204,9 +222,20 @@ class ServerSettings(BaseSettings):
     auth_token: str | None = Field(
         None,
         repr=False,  # never print the secret
-        description="bearer token every request must carry (prefer the environment variable: "
-        "flags show in the process list)",
+        description="bearer token every request must carry; only by the environment variable or "
+        "--auth-token-file (refused as a flag: flags show in the process list)",
         json_schema_extra={"metavar": "TOKEN"},
+    )
+    auth_token_file: str | None = _setting(
+        None,
+        "file holding the bearer token (surrounding whitespace stripped); instead of HOIDISTILL_AUTH_TOKEN, "
+        "e.g. a mounted Kubernetes or Docker secret",
+        "PATH",
+    )
+    redis_password_file: str | None = _setting(
+        None,
+        "file holding the password of --redis-url's user (the URL then carries none; surrounding whitespace stripped)",
+        "PATH",
     )
 
     # --- logging ---------------------------------------------------------------------------
@@ -241,6 +270,33 @@ class ServerSettings(BaseSettings):
             raise SettingsError(describe_errors(error, _sources)) from None
 
     # --- validation beyond the field rules ---------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, values: Any) -> Any:
+        """``auth_token_file`` -> ``auth_token``; ``redis_password_file`` -> the password of ``redis_url``.
+
+        The secrets then live where the rest of the service looks for them (and are hidden from
+        ``repr`` and ``public_dict`` there); the file settings keep the paths.
+        """
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        token_file = _given(values.get("auth_token_file"))
+        if token_file is not None:
+            if _given(values.get("auth_token")) is not None:
+                raise ValueError(
+                    f"set the bearer token once: auth_token ({env_name('auth_token')}) or auth_token_file "
+                    f"({_names('auth_token_file')}), not both"
+                )
+            values["auth_token"] = _read_secret(token_file, "auth_token_file")
+        password_file = _given(values.get("redis_password_file"))
+        if password_file is not None:
+            url = _given(values.get("redis_url"))
+            if url is None:
+                raise ValueError(f"redis_password_file ({_names('redis_password_file')}) needs redis_url as well")
+            values["redis_url"] = _with_password(url, _read_secret(password_file, "redis_password_file"))
+        return values
+
     @field_validator(*_OPTIONAL_TEXT, mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -316,6 +372,10 @@ class ServerSettings(BaseSettings):
         """All settings as plain (JSON) values, secrets replaced by ``"***"`` (for logs and model info)."""
         values = self.model_dump(mode="json")
         values.update({name: "***" for name in _SECRET_FIELDS if values[name] is not None})
+        if self.redis_url is not None:
+            from teacher_server.cache import redacted_url  # imports redis: only when needed
+
+            values["redis_url"] = redacted_url(self.redis_url)
         return values
 
 
@@ -331,6 +391,60 @@ def flag_name(field_name: str) -> str:
 
 def _names(field_name: str) -> str:
     return f"{flag_name(field_name)} / {env_name(field_name)}"
+
+
+# ---------------------------------------------------------------------------------- secrets
+def _given(value: Any) -> Any:
+    """``value``, or None for an unset or blank one (as ``_empty_is_unset`` treats it)."""
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def _read_secret(path: str, setting: str) -> str:
+    """The stripped text of a secret file, or a ValueError naming the setting and the path."""
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{setting} ({_names(setting)}): cannot read {path}: {reason}") from None
+    if not text:
+        raise ValueError(f"{setting} ({_names(setting)}): {path} is empty")
+    return text
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` for its user, percent-encoded in the authority (redis-py reads it
+    there for every scheme, ``unix://:pw@/path/redis.sock`` too, and unquotes it)."""
+    parts = urlsplit(url)
+    if _has_password(url):
+        raise ValueError(
+            f"redis_url already carries a password; with redis_password_file ({_names('redis_password_file')}) "
+            "give the URL without one (redis://user@host:6379/0)"
+        )
+    user, _, host = parts.netloc.rpartition("@")  # the user as written (already percent-encoded)
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def _has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or re.search(r"(^|&)password=", parts.query) is not None
+
+
+def _flag_secrets(flags: Mapping[str, Any]) -> list[str]:
+    """The secrets given as flags: refused, since every local user can read a command line."""
+    refused = []
+    if flags.get("auth_token"):
+        refused.append(
+            "--auth-token: refused: a token on the command line is readable by every local user "
+            "(ps, /proc/<pid>/cmdline) for as long as the teacher runs; give it as HOIDISTILL_AUTH_TOKEN "
+            "or in a file with --auth-token-file PATH"
+        )
+    url = flags.get("redis_url")
+    if isinstance(url, str) and _has_password(url):
+        refused.append(
+            "--redis-url: refused: the URL carries a password, which the command line shows to every local "
+            "user; give the URL as HOIDISTILL_REDIS_URL, or the password in a file with --redis-password-file PATH"
+        )
+    return refused
 
 
 # ---------------------------------------------------------------------------------- the errors
@@ -401,8 +515,10 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     """Defaults, then ``HOIDISTILL_*`` variables of ``env`` (default ``os.environ``), then given flags."""
     values = _values_from_env(os.environ if env is None else env)
     sources = {name: env_name(name) for name in values}
-    for name in ServerSettings.model_fields:
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
-            sources[name] = flag_name(name)
+    flags = {name: getattr(args, name) for name in ServerSettings.model_fields if hasattr(args, name)}
+    refused = _flag_secrets(flags)
+    if refused:
+        raise SettingsError("\n".join(refused))
+    values.update(flags)
+    sources.update({name: flag_name(name) for name in flags})
     return ServerSettings(_sources=sources, **values)

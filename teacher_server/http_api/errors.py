@@ -71,7 +71,10 @@ class HttpError(Exception):
             message=self.message,
             retry_after_ms=self.retry_after_ms,
         )
-        return JSONResponse({"error": detail.model_dump()}, status_code=self.status, headers=self.headers)
+        # nosniff here too, not only in SecurityHeadersMiddleware: a 500 is answered by Starlette's
+        # outermost ServerErrorMiddleware, which no middleware of ours wraps.
+        headers = {"X-Content-Type-Options": "nosniff", **self.headers}
+        return JSONResponse({"error": detail.model_dump()}, status_code=self.status, headers=headers)
 
 
 def invalid(field: str, reason: str, *, too_large: bool = False) -> HttpError:

@@ -1,4 +1,4 @@
-"""ASGI middleware of the HTTP API: request metrics and the request body limit.
+"""ASGI middleware of the HTTP API: request metrics, the request body limit, security headers.
 
 Pure ASGI classes rather than ``BaseHTTPMiddleware``: the body limit must see the body as it
 streams in (a chunked body has no Content-Length), and neither may buffer a response.
@@ -7,7 +7,7 @@ streams in (a chunked body has no Content-Length), and neither may buffer a resp
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -88,3 +88,31 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited, send)
+
+
+class SecurityHeadersMiddleware:
+    """Adds ``headers`` to every HTTP answer that does not set them itself.
+
+    The API's JSON (answers and errors alike) gets ``X-Content-Type-Options: nosniff``, so a
+    browser never second-guesses it as HTML or script. A header a route sets wins: the page's and
+    the docs' own Content-Security-Policy stay as they are.
+    """
+
+    def __init__(self, app: ASGIApp, headers: Mapping[str, str]) -> None:
+        self.app = app
+        self.headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", ())}
+                missing = [(name, value) for name, value in self.headers if name not in present]
+                if missing:
+                    message = {**message, "headers": [*message.get("headers", ()), *missing]}
+            await send(message)
+
+        await self.app(scope, receive, sending)

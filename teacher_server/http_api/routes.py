@@ -32,7 +32,7 @@ from teacher_server.grpc_api import Drain, ServiceUnavailableError, unavailable_
 from teacher_server.hoi.digest import image_digest
 from teacher_server.http_api.bodies import parse_body, request_region, triplet_sentences
 from teacher_server.http_api.errors import http_error, install_error_handlers, invalid, region_field, renamer
-from teacher_server.http_api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from teacher_server.http_api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, SecurityHeadersMiddleware
 from teacher_server.http_api.schemas import (
     ERROR_RESPONSES,
     MODELS,
@@ -58,7 +58,7 @@ from teacher_server.http_api.schemas import (
     TripletsResponse,
     request_body,
 )
-from teacher_server.http_api.security import require_bearer_token, set_token
+from teacher_server.http_api.security import API_HEADERS, docs_headers, require_bearer_token, set_token
 from teacher_server.service import ScoreItem
 
 if TYPE_CHECKING:
@@ -338,6 +338,7 @@ def create_app(service: ScoringService, settings: ServerSettings, *, drain: Drai
     _document_request_bodies(app)
     # Added last = outermost: the metrics see the 413s that the body limit answers.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_message_bytes)
+    app.add_middleware(SecurityHeadersMiddleware, headers=API_HEADERS)
     app.add_middleware(RequestMetricsMiddleware, observe=service.metrics.observe_request, paths=COUNTED_PATHS)
     return app
 
@@ -349,13 +350,15 @@ def _serve_docs_offline(app: FastAPI, assets: str | Path) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(
+        page = get_swagger_ui_html(
             openapi_url=f"{root}/openapi.json",
             title=f"{app.title} - API",
             swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
             swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
             swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png",
         )
+        page.headers.update(docs_headers(bytes(page.body)))
+        return page
 
 
 def _document_request_bodies(app: FastAPI) -> None:

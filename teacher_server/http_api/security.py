@@ -1,15 +1,25 @@
-"""Bearer-token auth of the HTTP API, as a FastAPI security dependency.
+"""Bearer-token auth of the HTTP API, as a FastAPI security dependency; the security headers.
 
 ``create_app`` adds ``require_bearer_token`` to the routes that serve data (scoring, model info,
 metrics) when a token is set; FastAPI then also documents the ``bearer`` scheme in OpenAPI and
 marks those operations with it. Probes (``/healthz``, ``/readyz``), the page, its assets and the
 API description do not depend on it: probes cannot send a token, and the page asks for one and
 sends it itself.
+
+The token is compared in constant time (``hmac.compare_digest``) and never logged: a refusal
+names the path and whether the token was missing or wrong, never what was sent (uvicorn's access
+log is off, and would not show headers anyway).
+
+``API_HEADERS`` go on every answer (``SecurityHeadersMiddleware``); ``docs_headers`` gives the
+Swagger UI page at ``/docs`` a Content-Security-Policy that lets exactly its own script run.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import re
 from typing import Annotated
 
 from fastapi import FastAPI, Request, Security
@@ -51,3 +61,28 @@ def _unauthenticated(message: str) -> HttpError:
         field="Authorization",
         headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
     )
+
+
+# Every answer: the API's JSON must never be sniffed into HTML or script by a browser.
+API_HEADERS = {"X-Content-Type-Options": "nosniff"}
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def docs_headers(html: bytes) -> dict[str, str]:
+    """Headers of the Swagger UI page ``html`` (FastAPI's ``get_swagger_ui_html``, assets served
+    from this server): a CSP allowing this server's files and, by hash, the page's own inline
+    script (the one that starts Swagger UI), and nothing else: no other inline script, no eval,
+    nothing from another origin. Styles come from this server only (Swagger UI sets its inline
+    styles through the DOM, which a CSP allows; ``test_web_page`` checks it renders without a
+    single CSP violation).
+    """
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode('ascii')}'"
+        for script in _INLINE_SCRIPT.findall(html)
+    )
+    policy = (
+        f"default-src 'none'; script-src 'self' {hashes}; style-src 'self'; "
+        "img-src 'self' data:; connect-src 'self'; font-src 'self' data:; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    )
+    return {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer", **API_HEADERS}

@@ -35,6 +35,7 @@ from teacher_server.cache import (
     encode_score,
     open_async_score_cache,
     open_score_cache,
+    redacted_url,
     round_trip,
     score_key,
 )
@@ -336,6 +337,19 @@ def test_redis_password_is_not_logged() -> None:
     cache.close()
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:hunter2@h:6379/0", "redis://user:***@h:6379/0"),
+        ("rediss://:hunter2@h:6380/1?ssl_ca_certs=/ca.pem", "rediss://:***@h:6380/1?ssl_ca_certs=/ca.pem"),
+        ("redis://h:6379/0?db=1&password=hunter2", "redis://h:6379/0?db=1&password=***"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+    ],
+)
+def test_redacted_url_hides_every_form_of_password(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
+
+
 # ------------------------------------------------------------------------------------ health logic
 def test_health_hands_out_one_probe_per_window_doubling_to_the_cap() -> None:
     clock = FakeClock()
@@ -491,3 +505,124 @@ def test_redis_cluster_keeps_an_image_in_one_slot_and_works_sync_and_async(redis
         return result
 
     assert asyncio.run(scenario()) == [[S1], [S2]]
+
+
+# ------------------------------------------------------------- back-off per probe, not per request
+def test_concurrent_failures_back_off_once_per_probe_not_per_request(private_redis: RedisServer) -> None:
+    # Issue 15: requests already in flight when Redis died each doubled the back-off, so 8 of them
+    # pushed it from 1 s to the 30 s cap and a 10 s Redis restart cost 30 s without the cache.
+    clock = FakeClock()
+    in_flight = 8
+
+    async def scenario() -> None:
+        cache = AsyncRedisScoreCache(
+            redis.asyncio.Redis.from_url(private_redis.url, socket_timeout=0.5, socket_connect_timeout=0.5),
+            ttl_s=60,
+            backoff_s=1.0,
+            backoff_max_s=30.0,
+            clock=clock,
+        )
+        await cache.store(FP, [(D1, {"a": S1})])
+        private_redis.stop()
+        # All eight pass the breaker while Redis is believed up, then all fail.
+        rows = await asyncio.gather(*(cache.lookup(FP, [(D1, ["a"])]) for _ in range(in_flight)))
+        assert rows == [[[None]]] * in_flight
+        assert cache.stats.redis_errors == in_flight and cache.stats.outages == 1
+        assert not cache.health.up and cache.stats.probes == 0
+
+        private_redis.start()  # back before the first window ends (an empty Redis, same port)
+        clock.now += 1.0  # one back-off period: the first step, not 2^7 of them
+        assert await cache.lookup(FP, [(D1, ["a"])]) == [[None]]  # answered at once; a probe starts
+        assert cache._probe_task is not None, "no probe after one back-off period"
+        await cache._probe_task
+        assert cache.health.up and cache.stats.probes == 1
+        await cache.store(FP, [(D2, {"b": S2})])
+        assert await cache.lookup(FP, [(D2, ["b"])]) == [[S2]]  # the cache is used again
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
+def test_health_doubles_per_failed_probe_not_per_failure_in_flight() -> None:
+    clock = FakeClock()
+    stats = CacheStats()
+    health = RedisHealth("r", stats, backoff_s=1.0, backoff_max_s=30.0, clock=clock)
+    for _ in range(8):  # eight requests that were in flight when Redis went away
+        health.failed(OSError("down"))
+    assert health.window_s == 1.0 and stats.redis_errors == 8 and stats.outages == 1
+    clock.now += 0.5
+    health.failed(OSError("late reply"))  # does not push the next probe out either
+    clock.now += 0.5
+    assert health.take_probe() and stats.probes == 1  # one window after the outage began
+    health.failed(OSError("probe failed"))  # the probe's own failure: the window doubles
+    health.failed(OSError("another late reply"))  # a failure that held no ticket: no doubling
+    assert health.window_s == 2.0
+    clock.now += 2.0
+    assert health.take_probe() and not health.take_probe()
+    health.failed(OSError("probe failed"))
+    assert health.window_s == 4.0 and stats.probes == 2
+
+
+# ----------------------------------------------------------------------------- TTL refresh on read
+@pytest.mark.parametrize("refresh", [True, False])
+def test_a_hit_renews_the_ttl_only_when_asked_in_the_same_round_trip(
+    redis_server: RedisServer, request: pytest.FixtureRequest, refresh: bool
+) -> None:
+    fp = unique_fp(request)
+    client = CountingRedis.from_url(redis_server.url)
+    cache = RedisScoreCache(client, ttl_s=500, refresh_ttl_on_read=refresh)
+    cache.store(fp, [(D1, {"a": S1}), (D2, {"b": S2})])
+    for digest in (D1, D2):
+        client.expire(score_key(fp, digest), 5)  # as if written long ago
+    CountingRedis.round_trips = 0
+    assert cache.lookup(fp, [(D1, ["a", "z"]), (D2, ["b"]), (D3, ["c"])]) == [[S1, None], [S2], [None]]
+    assert CountingRedis.round_trips == 1  # the EXPIREs ride in the lookup's pipeline
+    for digest in (D1, D2):
+        ttl = client.ttl(score_key(fp, digest))
+        assert (ttl > 5) if refresh else (0 < ttl <= 5)
+    assert client.exists(score_key(fp, D3)) == 0  # a miss creates nothing
+    assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+    cache.close()
+
+
+def test_async_hit_renews_the_ttl_when_asked(redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
+    fp = unique_fp(request)
+
+    async def scenario(refresh: bool) -> int:
+        cache = open_async_score_cache(redis_server.url, ttl_s=500, refresh_ttl_on_read=refresh)
+        await cache.store(fp, [(D1, {"a": S1})])
+        await cache.client.expire(score_key(fp, D1), 5)
+        assert await cache.lookup(fp, [(D1, ["a", "b"])]) == [[S1, None]]
+        ttl = await cache.client.ttl(score_key(fp, D1))
+        await cache.close()
+        return ttl
+
+    assert asyncio.run(scenario(True)) > 5
+    assert 0 < asyncio.run(scenario(False)) <= 5
+
+
+def test_refresh_on_a_read_only_replica_reads_and_counts_the_refused_expire(
+    redis_server: RedisServer, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # docs/cache.md: with the TTL refresh on, reads are writes; a replica refuses the EXPIRE
+    # (READONLY), the scores are still used and the refusal is counted, not an outage.
+    fp = unique_fp(request)
+    RedisScoreCache.from_url(redis_server.url, ttl_s=500).store(fp, [(D1, {"a": S1})])
+    replica = RedisServer(
+        port=free_port(), workdir=tmp_path, extra_args=("--replicaof", "127.0.0.1", str(redis_server.port))
+    )
+    replica.start()
+    try:
+        cache = RedisScoreCache.from_url(replica.url, ttl_s=500, refresh_ttl_on_read=True)
+        deadline = time.monotonic() + 30  # a wait for the first sync, not a timing assertion
+        while cache.client.exists(score_key(fp, D1)) == 0:
+            assert time.monotonic() < deadline, "the replica never synchronised"
+            time.sleep(0.05)
+        with caplog.at_level(logging.WARNING, logger="teacher_server.cache"):
+            for _ in range(2):
+                assert cache.lookup(fp, [(D1, ["a"])]) == [[S1]]
+        assert cache.health.up and cache.stats.outages == 0 and cache.stats.redis_errors == 2
+        assert sum("ReadOnlyError" in record.getMessage() for record in caplog.records) == 1  # once per kind
+        cache.close()
+    finally:
+        replica.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,25 @@ def test_tritonclient_with_tls_and_token_header(tls_teacher, certs):
     with pytest.raises(InferenceServerException) as caught:
         infer(None)
     assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def test_tokens_are_never_logged(tls_teacher, certs, caplog, capfd):
+    right, wrong = TOKEN, "guess-7d2f41c0b9e3"
+    with caplog.at_level(logging.DEBUG):  # every logger of the process, the server's included
+        with tls_client(tls_teacher, certs, token=wrong) as client, pytest.raises(TeacherRpcError):
+            client.score([png_bytes(6)], [SENTENCES])
+        assert_serving(tls_teacher, certs)  # the right token
+        client = triton.InferenceServerClient(url=tls_teacher.target, ssl=True, root_certificates=str(certs.ca))
+        try:
+            with pytest.raises(InferenceServerException):
+                client.get_model_metadata("blip_itm", headers={"authorization": f"Bearer {wrong}"})
+            assert client.get_model_metadata("blip_itm", headers={"authorization": f"Bearer {right}"}).name
+        finally:
+            client.close()
+    logged = "\n".join(f"{record.getMessage()} {record.__dict__}" for record in caplog.records)
+    captured = capfd.readouterr()  # and what went to the process's stdout/stderr (gRPC's C core)
+    for token in (right, wrong):
+        assert token not in logged and token not in captured.out + captured.err
 
 
 # --------------------------------------------------------------------------------- mutual TLS

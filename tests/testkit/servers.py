@@ -24,6 +24,7 @@ class RedisServer:
     port: int
     workdir: Path
     persistent: bool = False  # an append-only file in ``workdir``: a restart keeps the data
+    extra_args: tuple[str, ...] = ()  # more redis-server options (a password, ACL users, TLS); later ones win
     process: subprocess.Popen | None = None
 
     @property
@@ -49,6 +50,7 @@ class RedisServer:
                 "always",
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
