@@ -76,6 +76,16 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 # EXIF orientations 5 to 8 turn the picture by 90 degrees: its shown width is the stored height.
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Per orientation, whether the shown x and y axes run against the stored ones (Pillow's
+# exif_transpose: 2 mirrors x, 3 turns 180 degrees, 6 turns 90 degrees clockwise, ...).
+_FLIPPED_AXES = {
+    2: (True, False),
+    3: (True, True),
+    4: (False, True),
+    6: (True, False),
+    7: (True, True),
+    8: (False, True),
+}
 
 
 @dataclass(frozen=True)
@@ -344,19 +354,24 @@ def open_image(
     return image
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 to 8; 1 = as stored) of an opened image, from its header only."""
+    if image.format == "PNG" and "exif" not in image.info:
+        # An eXIf chunk after the pixels is found only by decoding them all; ``prepare_views``
+        # checks the regions again against the decoded size.
+        return 1
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # unreadable EXIF: exif_transpose will not turn the picture either
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
 def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as shown, i.e. after its EXIF orientation; read from the
     header, nothing decoded. Regions are given in these coordinates."""
     width, height = image.size
-    if image.format == "PNG" and "exif" not in image.info:
-        # An eXIf chunk after the pixels is found only by decoding them all; ``prepare_views``
-        # checks the regions again against the decoded size.
-        return width, height
-    try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION)
-    except Exception:  # unreadable EXIF: exif_transpose will not turn the picture either
-        return width, height
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+    return (height, width) if exif_orientation(image) in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def load_image(image: Image.Image, *, field: str = "image", scale: float = 1.0) -> tuple[Image.Image, float]:
@@ -648,6 +663,7 @@ class ItmEngine:
             field=field,
         )
         width, height = oriented_size(image)
+        orientation = exif_orientation(image)
         names = list(region_fields) if region_fields is not None else ["region"] * len(regions)
         self._check_regions(regions, names, width, height)
         needed = max((self._scale_needed(region, width, height) for region in regions), default=1.0)
@@ -655,10 +671,43 @@ class ItmEngine:
         if scale == 1.0 and image.size != (width, height):  # turned by an EXIF chunk after the pixels
             self._check_regions(regions, names, *image.size)
         digest = digest or image_digest(bytes(data))
+        if scale == 1.0:
+            return [PreparedImage(digest, self.preprocess(self.render(image, region)), region) for region in regions]
         return [
-            PreparedImage(digest, self.preprocess(self.render(image, _scaled(region, scale))), region)
+            PreparedImage(digest, self._preprocess_drafted(image, region, scale, (width, height), orientation), region)
             for region in regions
         ]
+
+    def _preprocess_drafted(
+        self, image: Image.Image, region: Region | None, scale: float, size: tuple[int, int], orientation: int
+    ) -> Tensor:
+        """Pixel values of a view of an image decoded at ``scale`` of its shown ``size``.
+
+        The view's box (in the original's pixels) is resized straight to the processor's size
+        with Pillow's fractional ``box``: cropping at the reduced size first would round the box
+        to whole reduced pixels and shift the view by up to half of one. A side that is not a
+        multiple of the scale ends in a partial pixel, which a turned or mirrored image shows
+        first: the box starts after it.
+        """
+        s = self.settings
+        width, height = size
+        flip_x, flip_y = _FLIPPED_AXES.get(orientation, (False, False))
+        offset_x = image.width - width * scale if flip_x else 0.0
+        offset_y = image.height - height * scale if flip_y else 0.0
+        if region is not None and s.region_policy == "crop":
+            shown, box = image, view_box(region, width, height, policy="crop", margin=s.region_margin)
+        else:  # the whole image, or the mask policy's dimmed whole image
+            shown, box = self.render(image, _scaled(region, scale, offset_x, offset_y)), (0, 0, width, height)
+        x1, y1, x2, y2 = box
+        exact = (
+            max(0.0, x1 * scale + offset_x),
+            max(0.0, y1 * scale + offset_y),
+            min(float(image.width), x2 * scale + offset_x),
+            min(float(image.height), y2 * scale + offset_y),
+        )
+        assert self._target_size is not None  # a scale < 1 comes only from _scale_needed, which needs it
+        resized = shown.resize(self._target_size, self._resample, box=exact, reducing_gap=REDUCING_GAP)
+        return self.processor.image_processor(images=resized, return_tensors="pt")["pixel_values"]
 
     @staticmethod
     def _check_regions(regions: Sequence[Region | None], names: Sequence[str], width: int, height: int) -> None:
@@ -947,12 +996,13 @@ def _processor_resize(image_processor: Any) -> tuple[tuple[int, int] | None, Ima
     return (int(width), int(height)), resample
 
 
-def _scaled(region: Region | None, scale: float) -> Region | None:
-    """``region`` in the pixels of an image decoded at ``scale`` of its size."""
-    if region is None or scale == 1.0:
-        return region
+def _scaled(region: Region | None, scale: float, offset_x: float = 0.0, offset_y: float = 0.0) -> Region | None:
+    """``region`` in the pixels of an image decoded at ``scale`` of its size, its origin at
+    (``offset_x``, ``offset_y``) of those pixels."""
+    if region is None:
+        return None
     h, o = region.human, region.object
     return Region(
-        human=(h[0] * scale, h[1] * scale, h[2] * scale, h[3] * scale),
-        object=(o[0] * scale, o[1] * scale, o[2] * scale, o[3] * scale),
+        human=(h[0] * scale + offset_x, h[1] * scale + offset_y, h[2] * scale + offset_x, h[3] * scale + offset_y),
+        object=(o[0] * scale + offset_x, o[1] * scale + offset_y, o[2] * scale + offset_x, o[3] * scale + offset_y),
     )

@@ -1,8 +1,9 @@
 """Native gRPC API ``hoidistill.teacher.v1.TeacherService`` on top of ``ScoringService``.
 
 This module only translates: protobuf messages to ``ScoreItem`` and back, and teacher errors to
-gRPC status codes (``rpc_failure``, shared with the KServe servicer). Batching, caching and
-validation of the items live in the service.
+gRPC status codes (``rpc_failure``). Both that mapping and the lenient registration
+(``add_lenient_service``: bytes that are not a valid request are INVALID_ARGUMENT) are shared with
+the KServe servicer. Batching, caching and validation of the items live in the service.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton
-from PIL import Image, ImageDraw, ImageFile
+from PIL import Image, ImageDraw, ImageFile, ImageOps
+from testkit.http import b64, running_http
 from testkit.teacher import png_bytes, running_teacher, teacher_settings
 from transformers import BlipForImageTextRetrieval, BlipProcessor
 from tritonclient.utils import InferenceServerException
@@ -40,8 +41,9 @@ torch.set_num_threads(1)
 BLIP_BASE_SIZE = 384
 # Draft vs full decode, in the processor's normalised units (pixel / 255 - mean) / std, std ~0.27:
 # 0.25 is about 16 grey levels at the worst one of the 442,368 values, 0.01 about 0.7 of a grey
-# level on average. Measured on this file's 4000 x 3000 picture: whole image max 0.073, mean
-# 0.004; the region's view max 0.171, mean 0.005 (a JPEG's DCT scaling is not Pillow's bicubic).
+# level on average. Measured on this file's pictures (4000 x 3000 and 4001 x 3001, whole image and
+# regions, turned or not): max 0.117 to 0.171, mean 0.0048 to 0.0068 (a JPEG's DCT scaling is not
+# Pillow's bicubic filter).
 DRAFT_MAX_DIFF, DRAFT_MEAN_DIFF = 0.25, 0.01
 
 
@@ -312,3 +314,49 @@ def test_limits_reach_kserve_naming_the_tensor_element(teacher, thin_bomb) -> No
         assert caught.value.message().startswith("IMAGE[1]: is 39000000 x 1 pixels; the longer side must be at most")
     finally:
         client.close()
+
+
+def test_limits_reach_the_http_api_as_413_naming_the_field(tiny_blip_dir: Path, thin_bomb) -> None:
+    with running_http(teacher_settings(tiny_blip_dir, max_image_side=1000)) as running, running.client() as client:
+        response = client.post("/v1/score", json={"image": b64(thin_bomb), "sentences": ["a person ride a horse"]})
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["field"] == "image"
+        assert error["message"] == (
+            "image: is 39000000 x 1 pixels; the longer side must be at most 1,000 pixels (max_image_side)"
+        )
+        assert client.get("/v1/model").json()["limits"]["max_image_side"] == 1000
+
+
+# ------------------------------------------------------------------------------ EXIF orientation
+@pytest.mark.parametrize(
+    ("stored", "orientation"),
+    [
+        pytest.param((4000, 3000), 6, id="turned-clockwise"),
+        # Odd sides end in a partial pixel at 1/2, which turning or mirroring shows first.
+        pytest.param((4001, 3001), 8, id="turned-anticlockwise-odd"),
+        pytest.param((4001, 3001), 3, id="upside-down-odd"),
+    ],
+)
+def test_turned_jpeg_is_drafted_and_its_regions_are_in_shown_pixels(
+    base_size_engine: ItmEngine, loads, stored: tuple[int, int], orientation: int
+) -> None:
+    """A JPEG with an EXIF orientation: its regions (and the limits) are checked in shown pixels
+    from the header, then it is drafted and each view resized from its exact box."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(photo(*stored, seed=7), "JPEG", quality=90, exif=exif.tobytes())
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    region = Region.from_values([100, 1000, 2600, 2900, 400, 1500, 2900, 2950])  # union 2800 x 1950
+    for view in (None, region):
+        loads.clear()
+        pixels = base_size_engine.prepare_image(data, region=view).pixel_values
+        assert loads == [((stored[0] + 1) // 2, (stored[1] + 1) // 2)]
+        full = base_size_engine.preprocess(base_size_engine.render(shown, view))
+        assert_close_to_full_decode(pixels, full)
+    outside = Region.from_values([100, 100, 4500, 900, 200, 200, 300, 300])
+    loads.clear()
+    width, height = shown.size
+    with pytest.raises(InvalidInputError, match=rf"region\[2\]: is 4500: outside the image .* {width}x{height} pixels"):
+        base_size_engine.prepare_image(data, region=outside)
+    assert loads == []
