@@ -178,13 +178,13 @@ def read_regions(request: kv2.ModelInferRequest, count: int) -> list[Region | No
             )
         values = np.frombuffer(data, dtype="<f4")
     else:
-        values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
-        if values.size != count * REGION_VALUES:
+        given = len(tensor.contents.fp32_contents)  # counted before converting: 64 MB took 0.75 s
+        if given != count * REGION_VALUES:
             raise _invalid(
                 REGION,
-                f"contents hold {values.size} values but the shape [{count}, {REGION_VALUES}] says "
-                f"{count * REGION_VALUES}",
+                f"contents hold {given} values but the shape [{count}, {REGION_VALUES}] says {count * REGION_VALUES}",
             )
+        values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
     rows = values.reshape(count, REGION_VALUES).astype(np.float64)
     return [
         None if not row.any() else Region.from_values(row.tolist(), field=f"{REGION}[{pair}]")

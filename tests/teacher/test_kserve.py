@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -515,3 +516,28 @@ def test_more_pairs_than_the_limits_allow_are_refused_before_planning(teacher, c
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert error.message().startswith("IMAGE: shape [600] is over the limit of 512 pairs")
     assert_serving(client)
+
+
+def test_oversized_region_contents_are_refused_before_conversion():
+    """64 MB of ``fp32_contents`` for a [1, 8] REGION: the count is compared before the values are
+    converted (that conversion cost 0.75 s of CPU on the event loop here). The bound is generous:
+    counting costs microseconds."""
+    request = kv2.ModelInferRequest()
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    region = request.inputs.add(name="REGION", datatype="FP32", shape=[1, 8])
+    values = 16_000_000
+    packed = b"\x32" + _varint(values * 4) + bytes(values * 4)  # field 6 (fp32_contents), packed
+    region.contents.CopyFrom(kv2.InferTensorContents.FromString(packed))
+    started = time.thread_time()
+    with pytest.raises(InvalidInputError, match=r"REGION: contents hold 16000000 values but the shape \[1, 8\] says 8"):
+        kserve.read_regions(request, 1)
+    assert time.thread_time() - started < 0.25
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
