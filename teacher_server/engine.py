@@ -72,6 +72,9 @@ DRAFT_GAP = 2.0
 # from fair resampling). Below that Pillow would not reduce at all, so the view is handed to the
 # processor untouched and its pixels stay exactly those of the stock processor.
 REDUCING_GAP = 3.0
+# The formats a photo arrives in. Pillow opens some forty more (EPS through Ghostscript, FITS,
+# DDS, PSD, ...): each another parser for hostile bytes to reach, none of them a photo format.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 # EXIF orientations 5 to 8 turn the picture by 90 degrees: its shown width is the stored height.
 _EXIF_ORIENTATION = 0x0112
@@ -333,7 +336,7 @@ def open_image(
             field, f"image is {len(data):,} bytes, over the limit of {max_bytes:,} bytes", too_large=True
         )
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_open_formats())
     except Image.DecompressionBombError as error:
         # Pillow's own guard (twice Image.MAX_IMAGE_PIXELS) fired on the header; say it in our terms.
         claimed = re.search(r"\((\d+) pixels\)", str(error))
@@ -344,7 +347,7 @@ def open_image(
         ) from None
     except UnidentifiedImageError:
         raise InvalidInputError(
-            field, f"not a decodable image file ({len(data):,} bytes; expected JPEG, PNG, WebP, ...)"
+            field, f"not a decodable image file ({len(data):,} bytes; accepted: {', '.join(_open_formats())})"
         ) from None
     except MemoryError:
         raise
@@ -365,6 +368,13 @@ def exif_orientation(image: Image.Image) -> int:
     except Exception:  # unreadable EXIF: exif_transpose will not turn the picture either
         return 1
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """``IMAGE_FORMATS`` this Pillow can open (AVIF needs Pillow >= 11.2 built with libavif)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
 
 
 def oriented_size(image: Image.Image) -> tuple[int, int]:

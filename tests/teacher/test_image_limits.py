@@ -269,6 +269,25 @@ def test_animated_images_give_their_first_frame(fmt: str, loads) -> None:
     assert all(abs(a - b) <= 3 for a, b in zip(decoded.getpixel((8, 8)), (250, 0, 0), strict=True))
 
 
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF"])
+def test_other_photo_formats_are_accepted(fmt: str) -> None:
+    decoded, _ = load_image(
+        open_image(encoded(Image.new("RGB", (16, 16), (9, 99, 199)), fmt), max_bytes=1 << 20, max_pixels=10_000)
+    )
+    assert decoded.getpixel((8, 8)) == (9, 99, 199)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "PCX", "SGI", "ICO"])
+def test_formats_no_photo_comes_in_are_refused(engine: ItmEngine, fmt: str, loads) -> None:
+    """Pillow reads some forty formats; each is a parser that hostile bytes could reach."""
+    data = encoded(Image.new("RGB", (16, 16)), fmt)
+    with pytest.raises(
+        InvalidInputError, match=r"not a decodable image file \([\d,]+ bytes; accepted: JPEG, PNG, WEBP"
+    ):
+        engine.prepare_image(data)
+    assert loads == []
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF"])
 def test_truncated_files_are_a_clear_error(engine: ItmEngine, fmt: str) -> None:
     data = encoded(photo(400, 300, seed=5), fmt)
