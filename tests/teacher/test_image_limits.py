@@ -212,6 +212,23 @@ def test_region_of_a_drafted_jpeg_is_the_same_view(base_size_engine: ItmEngine, 
     assert loads == [(4000, 3000)]
 
 
+def test_mask_policy_view_of_a_drafted_jpeg(base_size_engine: ItmEngine, large_jpeg, loads) -> None:
+    """The mask policy dims the drafted picture outside the boxes (scaled, fractional here)."""
+    _, data = large_jpeg
+    masking = ItmEngine(
+        base_size_engine.model,
+        base_size_engine.processor,
+        model_id="tiny",
+        weights_identity="tiny",
+        settings=EngineSettings(device="cpu", dtype="fp32", region_policy="mask"),
+    )
+    region = Region.from_values([201.3, 301.7, 2203, 2601, 1501, 401, 3601, 2801])
+    pixels = masking.prepare_image(data, region=region).pixel_values
+    assert loads == [(2000, 1500)]
+    full_image = Image.open(io.BytesIO(data)).convert("RGB")
+    assert_close_to_full_decode(pixels, masking.preprocess(masking.render(full_image, region)))
+
+
 def test_draft_only_where_the_format_has_it(large_jpeg) -> None:
     image, jpeg = large_jpeg
     drafted, scale = load_image(open_image(jpeg, max_bytes=1 << 30, max_pixels=40_000_000), scale=0.2)
