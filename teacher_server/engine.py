@@ -26,7 +26,6 @@ import logging
 import math
 import re
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ from torch import Tensor
 
 from teacher_server.errors import ImageRequiredError, InvalidInputError, ModelLoadError
 from teacher_server.hoi.digest import image_digest
-from teacher_server.hoi.region import REGION_POLICIES, Region, render_region, view_id
+from teacher_server.hoi.region import REGION_POLICIES, Region, render_region, view_box, view_id
 from teacher_server.precision import (
     DTYPE_NAMES,
     Capability,
@@ -60,6 +59,39 @@ _DTYPES = DTYPE_NAMES
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+# Image limits beyond the pixel count (see EngineSettings.max_image_side / max_image_aspect).
+DEFAULT_MAX_IMAGE_SIDE = 16_384
+DEFAULT_MAX_IMAGE_ASPECT = 20.0
+# Decoding at reduced size follows Pillow's own ``thumbnail`` convention: a JPEG is drafted (its
+# DCT scaled by 1/2, 1/4 or 1/8) to no less than DRAFT_GAP times the size the processor resizes
+# to, so that the final resize still averages about two source pixels per output pixel; the
+# tests hold the result to the full decode's within 0.25 at the worst value and 0.01 on average
+# (normalised units; a grey level is about 0.015).
+DRAFT_GAP = 2.0
+# A view at least 2 x REDUCING_GAP times the processor's size is resized here with Pillow's
+# ``reducing_gap`` (an integer box reduction first; Pillow documents 3.0 as indistinguishable
+# from fair resampling). Below that Pillow would not reduce at all, so the view is handed to the
+# processor untouched and its pixels stay exactly those of the stock processor.
+REDUCING_GAP = 3.0
+# The formats a photo arrives in. Pillow opens some forty more (EPS through Ghostscript, FITS,
+# DDS, PSD, ...): each another parser for hostile bytes to reach, none of them a photo format.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+# EXIF orientations 5 to 8 turn the picture by 90 degrees: its shown width is the stored height.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# Per orientation, whether the shown x and y axes run against the stored ones (Pillow's
+# exif_transpose: 2 mirrors x, 3 turns 180 degrees, 6 turns 90 degrees clockwise, ...).
+_FLIPPED_AXES = {
+    2: (True, False),
+    3: (True, True),
+    4: (False, True),
+    6: (True, False),
+    7: (True, True),
+    8: (False, True),
+}
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """How the engine runs and what it accepts. Every limit is named in the error it causes."""
@@ -76,6 +108,10 @@ class EngineSettings:
     """Capacity of the LRU of vision embeddings (0 disables it)."""
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    max_image_side: int = DEFAULT_MAX_IMAGE_SIDE
+    """Longest accepted image side (pixels), checked from the header before decoding."""
+    max_image_aspect: float = DEFAULT_MAX_IMAGE_ASPECT
+    """Largest accepted ratio of the longer side to the shorter, checked from the header."""
     max_sentence_tokens: int = 64
     """Counted with the special tokens ([CLS] ... [SEP])."""
     text_batch_size: int = 128
@@ -239,10 +275,58 @@ class VisionCache:
         return tensor.numel() * tensor.element_size()
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "image") -> Image.Image:
-    """Decode image file bytes to RGB, refusing what is empty, too big, a bomb, or corrupt.
+def check_image_size(
+    width: int,
+    height: int,
+    *,
+    max_pixels: int,
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE,
+    max_aspect: float = DEFAULT_MAX_IMAGE_ASPECT,
+    field: str = "image",
+) -> None:
+    """Refuse a ``width`` x ``height`` image over a size limit, naming ``field`` and the setting.
 
-    Raises ``InvalidInputError`` naming ``field`` and the limit.
+    Each limit bounds a different cost: the pixel count what a decode allocates, the longer side
+    and the aspect ratio the pictures that pass the pixel count only by being thin (a 39,000,000 x
+    1 PNG has fewer pixels than a 12 Mpx photo and cost seconds of resizing).
+    """
+    longer, shorter = max(width, height), min(width, height)
+    if shorter < 1:
+        raise InvalidInputError(field, f"is {width} x {height} pixels: an image needs at least one pixel each way")
+    if longer > max_side:
+        raise InvalidInputError(
+            field,
+            f"is {width} x {height} pixels; the longer side must be at most {max_side:,} pixels (max_image_side)",
+            too_large=True,
+        )
+    if longer > max_aspect * shorter:
+        raise InvalidInputError(
+            field,
+            f"is {width} x {height} pixels, an aspect ratio of {longer / shorter:,.1f}:1; at most "
+            f"{max_aspect:g}:1 is accepted (max_image_aspect)",
+            too_large=True,
+        )
+    if width * height > max_pixels:
+        raise InvalidInputError(
+            field,
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels "
+            "(max_image_pixels)",
+            too_large=True,
+        )
+
+
+def open_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE,
+    max_aspect: float = DEFAULT_MAX_IMAGE_ASPECT,
+    field: str = "image",
+) -> Image.Image:
+    """Open image file bytes and check every limit from the file's header alone: nothing is decoded.
+
+    Raises ``InvalidInputError`` naming ``field`` and the limit (``check_image_size``).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidInputError(field, f"expected encoded image file bytes, got {type(data).__name__}")
@@ -253,33 +337,113 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, field: str = "
             field, f"image is {len(data):,} bytes, over the limit of {max_bytes:,} bytes", too_large=True
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size  # read from the header; nothing decoded yet
-            if width * height > max_pixels:
-                raise InvalidInputError(
-                    field,
-                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels",
-                    too_large=True,
-                )
-            image.load()
-    except InvalidInputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        # PIL's own guard fired while reading the header; report it in our terms.
+        image = Image.open(io.BytesIO(data), formats=_open_formats())
+    except Image.DecompressionBombError as error:
+        # Pillow's own guard (twice Image.MAX_IMAGE_PIXELS) fired on the header; say it in our terms.
         claimed = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
+        ceiling = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
         raise InvalidInputError(
-            field, f"image claims {size}, over the limit of {max_pixels:,} pixels", too_large=True
+            field, f"image claims {size}, over the limit of {min(max_pixels, ceiling):,} pixels", too_large=True
         ) from None
     except UnidentifiedImageError:
         raise InvalidInputError(
-            field, f"not a decodable image file ({len(data):,} bytes; expected JPEG, PNG, WebP, ...)"
+            field, f"not a decodable image file ({len(data):,} bytes; accepted: {', '.join(_open_formats())})"
         ) from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise InvalidInputError(field, f"image data is truncated or corrupt: {error}") from None
-    return ImageOps.exif_transpose(image).convert("RGB")
+    except MemoryError:
+        raise
+    except Exception as error:  # a hostile header can raise anything Pillow's parsers raise
+        raise InvalidInputError(field, f"image data is truncated or corrupt: {_describe(error)}") from None
+    check_image_size(*image.size, max_pixels=max_pixels, max_side=max_side, max_aspect=max_aspect, field=field)
+    return image
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1 to 8; 1 = as stored) of an opened image, from its header only."""
+    if image.format == "PNG" and "exif" not in image.info:
+        # An eXIf chunk after the pixels is found only by decoding them all; ``prepare_views``
+        # checks the regions again against the decoded size.
+        return 1
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # unreadable EXIF: exif_transpose will not turn the picture either
+        return 1
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """``IMAGE_FORMATS`` this Pillow can open (AVIF needs Pillow >= 11.2 built with libavif)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as shown, i.e. after its EXIF orientation; read from the
+    header, nothing decoded. Regions are given in these coordinates."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) in _TRANSPOSED_ORIENTATIONS else (width, height)
+
+
+def load_image(image: Image.Image, *, field: str = "image", scale: float = 1.0) -> tuple[Image.Image, float]:
+    """Decode an image from ``open_image`` to RGB, turned by its EXIF orientation, first frame only.
+
+    ``scale`` < 1 allows decoding at reduced size where the format can (JPEG: ``Image.draft``, by
+    1/2, 1/4 or 1/8, never below ``scale`` of each side); other formats are decoded whole (PNG,
+    WebP and GIF have no cheaper reduced decode; their cost is bounded by the size limits).
+    Returns the image and the scale it was decoded at (1.0, 0.5, 0.25 or 0.125).
+
+    Raises ``InvalidInputError`` naming ``field`` for truncated or corrupt data.
+    """
+    actual = 1.0
+    try:
+        if scale < 1.0:
+            width, height = image.size
+            wanted = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+            drafted = image.draft(None, wanted)  # None for formats that cannot draft
+            if drafted is not None:
+                actual = drafted[1][2] / width  # the original's width in the drafted picture
+        image.load()
+        image = _to_rgb(ImageOps.exif_transpose(image))
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error...
+        raise InvalidInputError(field, f"image data is truncated or corrupt: {_describe(error)}") from None
+    return image, actual
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    max_side: int = DEFAULT_MAX_IMAGE_SIDE,
+    max_aspect: float = DEFAULT_MAX_IMAGE_ASPECT,
+    field: str = "image",
+) -> Image.Image:
+    """Decode image file bytes to RGB at full size, refusing what is empty, too big, a bomb, or corrupt.
+
+    Raises ``InvalidInputError`` naming ``field`` and the limit.
+    """
+    image = open_image(
+        data, max_bytes=max_bytes, max_pixels=max_pixels, max_side=max_side, max_aspect=max_aspect, field=field
+    )
+    return load_image(image, field=field)[0]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels of any mode: alpha dropped, palettes and CMYK converted, 16-bit greys scaled."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255 (a 16-bit grey PNG turns white).
+        image = image.convert("I").point(lambda value: value * (1 / 257) + 0.5).convert("L")
+    elif image.mode in ("P", "PA") and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when a palette's transparency goes straight to RGB
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def itm_start_token_id(tokenizer: Any, policy: str) -> int | None:
@@ -420,6 +584,7 @@ class ItmEngine:
         self._num_heads = text_config.num_attention_heads
         self._head_dim = text_config.hidden_size // text_config.num_attention_heads
         self._pad_id = text_config.pad_token_id or 0
+        self._target_size, self._resample = _processor_resize(processor.image_processor)
         self.fingerprint = self._compute_fingerprint()
 
     # ----------------------------------------------------------------------------- construction
@@ -493,21 +658,83 @@ class ItmEngine:
         field: str = "image",
         region_fields: Sequence[str] | None = None,
     ) -> list[PreparedImage]:
-        """One decode, one prepared view per entry of ``regions`` (None = the whole image)."""
-        image = decode_image(
+        """One decode, one prepared view per entry of ``regions`` (None = the whole image).
+
+        Every limit (bytes, pixels, longer side, aspect ratio) and every region is checked from
+        the header before anything is decoded; a JPEG is then decoded at the smallest scale that
+        still gives each view ``DRAFT_GAP`` times the pixels the processor resizes it to.
+        """
+        s = self.settings
+        image = open_image(
             bytes(data),
-            max_bytes=self.settings.max_image_bytes,
-            max_pixels=self.settings.max_image_pixels,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            max_side=s.max_image_side,
+            max_aspect=s.max_image_aspect,
             field=field,
         )
-        digest = digest or image_digest(bytes(data))
+        width, height = oriented_size(image)
+        orientation = exif_orientation(image)
         names = list(region_fields) if region_fields is not None else ["region"] * len(regions)
-        views = []
+        self._check_regions(regions, names, width, height)
+        needed = max((self._scale_needed(region, width, height) for region in regions), default=1.0)
+        image, scale = load_image(image, field=field, scale=needed)
+        if scale == 1.0 and image.size != (width, height):  # turned by an EXIF chunk after the pixels
+            self._check_regions(regions, names, *image.size)
+        digest = digest or image_digest(bytes(data))
+        if scale == 1.0:
+            return [PreparedImage(digest, self.preprocess(self.render(image, region)), region) for region in regions]
+        return [
+            PreparedImage(digest, self._preprocess_drafted(image, region, scale, (width, height), orientation), region)
+            for region in regions
+        ]
+
+    def _preprocess_drafted(
+        self, image: Image.Image, region: Region | None, scale: float, size: tuple[int, int], orientation: int
+    ) -> Tensor:
+        """Pixel values of a view of an image decoded at ``scale`` of its shown ``size``.
+
+        The view's box (in the original's pixels) is resized straight to the processor's size
+        with Pillow's fractional ``box``: cropping at the reduced size first would round the box
+        to whole reduced pixels and shift the view by up to half of one. A side that is not a
+        multiple of the scale ends in a partial pixel, which a turned or mirrored image shows
+        first: the box starts after it.
+        """
+        s = self.settings
+        width, height = size
+        flip_x, flip_y = _FLIPPED_AXES.get(orientation, (False, False))
+        offset_x = image.width - width * scale if flip_x else 0.0
+        offset_y = image.height - height * scale if flip_y else 0.0
+        if region is not None and s.region_policy == "crop":
+            shown, box = image, view_box(region, width, height, policy="crop", margin=s.region_margin)
+        else:  # the whole image, or the mask policy's dimmed whole image
+            shown, box = self.render(image, _scaled(region, scale, offset_x, offset_y)), (0, 0, width, height)
+        x1, y1, x2, y2 = box
+        exact = (
+            max(0.0, x1 * scale + offset_x),
+            max(0.0, y1 * scale + offset_y),
+            min(float(image.width), x2 * scale + offset_x),
+            min(float(image.height), y2 * scale + offset_y),
+        )
+        assert self._target_size is not None  # a scale < 1 comes only from _scale_needed, which needs it
+        resized = shown.resize(self._target_size, self._resample, box=exact, reducing_gap=REDUCING_GAP)
+        return self.processor.image_processor(images=resized, return_tensors="pt")["pixel_values"]
+
+    @staticmethod
+    def _check_regions(regions: Sequence[Region | None], names: Sequence[str], width: int, height: int) -> None:
         for region, name in zip(regions, names, strict=True):
             if region is not None:
-                region.check_inside(*image.size, field=name)
-            views.append(PreparedImage(digest, self.preprocess(self.render(image, region)), region))
-        return views
+                region.check_inside(width, height, field=name)
+
+    def _scale_needed(self, region: Region | None, width: int, height: int) -> float:
+        """The smallest decoding scale (<= 1) that leaves the view of ``region`` of a ``width`` x
+        ``height`` image ``DRAFT_GAP`` times the processor's output size on each side."""
+        target = self._target_size
+        if target is None:
+            return 1.0
+        s = self.settings
+        x1, y1, x2, y2 = view_box(region, width, height, policy=s.region_policy, margin=s.region_margin)
+        return min(1.0, DRAFT_GAP * max(target[0] / (x2 - x1), target[1] / (y2 - y1)))
 
     def render(self, image: Image.Image, region: Region | None) -> Image.Image:
         """What the model is shown of ``region`` of the decoded RGB ``image`` (the image itself for None)."""
@@ -517,7 +744,17 @@ class ItmEngine:
         return render_region(image, region, policy=s.region_policy, margin=s.region_margin, dim=s.region_dim)
 
     def preprocess(self, image: Image.Image) -> Tensor:
-        """BLIP's processor: (1, 3, S, S) float32 pixel values."""
+        """BLIP's processor: (1, 3, S, S) float32 pixel values.
+
+        A view at least ``2 * REDUCING_GAP`` times the processor's size on a side is first resized
+        to that size here, with Pillow's ``reducing_gap``: the processor would otherwise turn the
+        whole picture into float arrays before resizing (seconds and gigabytes for a large one).
+        """
+        target = self._target_size
+        if target is not None and (
+            image.width >= 2 * REDUCING_GAP * target[0] or image.height >= 2 * REDUCING_GAP * target[1]
+        ):
+            image = image.resize(target, self._resample, reducing_gap=REDUCING_GAP)
         return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
 
     def check_sentences(self, sentences: Sequence[str], *, field: str = "sentences") -> None:
@@ -755,3 +992,28 @@ def _margin_and_prob(logits: Tensor) -> list[tuple[float, float]]:
     margins = (logits[:, 1] - logits[:, 0]).tolist()
     probs = logits.softmax(dim=-1)[:, 1].tolist()
     return list(zip(margins, probs, strict=True))
+
+
+def _processor_resize(image_processor: Any) -> tuple[tuple[int, int] | None, Image.Resampling]:
+    """(width, height) and filter of the fixed resize BLIP's image processor does, or None when it
+    does not resize to one fixed size (then images reach it as decoded)."""
+    size = getattr(image_processor, "size", None)
+    width, height = (getattr(size, "width", None), getattr(size, "height", None)) if size is not None else (None, None)
+    if isinstance(size, dict):
+        width, height = size.get("width"), size.get("height")
+    resample = Image.Resampling(int(getattr(image_processor, "resample", Image.Resampling.BICUBIC)))
+    if not getattr(image_processor, "do_resize", False) or not width or not height:
+        return None, resample
+    return (int(width), int(height)), resample
+
+
+def _scaled(region: Region | None, scale: float, offset_x: float = 0.0, offset_y: float = 0.0) -> Region | None:
+    """``region`` in the pixels of an image decoded at ``scale`` of its size, its origin at
+    (``offset_x``, ``offset_y``) of those pixels."""
+    if region is None:
+        return None
+    h, o = region.human, region.object
+    return Region(
+        human=(h[0] * scale + offset_x, h[1] * scale + offset_y, h[2] * scale + offset_x, h[3] * scale + offset_y),
+        object=(o[0] * scale + offset_x, o[1] * scale + offset_y, o[2] * scale + offset_x, o[3] * scale + offset_y),
+    )

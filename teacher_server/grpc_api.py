@@ -1,8 +1,9 @@
 """Native gRPC API ``hoidistill.teacher.v1.TeacherService`` on top of ``ScoringService``.
 
 This module only translates: protobuf messages to ``ScoreItem`` and back, and teacher errors to
-gRPC status codes (``rpc_failure``, shared with the KServe servicer). Batching, caching and
-validation of the items live in the service.
+gRPC status codes (``rpc_failure``). Both that mapping and the lenient registration
+(``add_lenient_service``: bytes that are not a valid request are INVALID_ARGUMENT) are shared with
+the KServe servicer. Batching, caching and validation of the items live in the service.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2 as pb
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
@@ -35,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TeacherService"].full_name  # hoidistill.teacher.v1.TeacherService
+SERVICE = pb.DESCRIPTOR.services_by_name["TeacherService"]
+SERVICE_NAME = SERVICE.full_name  # hoidistill.teacher.v1.TeacherService
 RETRY_AFTER_KEY = "retry-after-ms"
 # Hint sent with UNAVAILABLE while the server starts or drains: another replica (or this one,
 # restarted) should answer by then.
@@ -118,30 +122,80 @@ class Undecodable:
     """Stands in for a request message that failed to parse (e.g. a string field not UTF-8).
 
     Parsing leniently lets the servicer answer INVALID_ARGUMENT (and keep a stream open) where
-    gRPC itself would answer an opaque INTERNAL.
+    gRPC itself would answer an opaque UNKNOWN and log an ERROR traceback per message.
+    ``string_fields`` names the message's string fields for the error (they must be UTF-8).
     """
 
     type_name: str
     error: str
+    string_fields: str = ""
 
 
-def lenient_parser(message_type: type[Any]) -> Callable[[bytes], Any]:
+def lenient_parser(message_type: type[Any], string_fields: str = "") -> Callable[[bytes], Any]:
+    """A request deserializer that returns ``Undecodable`` instead of raising on bad bytes."""
+
     def parse(data: bytes) -> Any:
         try:
             return message_type.FromString(data)
         except DecodeError as exc:
-            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc))
+            # A client's mistake, not the server's: no traceback, and only at DEBUG (a stream of
+            # bad messages must not flood the log); the client gets the reason in its status.
+            log.debug("undecodable %s request (%d bytes): %s", message_type.DESCRIPTOR.full_name, len(data), exc)
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc), string_fields)
 
     return parse
 
 
 def undecodable_failure(request: Undecodable) -> RpcFailure:
+    """INVALID_ARGUMENT for a request that did not parse, naming the message type and why."""
+    fields = f" such as {request.string_fields}" if request.string_fields else ""
     return RpcFailure(
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"request: not a valid {request.type_name} ({request.error}); string fields such as "
-        "items[].sentences must be valid UTF-8",
+        f"request: not a valid {request.type_name} ({request.error}); the bytes must be that protobuf "
+        f"message, and string fields{fields} must be valid UTF-8",
         field="request",
     )
+
+
+def _refusing_undecodable(behavior: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    """A unary handler that answers an ``Undecodable`` request INVALID_ARGUMENT before ``behavior``."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await abort(context, undecodable_failure(request))
+        return await behavior(request, context)
+
+    return handle
+
+
+def add_lenient_service(
+    server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any, *, string_fields: str = ""
+) -> None:
+    """Register every method of ``service`` (``servicer.<Method>``) with lenient request parsing.
+
+    The one registration both the native API and KServe v2 use: a unary request that does not
+    parse is answered INVALID_ARGUMENT here; a streaming method receives ``Undecodable`` in its
+    request iterator and answers it in the stream, which stays open. ``string_fields`` names the
+    request's string fields in that error.
+    """
+    handlers = {}
+    for method in service.methods:
+        parse = lenient_parser(GetMessageClass(method.input_type), string_fields)
+        codec = {
+            "request_deserializer": parse,
+            "response_serializer": GetMessageClass(method.output_type).SerializeToString,
+        }
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behavior, **codec)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(behavior, **codec)
+        elif method.server_streaming:  # none so far: its generator would need the same guard
+            raise NotImplementedError(f"{method.full_name}: server-streaming methods are not supported")
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(_refusing_undecodable(behavior), **codec)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def score_items(request: pb.ScoreRequest) -> list[ScoreItem]:
@@ -319,11 +373,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         results = await self._service.score(score_items(request), timeout_s=deadline_s(request.timeout_ms, context))
         return score_response(request.request_id, results)
 
-    async def Score(
-        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
-    ) -> pb.ScoreResponse:
-        if isinstance(request, Undecodable):
-            await abort(context, undecodable_failure(request))
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         try:
             return await self._score(request, context)
         except Exception as exc:
@@ -355,7 +405,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             yield response
 
     async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         try:
             return model_info_response(self._service.model_info(), self._service.ready and not self.drain.active)
@@ -364,24 +414,5 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
 
 
 def add_teacher_servicer(servicer: TeacherServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` on ``server`` with lenient request parsing (see ``Undecodable``)."""
-    serialize = pb.ScoreResponse.SerializeToString
-    handlers = {
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score,
-            request_deserializer=lenient_parser(pb.ScoreRequest),
-            response_serializer=serialize,
-        ),
-        "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            servicer.ScoreStream,
-            request_deserializer=lenient_parser(pb.ScoreRequest),
-            response_serializer=serialize,
-        ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo,
-            request_deserializer=lenient_parser(pb.GetModelInfoRequest),
-            response_serializer=pb.GetModelInfoResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    """Register ``servicer`` on ``server`` with lenient request parsing (see ``add_lenient_service``)."""
+    add_lenient_service(server, SERVICE, servicer, string_fields="items[].sentences and items[].digest")

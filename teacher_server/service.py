@@ -51,6 +51,8 @@ LIMIT_FIELDS = (
     "max_sentences_per_image",
     "max_sentence_tokens",
     "max_message_bytes",
+    "max_image_side",
+    "max_image_aspect",
 )
 
 
@@ -96,6 +98,8 @@ def engine_settings(settings: ServerSettings, device: str) -> EngineSettings:
         vision_cache_mb=settings.vision_cache_mb,
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
+        max_image_side=settings.max_image_side,
+        max_image_aspect=settings.max_image_aspect,
         max_sentence_tokens=settings.max_sentence_tokens,
         text_batch_size=settings.text_batch_size,
         region_policy=settings.region_policy,

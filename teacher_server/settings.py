@@ -200,6 +200,19 @@ class ServerSettings(BaseSettings):
     max_sentences_per_image: int = _setting(512, "most sentences per image in one request", "N", ge=1)
     max_sentence_tokens: int = _setting(64, "longest sentence in tokenizer tokens", "N", ge=1)
     max_message_bytes: int = _setting(64 * MiB, "largest gRPC/HTTP message (bytes), both directions", "BYTES", ge=1024)
+    max_image_side: int = _setting(
+        16_384,
+        "longest accepted image side (pixels), checked from the header before decoding; with "
+        "--max-image-aspect it refuses thin decompression bombs that pass the pixel limit",
+        "PIXELS",
+        ge=1,
+    )
+    max_image_aspect: float = _setting(
+        20.0,
+        "largest accepted ratio of an image's longer side to its shorter side, checked from the header",
+        "RATIO",
+        ge=1,
+    )
 
     # --- evidence maps (POST /v1/explain) ------------------------------------------------------
     explain_layer: int | None = _setting(

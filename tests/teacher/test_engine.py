@@ -319,6 +319,15 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
         decode_image(moderate, max_bytes=1 << 20, max_pixels=40_000_000)
 
 
+def test_pillows_own_bomb_limit_is_named_when_the_setting_is_above_it() -> None:
+    """Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS (178,956,970 by default) in Image.open,
+    whatever our settings say: the error names that ceiling, not the higher setting."""
+    ceiling = 2 * Image.MAX_IMAGE_PIXELS
+    bomb = png_header_only(20_000, 10_000)  # 200 Mpx: over Pillow's ceiling
+    with pytest.raises(InvalidInputError, match=rf"200,000,000 pixels, over the limit of {ceiling:,} pixels"):
+        decode_image(bomb, max_bytes=1 << 20, max_pixels=500_000_000, max_side=50_000)
+
+
 def test_decoded_image_is_rgb_whatever_the_mode() -> None:
     buffer = io.BytesIO()
     Image.new("LA", (10, 12), (100, 50)).save(buffer, "PNG")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -369,8 +371,10 @@ def test_plan_pairs_groups_by_view():
 def test_decode_bytes_tensor():
     raw = b"".join(struct.pack("<I", len(e)) + e for e in (b"ab", b"", b"xyz"))
     assert kserve.decode_bytes_tensor(raw, 3, "TEXT") == [b"ab", b"", b"xyz"]
-    with pytest.raises(InvalidInputError, match="shape says 2"):
+    with pytest.raises(InvalidInputError, match="more than the 2 elements the shape says"):
         kserve.decode_bytes_tensor(raw, 2, "TEXT")
+    with pytest.raises(InvalidInputError, match="hold 3 elements but the shape says 4"):
+        kserve.decode_bytes_tensor(raw, 4, "TEXT")
     with pytest.raises(InvalidInputError, match="claims 100 bytes"):
         kserve.decode_bytes_tensor(struct.pack("<I", 100) + b"abc", 1, "TEXT")
     with pytest.raises(InvalidInputError, match="inside the length prefix"):
@@ -385,3 +389,155 @@ def test_plan_pairs_groups_by_image_and_deduplicates_sentences():
     renamed = kserve.tensor_field(InvalidInputError("items[0].sentences[1]", "bad"), plan)
     assert renamed.field == "TEXT[2]"
     assert kserve.tensor_field(InvalidInputError("items[1].image", "bad"), plan).field == "IMAGE[1]"
+
+
+# ------------------------------------------------------------------- malformed messages (issue 15)
+INFER_PATH = f"/{kserve.SERVICE_NAME}/ModelInfer"
+GOOD_TEXT = b"a person ride a horse"
+
+
+def raw_request(image: bytes, text: bytes = GOOD_TEXT, request_id: str = "r") -> kv2.ModelInferRequest:
+    """A well-formed one-pair ModelInfer request, as tritonclient sends it (raw contents)."""
+    request = kv2.ModelInferRequest(model_name=MODEL, id=request_id)
+    for name, value in (("IMAGE", image), ("TEXT", text)):
+        request.inputs.add(name=name, datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(struct.pack("<I", len(value)) + value)
+    return request
+
+
+def infer_raw(teacher: RunningTeacher, data: bytes) -> grpc.RpcError:
+    """Send ``data`` as the bytes of a ModelInfer request; return the error it is answered with."""
+    with grpc.insecure_channel(teacher.target) as channel:
+        call = channel.unary_unary(
+            INFER_PATH, request_serializer=None, response_deserializer=kv2.ModelInferResponse.FromString
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(data, timeout=30)
+    return caught.value
+
+
+def error_records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda good: b"\xff\xff\xff\xff", id="garbage"),
+        pytest.param(lambda good: good.replace(b"blip_itm", b"blip\xffitm"), id="model-name-not-utf8"),
+        pytest.param(lambda good: good[:-3], id="cut-short"),
+    ],
+)
+def test_malformed_model_infer_bytes_are_invalid_argument(teacher, client, caplog, mangle):
+    """Found: UNKNOWN ("Unexpected DecodeError") and an ERROR traceback per message."""
+    caplog.set_level(logging.DEBUG)
+    error = infer_raw(teacher, mangle(raw_request(png_bytes(200)).SerializeToString()))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert error.details().startswith("request: not a valid inference.ModelInferRequest")
+    assert "model_name" in error.details()  # the hint names the string fields that must be UTF-8
+    assert error_records(caplog) == []
+    assert_serving(client)
+
+
+def test_stream_survives_a_malformed_message_between_good_ones(teacher, engine, caplog):
+    """Found: one bad message ended the whole ModelStreamInfer stream (UNKNOWN)."""
+    caplog.set_level(logging.DEBUG)
+    image = png_bytes(201)
+    messages = [
+        raw_request(image, request_id="first").SerializeToString(),
+        b"\x0a\xff\xff\xff\xff\x0f",  # field 1 claims a length far past the end
+        raw_request(image, request_id="last").SerializeToString(),
+    ]
+    with grpc.insecure_channel(teacher.target) as channel:
+        stream = channel.stream_stream(
+            f"/{kserve.SERVICE_NAME}/ModelStreamInfer",
+            request_serializer=None,
+            response_deserializer=kv2.ModelStreamInferResponse.FromString,
+        )
+        call = stream(iter(messages), timeout=60)
+        responses = list(call)
+        assert call.code() == grpc.StatusCode.OK
+    assert len(responses) == 3
+    errors = [r.error_message for r in responses if r.error_message]
+    assert len(errors) == 1 and errors[0].startswith(
+        "INVALID_ARGUMENT: request: not a valid inference.ModelInferRequest"
+    )
+    answered = {r.infer_response.id: r.infer_response for r in responses if not r.error_message}
+    expected = reference_scores(engine, image, [GOOD_TEXT.decode()])[0].match_logit
+    for request_id in ("first", "last"):
+        response = answered[request_id]
+        raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents, strict=True))
+        assert np.frombuffer(raw["MATCH_LOGIT"], dtype="<f4")[0] == pytest.approx(expected, abs=1e-6)
+    assert error_records(caplog) == []
+
+
+def test_every_kserve_method_parses_leniently(teacher):
+    """The health probes and metadata calls too: bad bytes are INVALID_ARGUMENT, never UNKNOWN."""
+    with grpc.insecure_channel(teacher.target) as channel:
+        for method in ("ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelConfig"):
+            call = channel.unary_unary(f"/{kserve.SERVICE_NAME}/{method}", request_serializer=None)
+            with pytest.raises(grpc.RpcError) as caught:
+                call(b"\x0a\x05ab", timeout=30)  # field 1 claims 5 bytes, 2 follow
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+
+
+# ------------------------------------------------------------------ lying shapes and huge tensors
+def test_bytes_tensor_with_more_elements_than_its_shape_stops_early(teacher, client):
+    """Found: 4 MB of zero length prefixes were all split (1,000,000 elements, on the event loop)
+    before the count was compared with the shape; now the first element past it is refused."""
+    request = raw_request(png_bytes(202))
+    request.raw_input_contents[1] = b"\x00" * 4_000_000
+    error = infer_raw(teacher, request.SerializeToString())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("TEXT: raw contents hold more than the 1 element the shape says")
+    with pytest.raises(InvalidInputError, match="more than the 2 elements"):
+        kserve.decode_bytes_tensor(b"\x00" * 4_000_000, 2, "TEXT")
+    assert_serving(client)
+
+
+def test_shape_larger_than_the_contents_can_hold_is_refused_before_splitting(teacher, client):
+    request = raw_request(png_bytes(203))
+    request.inputs[1].shape[:] = [2**63 - 1]
+    error = infer_raw(teacher, request.SerializeToString())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith("TEXT: shape [9223372036854775807] is over the limit of")
+    assert_serving(client)
+
+
+def test_more_pairs_than_the_limits_allow_are_refused_before_planning(teacher, client):
+    """The module's teacher allows 64 images x 8 sentences = 512 distinct pairs; 600 pairs (even of
+    one image) are refused naming both tensors, before any image is hashed."""
+    count = 600
+    images = triton.InferInput("IMAGE", [count], "BYTES")
+    images.set_data_from_numpy(np.array([b"x"] * count, dtype=np.object_))
+    texts = triton.InferInput("TEXT", [count], "BYTES")
+    texts.set_data_from_numpy(np.array([GOOD_TEXT] * count, dtype=np.object_))
+    error = infer_error(client, MODEL, [images, texts])
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message().startswith("IMAGE: shape [600] is over the limit of 512 pairs")
+    assert_serving(client)
+
+
+def test_oversized_region_contents_are_refused_before_conversion():
+    """64 MB of ``fp32_contents`` for a [1, 8] REGION: the count is compared before the values are
+    converted (that conversion cost 0.75 s of CPU on the event loop here). The bound is generous:
+    counting costs microseconds."""
+    request = kv2.ModelInferRequest()
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    region = request.inputs.add(name="REGION", datatype="FP32", shape=[1, 8])
+    values = 16_000_000
+    packed = b"\x32" + _varint(values * 4) + bytes(values * 4)  # field 6 (fp32_contents), packed
+    region.contents.CopyFrom(kv2.InferTensorContents.FromString(packed))
+    started = time.thread_time()
+    with pytest.raises(InvalidInputError, match=r"REGION: contents hold 16000000 values but the shape \[1, 8\] says 8"):
+        kserve.read_regions(request, 1)
+    assert time.thread_time() - started < 0.25
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])

@@ -437,6 +437,8 @@ def test_model_info_names_model_fingerprint_and_limits(tiny_blip_dir: Path) -> N
         "max_sentences_per_image",
         "max_sentence_tokens",
         "max_message_bytes",
+        "max_image_side",
+        "max_image_aspect",
     }
     assert info["cache"] == "local"
 
