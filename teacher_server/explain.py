@@ -250,7 +250,12 @@ class Explainer:
             engine = self.engine
             s = engine.settings
             image = decode_image(
-                bytes(data), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels, field=image_field
+                bytes(data),
+                max_bytes=s.max_image_bytes,
+                max_pixels=s.max_image_pixels,
+                max_side=s.max_image_side,
+                max_aspect=s.max_image_aspect,
+                field=image_field,
             )
             if region is not None:
                 region.check_inside(*image.size, field=region_field)

@@ -137,7 +137,11 @@ class ImageStore:
             raise FinetuneError(f"{image.where}: cannot read image {image.path}: {error.strerror or error}") from None
         try:
             decoded = decode_image(
-                data, max_bytes=self._limits.max_image_bytes, max_pixels=self._limits.max_image_pixels
+                data,
+                max_bytes=self._limits.max_image_bytes,
+                max_pixels=self._limits.max_image_pixels,
+                max_side=self._limits.max_image_side,
+                max_aspect=self._limits.max_image_aspect,
             )
             if image.region is not None:
                 # As the engine: refuse a box outside the image, render the view, then process it.

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from testkit.teacher import png_bytes, reference_scores
 
-from teacher_server.engine import ItmEngine
+from teacher_server.engine import EngineSettings, ItmEngine
 from teacher_server.errors import InvalidInputError, ModelLoadError, OverloadedError
 from teacher_server.explain import Explainer, heat_colours, overlay, resolve_layer
 from teacher_server.hoi.region import Region, render_region
@@ -122,6 +122,18 @@ def test_limits_name_the_field(engine: ItmEngine) -> None:
     with pytest.raises(InvalidInputError, match="outside the image") as caught:
         explainer.explain(png_bytes(1, (40, 32)), ["a person"], region=outside)
     assert caught.value.field == "region[6]"
+
+
+def test_the_engines_shape_limits_hold_for_evidence_maps_too(tiny_blip_dir) -> None:
+    """A deployer's max_image_side / max_image_aspect bound /v1/explain's decode as they bound scoring."""
+    strict = ItmEngine.from_pretrained(str(tiny_blip_dir), EngineSettings(max_image_side=64, max_image_aspect=2.0))
+    explainer = Explainer(strict)
+    with pytest.raises(InvalidInputError, match="max_image_aspect") as caught:
+        explainer.explain(png_bytes(1, (60, 20)), ["a person"])
+    assert caught.value.field == "image"
+    with pytest.raises(InvalidInputError, match="max_image_side"):
+        explainer.explain(png_bytes(1, (80, 60)), ["a person"])
+    assert explainer.explain(png_bytes(1, (60, 40)), ["a person"]).maps
 
 
 def test_a_busy_explainer_refuses_rather_than_queues(engine: ItmEngine) -> None:
