@@ -293,7 +293,7 @@ class DynamicBatcher:
                 self.metrics.rejected.labels(reason="queue_full").inc()
                 retry = self.retry_hint()
                 raise OverloadedError(
-                    f"teacher queue is full: {held:,} of {name}={limit:,} {unit} waiting, this request "
+                    f"teacher queue is full: {held:,} of {name}={limit} {unit} waiting, this request "
                     f"adds {adds:,}; retry after {retry:.2f} s",
                     retry_after_s=retry,
                 )
