@@ -321,14 +321,15 @@ class ScoringService:
             raise
 
         fresh: dict[int, dict[str, CachedScore]] = {}
+        failure: BaseException | None = None
         for index, outcome in zip(needy, outcomes, strict=True):
             if isinstance(outcome, ImageRequiredError):
                 required.add(index)
             elif isinstance(outcome, BaseException):
-                raise outcome
+                failure = failure or outcome  # the first item's error is the request's
             else:
                 fresh[index] = {s: _as_cached(r) for s, r in zip(missing[index], outcome, strict=True)}
-        if fresh:
+        if fresh:  # cached even when another item failed (e.g. out of device memory): not lost
             await self.cache.store(
                 self.fingerprint,
                 [
@@ -336,6 +337,8 @@ class ScoringService:
                     for i, new in fresh.items()
                 ],
             )
+        if failure is not None:
+            raise failure
         return [
             _IMAGE_REQUIRED if i in required else _result(item.sentences, found[i], fresh.get(i, {}))
             for i, item in enumerate(items)

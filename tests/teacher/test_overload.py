@@ -224,8 +224,13 @@ def test_a_burst_is_served_in_capped_batches_first_answers_first(engine: ItmEngi
         )
         await batcher.start()
         futures = [future for work in burst for future in batcher.submit([work])]
+
+        def answered(index: int) -> None:
+            events.append(("answer", index))
+            recording.first_answer.set()
+
         for index, future in enumerate(futures):
-            future.add_done_callback(lambda _, i=index: (events.append(("answer", i)), recording.first_answer.set()))
+            future.add_done_callback(lambda _, i=index: answered(i))
         await asyncio.gather(*futures)
         await batcher.stop()
 
@@ -383,19 +388,20 @@ def test_out_of_memory_retries_in_halves_and_fails_only_what_cannot_run(tiny_bli
     small = SmallDeviceEngine.from_pretrained(tiny_blip_dir, EngineSettings(device="cpu", dtype="fp32"))
     settings = teacher_settings(tiny_blip_dir)
     service = ScoringService([small], settings)
-    images = [image_bytes(40 + k) for k in range(4)]
+    images = [image_bytes(40 + k) for k in range(5)]
     asks = [
         [SENTENCES[0], SENTENCES[1]],
         [SENTENCES[2], SENTENCES[3], SENTENCES[4]],
         [SENTENCES[5], SmallDeviceEngine.HUGE],  # the one that cannot run
         [SENTENCES[0], SENTENCES[3]],
+        [SENTENCES[1]],  # a second item of request 2, which fits
     ]
 
+    def item(k: int) -> pb.ImageSentences:
+        return pb.ImageSentences(digest=hashlib.sha256(images[k]).hexdigest(), image=images[k], sentences=asks[k])
+
     def request(k: int) -> pb.ScoreRequest:
-        digest = hashlib.sha256(images[k]).hexdigest()
-        return pb.ScoreRequest(
-            request_id=str(k), items=[pb.ImageSentences(digest=digest, image=images[k], sentences=asks[k])]
-        )
+        return pb.ScoreRequest(request_id=str(k), items=[item(k), item(4)] if k == 2 else [item(k)])
 
     with running_teacher(settings, service) as teacher, grpc.insecure_channel(teacher.target) as channel:
         stub = pb_grpc.TeacherServiceStub(channel)
@@ -414,12 +420,12 @@ def test_out_of_memory_retries_in_halves_and_fails_only_what_cannot_run(tiny_bli
         threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
         for thread in threads:
             thread.start()
-        # All four queued while the engine is held: then they run as one 9-pair batch.
-        wait_until(lambda: service.batcher.queued_items == 4, "all four requests are queued")
+        # All five items queued while the engine is held: then they run as one 10-pair batch.
+        wait_until(lambda: service.batcher.queued_items == 5, "all four requests are queued")
         small.gate.set()
         for thread in (held, *threads):
             thread.join(timeout=120)
-        assert small.calls[:2] == [1, 9]  # the blocker, then one merged batch too big for the device
+        assert small.calls[:2] == [1, 10]  # the blocker, then one merged batch too big for the device
         failed = outcomes[2]
         assert isinstance(failed, grpc.RpcError) and failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "out of memory" in failed.details() and SmallDeviceEngine.HUGE in failed.details()
@@ -435,7 +441,10 @@ def test_out_of_memory_retries_in_halves_and_fails_only_what_cannot_run(tiny_bli
                 assert score.match_logit == pytest.approx(want.match_logit, rel=1e-5, abs=1e-6)
                 assert score.match_prob == pytest.approx(want.match_prob, rel=1e-5, abs=1e-6)
         assert teacher.metric("hoidistill_teacher_device_oom_total") >= 1
-        # The service goes on: the failed item's good sentence alone is served.
+        # The failed request's other item was scored and cached all the same; the service goes on:
+        # the failed item's good sentence alone is served.
+        again = stub.Score(pb.ScoreRequest(items=[item(4)]), timeout=60)
+        assert again.items[0].scores[0].cached
         digest = hashlib.sha256(images[2]).hexdigest()
         alone = stub.Score(
             pb.ScoreRequest(items=[pb.ImageSentences(digest=digest, sentences=[SENTENCES[5]])]), timeout=60
