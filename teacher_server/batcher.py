@@ -24,11 +24,10 @@ service decodes images, so a flood of cold requests cannot pile decoded images u
 Queued items whose requests all gave up (futures cancelled) or whose deadline passed are dropped
 before reaching an engine.
 
-The retry hint estimates when the queued work will have drained: each replica's queued pairs, in
-batches of at most ``max_batch_pairs``, at the engine speed measured as ``seconds = a + b * pairs``
-per call (a least-squares fit over recent calls, so the fixed cost per call and the parallel speed
-of large batches are both counted), plus what is left of the call running now; replicas drain in
-parallel.
+The retry hint estimates when the queued work will have drained: each replica's queued pairs and
+images, in capped calls, at the engine speed measured as ``seconds = a + b * pairs + c * images``
+per call (a least-squares fit over recent calls, so the fixed cost per call, the parallel speed of
+large batches and the vision encoder are all counted); replicas drain in parallel.
 
 Device faults: when an engine call raises ``torch.cuda.OutOfMemoryError``, the device's cached
 memory is released and the call is retried in halves (first by items, then an item's sentences)
@@ -48,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from teacher_server.engine import ImageSentences, ItmScore, PreparedImage
@@ -141,6 +141,8 @@ class _Replica:
     queue: deque[_Work] = field(default_factory=deque)
     pairs: int = 0  # pairs of the live (still waiting) work
     works: int = 0  # live work units (an upper bound on the distinct views they need)
+    images: int = 0  # live work units that bring an image to encode
+    calls: int = 0  # engine calls made
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -191,8 +193,10 @@ class DynamicBatcher:
         self._inflight: dict[tuple[str, str], _Work] = {}  # (view, sentence) -> its queued or running work
         self._accepting = False
         self._closing = False
-        # Exponentially weighted sums for the fit seconds = a + b * pairs (see retry_hint).
-        self._fit = [0.0, 0.0, 0.0, 0.0, 0.0]  # weight, pairs, pairs^2, seconds, pairs*seconds
+        # Exponentially weighted normal equations of the fit seconds = a + b * pairs + c * images
+        # per engine call, over the features (1, pairs, images encoded) (see retry_hint).
+        self._gram = np.zeros((3, 3))
+        self._moment = np.zeros(3)
 
     @property
     def max_batch_sentences(self) -> int:
@@ -396,6 +400,7 @@ class DynamicBatcher:
                 replica.queue.append(work)
                 replica.pairs += len(new)
                 replica.works += 1
+                replica.images += item.image is not None
                 replica.wakeup.set()
                 parts[id(work)] = work
             sources = []
@@ -478,46 +483,53 @@ class DynamicBatcher:
         return result
 
     def retry_hint(self) -> float:
-        """Seconds until the queued work is likely done: per replica, its queued pairs in batches
-        of at most ``max_batch_pairs`` at the fitted speed ``a + b * pairs`` per call; replicas
-        drain in parallel, so the slowest one counts. The call running now is not counted (at most
-        one call's time; leaving it out keeps the hint a function of the queue alone)."""
+        """Seconds until the queued work is likely done: per replica, its queued pairs in calls of
+        at most ``max_batch_pairs`` pairs and ``max_batch_images`` images, at the fitted cost
+        ``a + b * pairs + c * images`` per call; replicas drain in parallel, so the slowest one
+        counts. The call running now is not counted (at most one call's time; leaving it out
+        keeps the hint a function of the queue alone)."""
         speed = self._speed()
         if speed is None or not self._replicas:
             return _DEFAULT_RETRY_S
-        per_call, per_pair = speed
+        per_call, per_pair, per_image = speed
         # Work still being decoded is not on a replica yet: share it out evenly.
-        extra = self._reserved.pairs / len(self._replicas)
+        extra_pairs = self._reserved.pairs / len(self._replicas)
+        extra_images = self._reserved.items / len(self._replicas)
         slowest = 0.0
         for replica in self._replicas:
-            pairs = replica.pairs + extra
-            calls = math.ceil(pairs / self.max_batch_pairs) if pairs else 0
-            slowest = max(slowest, calls * per_call + pairs * per_pair)
+            pairs, images = replica.pairs + extra_pairs, replica.images + extra_images
+            calls = max(math.ceil(pairs / self.max_batch_pairs), math.ceil(images / self.max_batch_images))
+            slowest = max(slowest, calls * per_call + pairs * per_pair + images * per_image)
         return min(max(slowest, _RETRY_RANGE_S[0]), _RETRY_RANGE_S[1])
 
-    def _speed(self) -> tuple[float, float] | None:
-        """(seconds per call, seconds per pair) from the weighted least-squares fit of recent calls."""
-        weight, pairs, squares, seconds, products = self._fit
-        if weight == 0:
+    def _speed(self) -> tuple[float, float, float] | None:
+        """(seconds per call, per pair, per image encoded) from the weighted least-squares fit of
+        recent calls; None before the first."""
+        gram, moment = self._gram, self._moment
+        if gram[0, 0] == 0:
             return None
-        spread = weight * squares - pairs * pairs
-        if spread > 1e-9 * max(1.0, weight * squares):
-            per_pair = (weight * products - pairs * seconds) / spread
-            per_call = (seconds - per_pair * pairs) / weight
-            if per_pair >= 0 and per_call >= 0:
-                return per_call, per_pair
-            if per_pair < 0:  # larger calls were faster (noise, a warm-up call): a cost per call only
-                return seconds / weight, 0.0
-        # One call size seen so far (or a negative fixed cost): all of the time is per pair.
-        return 0.0, seconds / max(pairs, 1e-9)
+        # The image term only where calls so far differed in images encoded independently of
+        # their count (else, e.g. one image per call, its cost is the per-call cost's).
+        if np.linalg.cond(gram) < 1e8:
+            full = np.linalg.solve(gram, moment)
+            if (full >= 0).all():
+                return float(full[0]), float(full[1]), float(full[2])
+        if np.linalg.cond(gram[:2, :2]) < 1e8:  # calls of more than one size so far
+            calls_and_pairs = np.linalg.solve(gram[:2, :2], moment[:2])
+            if (calls_and_pairs >= 0).all():
+                return float(calls_and_pairs[0]), float(calls_and_pairs[1]), 0.0
+        # One call size so far, or larger calls were faster (noise): all of the time per pair.
+        return 0.0, float(moment[0] / max(gram[0, 1], 1e-9)), 0.0
 
-    def _learn_speed(self, result: _CallResult) -> None:
+    def _learn_speed(self, replica: _Replica, result: _CallResult) -> None:
+        replica.calls += 1
         if result.sentences_scored == 0 or result.oom_errors:  # a call with failed halves times nothing useful
             return
-        n, t = float(result.sentences_scored), result.seconds
-        self._fit = [_SPEED_DECAY * v for v in self._fit]
-        for index, value in enumerate((1.0, n, n * n, t, n * t)):
-            self._fit[index] += value
+        # A replica's first call pays one-time costs (allocation, kernel choice): it counts a tenth.
+        weight = 0.1 if replica.calls == 1 else 1.0
+        features = np.array([1.0, result.sentences_scored, result.images_encoded])
+        self._gram = _SPEED_DECAY * self._gram + weight * np.outer(features, features)
+        self._moment = _SPEED_DECAY * self._moment + weight * features * result.seconds
 
     def _release(self, work: _Work) -> None:
         """Stop counting ``work`` in the queue (idempotent)."""
@@ -525,6 +537,7 @@ class DynamicBatcher:
             work.waiting = False
             work.replica.pairs -= len(work.item.sentences)
             work.replica.works -= 1
+            work.replica.images -= work.item.image is not None
             self._unhold(work.load)
 
     # ---------------------------------------------------------------------------------- worker
@@ -620,7 +633,7 @@ class DynamicBatcher:
             for work in batch:
                 _fail(work, lambda error=error: error)
             return
-        self._learn_speed(result)
+        self._learn_speed(replica, result)
         self.metrics.images_encoded.inc(result.images_encoded)
         self.metrics.sentences_scored.inc(result.sentences_scored)
         if result.oom_errors:
