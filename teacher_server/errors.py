@@ -35,11 +35,17 @@ class ImageRequiredError(TeacherError):
 
 
 class OverloadedError(TeacherError):
-    """The request queue is full; retry after ``retry_after_s`` (gRPC ``RESOURCE_EXHAUSTED``, HTTP 429)."""
+    """The teacher cannot take the work now (queue full); retry after ``retry_after_s`` (gRPC
+    ``RESOURCE_EXHAUSTED``, HTTP 429)."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class DeviceOutOfMemoryError(OverloadedError):
+    """The engine's device ran out of memory for a pair even when scored alone (after the batch
+    was retried in halves); like a full queue: gRPC ``RESOURCE_EXHAUSTED``, HTTP 429."""
 
 
 class FinetuneError(TeacherError, ValueError):

@@ -63,7 +63,31 @@ class ServiceMetrics:
             registry=r,
         )
         self.inflight = Gauge(f"{PREFIX}_inflight", "score requests being handled now", registry=r)
-        self.queue_items = Gauge(f"{PREFIX}_queue_items", "work items waiting in the batcher", registry=r)
+        self.queue_items = Gauge(
+            f"{PREFIX}_queue_items", "work items admitted and not yet taken by an engine", registry=r
+        )
+        self.queue_pairs = Gauge(
+            f"{PREFIX}_queue_pairs", "(image, sentence) pairs admitted and not yet taken by an engine", registry=r
+        )
+        self.queue_bytes = Gauge(
+            f"{PREFIX}_queue_bytes",
+            "bytes of image data held by admitted work not yet taken by an engine (files being decoded, "
+            "prepared pixel tensors)",
+            registry=r,
+        )
+        self.batch_images = Histogram(
+            f"{PREFIX}_batch_images", "distinct image views per engine call", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.single_flight_pairs = Counter(
+            f"{PREFIX}_single_flight_pairs",
+            "pairs a request awaited from a computation already queued or running instead of queueing them again",
+            registry=r,
+        )
+        self.device_oom = Counter(
+            f"{PREFIX}_device_oom",
+            "engine calls that ran out of device memory (each is retried in halves)",
+            registry=r,
+        )
         self.ready = Gauge(
             f"{PREFIX}_ready", "1 when the service accepts work, 0 while starting or draining", registry=r
         )

@@ -4,11 +4,20 @@
 request it
 
 1. validates every item before any work (counts, digest format, bytes matching their digest,
-   sentences through the engine's tokenizer), naming the field (``items[2].sentences[0]``);
-2. looks every (image, sentence) up in the score cache in one pipelined round trip;
-3. decodes the images of items that still miss something (in a thread pool, never on the loop);
-4. sends only the misses to the dynamic batcher and awaits them, within the request's deadline;
-5. writes the new scores to the cache and answers, marking per sentence what came from the cache.
+   sentences through the engine's tokenizer), naming the field (``items[2].sentences[0]``), in
+   the validation threads;
+2. looks every (image, sentence) up in the score cache in one pipelined round trip; a request
+   answered wholly from the cache ends here;
+3. asks the batcher to admit the misses (bounded by work items, pairs and image bytes; past that
+   ``OverloadedError``: RESOURCE_EXHAUSTED / 429 with a retry hint) before decoding anything;
+4. decodes the images of items that still miss something, in the decoding threads;
+5. sends only the misses to the dynamic batcher (pairs already in flight for another request are
+   awaited, not scored again) and awaits them, within the request's deadline;
+6. writes the new scores to the cache and answers, marking per sentence what came from the cache.
+
+Validation and decoding run in separate thread pools, so that slow decodes (large or hostile
+images) can never delay a cached answer: a cache-only request needs only a validation thread and
+one cache round trip. Decoding work is bounded by admission (step 3), not by a growing pool queue.
 
 Scores are returned exactly as the cache stores them (float32), so a cached answer is bit-equal
 to the fresh one; the engine computes in float32, so nothing is lost (fp32 engines: exact).
@@ -152,11 +161,15 @@ class ScoringService:
         )
         self.batcher = DynamicBatcher(
             self.engines,
-            max_batch_sentences=s.max_batch_sentences,
+            max_batch_pairs=s.max_batch_pairs,
+            max_batch_images=s.max_batch_images,
             max_delay_ms=s.max_delay_ms,
             max_queue=s.max_queue,
+            max_queue_pairs=s.max_queue_pairs,
+            max_queue_bytes=s.max_queue_bytes,
             metrics=self.metrics,
         )
+        self._validator: ThreadPoolExecutor | None = None
         self._decoder: ThreadPoolExecutor | None = None
         self._accepting = False
         self._inflight = 0
@@ -182,10 +195,13 @@ class ScoringService:
         return self._accepting
 
     async def start(self) -> None:
-        """Start the batcher workers and the image-decoding threads; the service is then ready."""
+        """Start the batcher workers, the validation and the image-decoding threads; the service is then ready."""
         if self._accepting:
             return
-        self._decoder = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="teacher-decode")
+        threads = min(4, os.cpu_count() or 1)
+        # Two pools: a request's validation (hashing, tokenizing) never queues behind decodes.
+        self._validator = ThreadPoolExecutor(max(2, threads), thread_name_prefix="teacher-validate")
+        self._decoder = ThreadPoolExecutor(threads, thread_name_prefix="teacher-decode")
         await self.batcher.start()
         self._accepting = True
         self.metrics.ready.set(1)
@@ -217,9 +233,10 @@ class ScoringService:
             log.warning("%d request(s) still running after the drain timeout", self._inflight)
         await self.batcher.stop(max(0.0, deadline - loop.time()))
         await self.cache.close()
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=False, cancel_futures=True)
-            self._decoder = None
+        for pool in (self._validator, self._decoder):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._validator = self._decoder = None
 
     def model_info(self) -> dict[str, Any]:
         """What clients may ask: model id, fingerprint, ITM start token, dtype, devices, limits."""
@@ -234,9 +251,13 @@ class ScoringService:
             "devices": [str(e.device) for e in self.engines],
             "limits": {name: getattr(self.settings, name) for name in LIMIT_FIELDS},
             "batching": {
-                "max_batch_sentences": self.settings.max_batch_sentences,
+                "max_batch_pairs": self.settings.max_batch_pairs,
+                "max_batch_sentences": self.settings.max_batch_pairs,  # the former name, for old readers
+                "max_batch_images": self.settings.max_batch_images,
                 "max_delay_ms": self.settings.max_delay_ms,
                 "max_queue": self.settings.max_queue,
+                "max_queue_pairs": self.settings.max_queue_pairs,
+                "max_queue_bytes": self.settings.max_queue_bytes,
             },
             "cache": self.cache.backend,
         }
@@ -245,9 +266,10 @@ class ScoringService:
     async def score(self, items: Sequence[ScoreItem], *, timeout_s: float | None = None) -> list[ItemResult]:
         """Scores of every item's sentences; see the module docstring for the steps.
 
-        Raises ``InvalidInputError`` (nothing was scored), ``OverloadedError`` (queue full,
-        ``retry_after_s`` set), ``ShuttingDownError`` (draining), ``TimeoutError`` past
-        ``timeout_s`` (queued work of this request is then dropped, not scored).
+        Raises ``InvalidInputError`` (nothing was scored), ``OverloadedError`` (queue full, or
+        ``DeviceOutOfMemoryError`` for pairs the device cannot run even alone; ``retry_after_s``
+        set), ``ShuttingDownError`` (draining), ``TimeoutError`` past ``timeout_s`` (queued work of
+        this request is then dropped, not scored, unless another request awaits it too).
         """
         if not self._accepting:
             self.metrics.rejected.labels(reason="shutting_down").inc()
@@ -268,7 +290,7 @@ class ScoringService:
 
     async def _score(self, items: Sequence[ScoreItem], deadline: float | None) -> list[ItemResult]:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._decoder, self._validate, items)
+        await loop.run_in_executor(self._validator, self._validate, items)
         unique = [tuple(dict.fromkeys(item.sentences)) for item in items]
         queries = [(item.view, sentences) for item, sentences in zip(items, unique, strict=True)]
         cached = await self.cache.lookup(self.fingerprint, queries)
@@ -279,13 +301,23 @@ class ScoringService:
         missing = [tuple(s for s, score in table.items() if score is None) for table in found]
 
         needy = [index for index, miss in enumerate(missing) if miss]
-        images = await self._prepare_images(items, needy)
-        # Digest-only misses whose view the replica does not hold: answer at once rather than
-        # after a trip through the queue (the batcher re-checks, for views evicted meanwhile).
-        required = {i for i in needy if items[i].view not in images and not self._holds(items[i])}
+        if not needy:  # all from the cache: no admission, no decoding, no queue
+            return [_result(item.sentences, found[i], {}) for i, item in enumerate(items)]
+        # Digest-only misses whose view the replica does not hold (and whose bytes no sibling item
+        # sent): answer at once rather than after a trip through the queue (the batcher re-checks,
+        # for views evicted meanwhile).
+        senders = {item.digest: item.image for item in items if item.image is not None}
+        required = {i for i in needy if items[i].digest not in senders and not self._holds(items[i])}
         needy = [i for i in needy if i not in required]
-        work = [BatchItem(items[i].digest, images.get(items[i].view), missing[i], items[i].region) for i in needy]
-        futures = self.batcher.submit(work, deadline=deadline)
+        # Room in the queue before any decoding: refused work costs no decode time or memory.
+        decoded_bytes = sum(len(senders[d]) for d in {items[i].digest for i in needy} if d in senders)
+        admission = self.batcher.admit([(items[i].view, missing[i]) for i in needy], decoded_bytes)
+        try:
+            images = await self._prepare_images(items, needy)
+            work = [BatchItem(items[i].digest, images.get(items[i].view), missing[i], items[i].region) for i in needy]
+            futures = self.batcher.submit(work, deadline=deadline, admission=admission)
+        finally:
+            admission.release()  # what was not submitted (decoding failed, the request gave up)
         try:
             outcomes = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
@@ -294,14 +326,15 @@ class ScoringService:
             raise
 
         fresh: dict[int, dict[str, CachedScore]] = {}
+        failure: BaseException | None = None
         for index, outcome in zip(needy, outcomes, strict=True):
             if isinstance(outcome, ImageRequiredError):
                 required.add(index)
             elif isinstance(outcome, BaseException):
-                raise outcome
+                failure = failure or outcome  # the first item's error is the request's
             else:
                 fresh[index] = {s: _as_cached(r) for s, r in zip(missing[index], outcome, strict=True)}
-        if fresh:
+        if fresh:  # cached even when another item failed (e.g. out of device memory): not lost
             await self.cache.store(
                 self.fingerprint,
                 [
@@ -309,6 +342,8 @@ class ScoringService:
                     for i, new in fresh.items()
                 ],
             )
+        if failure is not None:
+            raise failure
         return [
             _IMAGE_REQUIRED if i in required else _result(item.sentences, found[i], fresh.get(i, {}))
             for i, item in enumerate(items)

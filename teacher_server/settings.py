@@ -178,7 +178,19 @@ class ServerSettings(BaseSettings):
     )
 
     # --- batching --------------------------------------------------------------------------
-    max_batch_sentences: int = _setting(256, "most (image, sentence) pairs merged into one engine call", "N", ge=1)
+    max_batch_pairs: int = _setting(
+        256,
+        "most (image, sentence) pairs merged into one engine call; a burst is served in calls of at "
+        "most this size (one image's work larger than it runs alone)",
+        "N",
+        ge=1,
+    )
+    max_batch_sentences: int = _setting(
+        256, "former name of --max-batch-pairs (kept for old configurations; give one of the two)", "N", ge=1
+    )
+    max_batch_images: int = _setting(
+        64, "most distinct image views (vision-encoder inputs) in one engine call", "N", ge=1
+    )
     max_delay_ms: float = _setting(
         5.0, "longest wait for more work before a partial batch runs (milliseconds)", "MS", ge=0
     )
@@ -187,6 +199,20 @@ class ServerSettings(BaseSettings):
         "most queued work items (one image with its uncached sentences from one request) "
         "waiting for an engine; a request that does not fit gets RESOURCE_EXHAUSTED + retry hint",
         "N",
+        ge=1,
+    )
+    max_queue_pairs: int = _setting(
+        16384,
+        "most (image, sentence) pairs admitted and not yet taken by an engine; past it, new cold work "
+        "gets RESOURCE_EXHAUSTED / 429 + retry hint (cached answers never wait for it)",
+        "N",
+        ge=1,
+    )
+    max_queue_bytes: int = _setting(
+        1024 * MiB,
+        "most bytes of image data held by admitted work not yet taken by an engine: the files being "
+        "decoded, then the prepared pixel tensors (3 x 384 x 384 float32 = 1.7 MiB per view for BLIP-base)",
+        "BYTES",
         ge=1,
     )
     drain_timeout_s: float = _setting(30.0, "on shutdown, how long queued and running work may finish", "SECONDS", ge=0)
@@ -308,6 +334,24 @@ class ServerSettings(BaseSettings):
             if url is None:
                 raise ValueError(f"redis_password_file ({_names('redis_password_file')}) needs redis_url as well")
             values["redis_url"] = _with_password(url, _read_secret(password_file, "redis_password_file"))
+        return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_pairs_alias(cls, values: Any) -> Any:
+        """``max_batch_sentences`` is the former name of ``max_batch_pairs``: either sets both."""
+        if not isinstance(values, dict):
+            return values
+        new, old = values.get("max_batch_pairs"), values.get("max_batch_sentences")
+        if new is not None and old is not None and str(new).strip() != str(old).strip():
+            raise ValueError(
+                f"max_batch_sentences ({_names('max_batch_sentences')}) is the former name of max_batch_pairs "
+                f"({_names('max_batch_pairs')}); they disagree ({old} vs {new}): set only max_batch_pairs"
+            )
+        if new is None and old is not None:
+            return {**values, "max_batch_pairs": old}
+        if old is None and new is not None:
+            return {**values, "max_batch_sentences": new}
         return values
 
     @field_validator(*_OPTIONAL_TEXT, mode="before")
