@@ -13,16 +13,19 @@ bytes that are no protobuf, streams mixing both with good messages), ``kserve``
 
 Per case: the status labels, the server's CPU time (all its threads, from /proc, 10 ms ticks)
 and the client's wall time. Every ``--good-every`` cases, and at the end of each door, a
-known-good request must get the scores of a direct engine call. RSS is read at the start and the
-end of each door. A failure is an INTERNAL / UNKNOWN / UNAVAILABLE gRPC status, an HTTP 5xx, a
-stream that ends before answering every message, a call unanswered after 60 s, a wrong or failed
-good request, or a dead server; the stated bounds (CPU per case, RSS growth) are reported next to
-the measures. Hypothesis runs only its generate phase (no shrinking; failures are recorded with
-their case and the run goes on); ``--seed`` makes a run repeatable.
+known-good request must get the scores of a direct engine call. RSS is read at the start of a
+door, after its first tenth of cases (warm) and at its end. A failure is an INTERNAL / UNKNOWN /
+UNAVAILABLE gRPC status, an HTTP 5xx or undocumented status or an error body that is not the
+API's JSON error, a stream that ends before answering every message, a call unanswered after
+60 s, a case over the CPU bound (``CPU_BOUND_MS``), a wrong or failed good request, a dead
+server, or RSS at the end of a door over its bound (``DoorReport.rss_bound_mb``). Hypothesis runs
+only its generate phase (no shrinking; failures are recorded with their case and the run goes
+on); ``--seed`` makes a run repeatable.
 
 Prints one table row per door, the first failures of each, the server log's tracebacks (counted,
-the first few printed), and, last, one JSON line: per door cases, statuses, failures, max CPU ms
-per case, RSS start/end/bound.
+one of each kind printed; ``--server-log`` keeps the whole log), and, last, one JSON line: per
+door cases, statuses, failures, max CPU ms per case, RSS start/warm/end/peak/bound. The exit
+status is 1 when any door saw a failure, else 0.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="model directory (default: a tiny random BLIP, made here)")
     parser.add_argument("--good-every", type=int, default=100, help="a known-good request every N cases")
     parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed (same seed, same cases)")
+    parser.add_argument("--server-log", type=Path, help="write the server's whole output (its log) to this file")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     doors = list(DOORS) if args.door == "all" else [args.door]
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             alive = target.alive()
             teacher.kill()
         print_table(reports)
+        if args.server_log is not None:
+            args.server_log.write_text("".join(teacher.output))
         found = tracebacks(teacher.output)
         print(f"\nserver log: {len(teacher.output)} lines, {len(found)} tracebacks")
         distinct: dict[str, int] = {}
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         )
-    return 0
+    # Non-zero when the oracle saw a failure, so that CI or a script can gate on the run.
+    return 1 if any(r.failures for r in reports) or not alive else 0
 
 
 if __name__ == "__main__":
