@@ -75,7 +75,7 @@ def tracebacks(log: list[str]) -> list[str]:
 def print_table(reports: list[DoorReport]) -> None:
     print(
         f"{'door':8} {'cases':>6} {'fail':>5} {'good':>5} {'max cpu ms':>10} {'max wall ms':>11} "
-        f"{'rss start':>9} {'rss end':>8} {'rss peak':>8}  statuses"
+        f"{'rss start':>9} {'rss warm':>8} {'rss end':>8} {'rss peak':>8}  statuses"
     )
     for r in reports:
         statuses = ", ".join(f"{k}={v}" for k, v in sorted(r.statuses.items(), key=lambda kv: -kv[1]))

@@ -229,7 +229,7 @@ def _invalid_utf8_native() -> st.SearchStrategy[bytes]:
 
 
 def _lying_lengths() -> st.SearchStrategy[bytes]:
-    """A field whose length prefix claims far more than follows, and nesting past any limit."""
+    """A field whose length prefix claims far more than follows; groups nested past any limit."""
     return st.one_of(
         st.builds(lambda n, tail: varint(2 << 3 | 2) + varint(n) + tail, st.integers(1, 2**63), st.binary(max_size=16)),
         st.integers(50, 2_000).map(_nested),
@@ -237,11 +237,9 @@ def _lying_lengths() -> st.SearchStrategy[bytes]:
 
 
 def _nested(depth: int) -> bytes:
-    """``depth`` nested ImageSentences.region-like submessages (field 2 in field 2 in ...)."""
-    message = b""
-    for _ in range(depth):
-        message = wire_field(2, message)
-    return message
+    """``depth`` nested groups in an unknown field (15): the messages themselves do not nest, so
+    unknown groups are how a message reaches the parser's recursion limit."""
+    return varint(15 << 3 | 3) * depth + varint(15 << 3 | 4) * depth
 
 
 def native_raw_messages() -> st.SearchStrategy[bytes]:
@@ -400,7 +398,7 @@ def kserve_raw_messages() -> st.SearchStrategy[bytes]:
         junk,
     )
     bad_tensor_names = st.builds(lambda bad: wire_field(5, wire_field(1, bad) + wire_field(2, b"BYTES")), junk)
-    return st.one_of(_mutated(valid), bad_strings, bad_tensor_names)
+    return st.one_of(_mutated(valid), bad_strings, bad_tensor_names, _lying_lengths())
 
 
 # ------------------------------------------------------------------------------------ images
