@@ -3,6 +3,9 @@
 Random bodies from the schema rarely hold a decodable image, so the second group sends a valid
 image with arbitrary sentences and triplets, reaching the tokenizer and the engine. Every answer
 must be a documented status with a JSON body; none may be a 5xx. Case counts are bounded.
+Bodies that are wrong in form rather than in content (content types, malformed or deeply nested
+JSON, multipart forms with missing, extra or repeated parts, huge fields) are the ``http`` door
+of ``test_fuzz_doors.py``, against a ``serve`` process.
 """
 
 from __future__ import annotations
@@ -141,18 +144,3 @@ def test_arbitrary_triplets_with_a_real_image(client: httpx.Client, triplets: li
             assert row["sentence"] == triplet_sentence(verb, obj, variant)
     else:
         assert response.json()["error"]["field"].startswith("triplets")
-
-
-@FUZZ
-@given(
-    image=st.binary(max_size=300) | st.just(png_bytes(301)),
-    fields=st.lists(
-        st.tuples(st.sampled_from(["sentences", "triplets", "variant", "image", "x"]), st.text(max_size=40)),
-        max_size=8,
-    ),
-)
-def test_arbitrary_multipart_forms(client: httpx.Client, image: bytes, fields: list[tuple[str, str]]) -> None:
-    for path in ("/v1/score", "/v1/score/triplets"):
-        files = [("image", ("upload.bin", image, "application/octet-stream"))]
-        files += [(name, (None, value)) for name, value in fields]
-        assert_client_answer(client.post(path, files=files))

@@ -2,7 +2,8 @@
 
 ``servers``: free ports and real Redis servers; ``teacher``: an in-process teacher server, the
 reference engine, a gated engine; ``http``: the HTTP server harness; ``processes``: the teacher
-and student as child processes; ``student``: tiny training overrides and synthetic data.
+and student as child processes; ``student``: tiny training overrides and synthetic data;
+``hostile``: hostile input for every door of the teacher and the oracle that judges the answers.
 Fixtures live in the ``conftest.py`` of the folder whose tests use them.
 """
 

@@ -35,6 +35,7 @@ class TeacherProcess:
         self.redis_url = redis_url
         self.grpc_port, self.http_port = free_port(), free_port()
         self.process: subprocess.Popen | None = None
+        self.output: list[str] = []  # every line the process printed (its log), for reports
 
     @property
     def endpoint(self) -> str:
@@ -52,12 +53,14 @@ class TeacherProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            errors="replace",  # gRPC core may log bytes a client sent; the pump must not die on them
         )
         lines: queue.Queue[str | None] = queue.Queue()
 
         def pump() -> None:
             assert self.process is not None and self.process.stdout is not None
             for line in self.process.stdout:
+                self.output.append(line)
                 lines.put(line)
             lines.put(None)
 
