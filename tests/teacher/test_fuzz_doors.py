@@ -8,8 +8,8 @@ the server's CPU time for the case within ``CPU_BOUND_MS``; every ``GOOD_EVERY``
 end of a door, a known-good request gets the scores of a direct engine call; RSS at the end of a
 door within the stated bound of its warm level (``DoorReport.rss_bound_mb``).
 
-Tests marked ``xfail(strict=True)`` fail today because of an issue 15 finding that another branch
-fixes; they turn into XPASS failures when the fix lands, and the mark must then go.
+The findings this harness reproduced (KServe's strict parsing, bombs under the pixel limit,
+corrupt images holding their pixels) each keep a test here that failed before its fix.
 """
 
 from __future__ import annotations
@@ -123,20 +123,10 @@ def test_kserve_messages_with_hostile_contents(target: FuzzTarget) -> None:
     run(target, "kserve", door_cases("kserve", raw_bytes=False), 80)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 finding: KServe parses strictly, malformed ModelInfer bytes answer UNKNOWN "
-    "(DecodeError) instead of INVALID_ARGUMENT; fixed on branch h15-input",
-)
 def test_kserve_bytes_that_are_not_protobufs(target: FuzzTarget) -> None:
     run(target, "kserve", kserve_raw_messages().map(lambda data: ("bytes", data)), 40, ("bytes", b"\xff"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 finding: one malformed message ends a whole ModelStreamInfer stream (UNKNOWN, "
-    "later messages unanswered); fixed on branch h15-input",
-)
 def test_kserve_stream_survives_bytes_that_are_not_protobufs(target: FuzzTarget) -> None:
     good = good_kserve_request().SerializeToString()
     messages = st.lists(st.one_of(st.just(good), kserve_raw_messages()), min_size=2, max_size=4)
@@ -151,16 +141,10 @@ def test_expensive_and_broken_images(target: FuzzTarget) -> None:
     run(target, "images", door_cases("images"), 30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 finding: decompression bomb under the pixel limit (a 39,000,000 x 1 PNG of a few "
-    "KB passes the 40 Mpx check and costs seconds of CPU); width, height and aspect bounds are "
-    "added on branch h15-input",
-)
 def test_image_bombs_under_the_pixel_limit_cost_less_than_the_cpu_bound(target: FuzzTarget) -> None:
     """One Score request with two of the finding's bombs (39,000,000 x 1 pixels, 5 KB; a
-    different tail each, so two digests): 1.7-4.9 s of server CPU each today, over
-    ``CPU_BOUND_MS`` together whatever the machine; refused at once by a width bound after the fix."""
+    different tail each, so two digests): 1.7-4.9 s of server CPU each before the longer-side and
+    aspect bounds (over ``CPU_BOUND_MS`` together whatever the machine); now refused from the header."""
     bomb = expensive_image("wide_bomb_png")
     request = pb.ScoreRequest(
         items=[pb.ImageSentences(image=bomb + tail, sentences=[GOOD_SENTENCES[0]]) for tail in (b"one", b"two")]
@@ -170,23 +154,21 @@ def test_image_bombs_under_the_pixel_limit_cost_less_than_the_cpu_bound(target: 
     assert report.max_cpu_ms <= CPU_BOUND_MS and not failures, failures
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 NEW finding (fuzz helper): a corrupt image's InvalidInputError keeps the "
-    "partly decoded image alive through its traceback (decode_image's frame) until the cyclic GC "
-    "runs: about 40 MiB of RSS per truncated 6000 x 6000 PNG; not fixed on any branch yet",
-)
 def test_corrupt_images_do_not_hold_their_decoded_pixels(target: FuzzTarget) -> None:
-    """Ten truncated 6000 x 6000 blank PNGs (52 KB each, a new digest each): INVALID_ARGUMENT,
-    and RSS after them within the images door's bound of RSS before them (today it grows by
-    ~40 MiB per request, 447 -> 2,503 MiB after 50 measured here)."""
+    """Truncated 6000 x 6000 blank PNGs (52 KB each, a new digest each) answer INVALID_ARGUMENT,
+    and RSS stops growing: after the first ``WARM`` (each decoding thread's allocator keeps about
+    one decode's worth, ~100 MiB, for reuse) the next ``MORE`` stay within the images door's bound.
+    While an error's traceback held the partly decoded pixels, RSS grew by ~40-100 MiB per
+    request without end (447 -> 2,503 MiB after 50)."""
+    warm, more = 6, 14
     half = expensive_image("blank_6000_png")[: len(expensive_image("blank_6000_png")) // 2]
     report = DoorReport("images", rss_start_mb=rss_mb(target.pid))
-    report.rss_warm_mb = report.rss_start_mb
-    for tail in range(10):
+    for tail in range(warm + more):
+        if tail == warm:
+            report.rss_warm_mb = rss_mb(target.pid)
         case = ImageCase("blank_6000_png", "truncate", half + tail.to_bytes(8, "little"))
         assert target.measure(report, door_call(target, "images", case), case) == []
-    assert report.statuses == {"INVALID_ARGUMENT": 10}
+    assert report.statuses == {"INVALID_ARGUMENT": warm + more}
     assert rss_mb(target.pid) <= report.rss_bound_mb(), (rss_mb(target.pid), report.as_dict())
 
 
