@@ -237,7 +237,12 @@ def score_response(request_id: str, results: Sequence[ItemResult]) -> pb.ScoreRe
 def model_info_response(info: dict[str, Any], ready: bool) -> pb.GetModelInfoResponse:
     """``ScoringService.model_info()`` as a message; unknown keys are ignored, missing ones left 0."""
     limits = info.get("limits") or {}
-    known_limits = {name: int(limits[name]) for name in pb.Limits.DESCRIPTOR.fields_by_name if name in limits}
+    fields = pb.Limits.DESCRIPTOR.fields_by_name
+    known_limits = {
+        name: float(value) if fields[name].type == fields[name].TYPE_FLOAT else int(value)
+        for name, value in limits.items()
+        if name in fields
+    }
     return pb.GetModelInfoResponse(
         model_id=str(info.get("model_id", "")),
         fingerprint=str(info.get("fingerprint", "")),

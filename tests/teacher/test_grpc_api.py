@@ -157,6 +157,8 @@ def test_get_model_info(stub, teacher):
     assert info.limits.max_sentence_tokens == 16
     assert info.limits.max_message_bytes == MAX_MESSAGE_BYTES
     assert info.limits.max_image_bytes == teacher.settings.max_image_bytes
+    assert info.limits.max_image_side == teacher.settings.max_image_side
+    assert info.limits.max_image_aspect == pytest.approx(teacher.settings.max_image_aspect)
 
 
 # ------------------------------------------------------------------------------------------ stream

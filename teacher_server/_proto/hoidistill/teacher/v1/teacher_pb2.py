@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#hoidistill/teacher/v1/teacher.proto\x12\x15hoidistill.teacher.v1\"q\n\x0eImageSentences\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x11\n\tsentences\x18\x03 \x03(\t\x12-\n\x06region\x18\x04 \x01(\x0b\x32\x1d.hoidistill.teacher.v1.Region\"/\n\x06Region\x12\x11\n\thuman_box\x18\x01 \x03(\x02\x12\x12\n\nobject_box\x18\x02 \x03(\x02\"l\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x05items\x18\x02 \x03(\x0b\x32%.hoidistill.teacher.v1.ImageSentences\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"D\n\tPairScore\x12\x13\n\x0bmatch_logit\x18\x01 \x01(\x01\x12\x12\n\nmatch_prob\x18\x02 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"q\n\nItemResult\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.hoidistill.teacher.v1.ItemStatus\x12\x30\n\x06scores\x18\x02 \x03(\x0b\x32 .hoidistill.teacher.v1.PairScore\"U\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\x8b\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x05items\x18\x02 \x03(\x0b\x32!.hoidistill.teacher.v1.ItemResult\x12\x34\n\x06status\x18\x03 \x01(\x0b\x32$.hoidistill.teacher.v1.RequestStatus\"\x15\n\x13GetModelInfoRequest\"\xb4\x01\n\x06Limits\x12\x17\n\x0fmax_image_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\r\x12\x1f\n\x17max_sentences_per_image\x18\x04 \x01(\r\x12\x1b\n\x13max_sentence_tokens\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\"\xba\x01\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0fitm_start_token\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.hoidistill.teacher.v1.Limits\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x15\n\rregion_policy\x18\x07 \x01(\t*]\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eITEM_STATUS_OK\x10\x01\x12\x1e\n\x1aITEM_STATUS_IMAGE_REQUIRED\x10\x02\x32\xab\x02\n\x0eTeacherService\x12R\n\x05Score\x12#.hoidistill.teacher.v1.ScoreRequest\x1a$.hoidistill.teacher.v1.ScoreResponse\x12\\\n\x0bScoreStream\x12#.hoidistill.teacher.v1.ScoreRequest\x1a$.hoidistill.teacher.v1.ScoreResponse(\x01\x30\x01\x12g\n\x0cGetModelInfo\x12*.hoidistill.teacher.v1.GetModelInfoRequest\x1a+.hoidistill.teacher.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#hoidistill/teacher/v1/teacher.proto\x12\x15hoidistill.teacher.v1\"q\n\x0eImageSentences\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x11\n\tsentences\x18\x03 \x03(\t\x12-\n\x06region\x18\x04 \x01(\x0b\x32\x1d.hoidistill.teacher.v1.Region\"/\n\x06Region\x12\x11\n\thuman_box\x18\x01 \x03(\x02\x12\x12\n\nobject_box\x18\x02 \x03(\x02\"l\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x05items\x18\x02 \x03(\x0b\x32%.hoidistill.teacher.v1.ImageSentences\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"D\n\tPairScore\x12\x13\n\x0bmatch_logit\x18\x01 \x01(\x01\x12\x12\n\nmatch_prob\x18\x02 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"q\n\nItemResult\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.hoidistill.teacher.v1.ItemStatus\x12\x30\n\x06scores\x18\x02 \x03(\x0b\x32 .hoidistill.teacher.v1.PairScore\"U\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\x8b\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x05items\x18\x02 \x03(\x0b\x32!.hoidistill.teacher.v1.ItemResult\x12\x34\n\x06status\x18\x03 \x01(\x0b\x32$.hoidistill.teacher.v1.RequestStatus\"\x15\n\x13GetModelInfoRequest\"\xe6\x01\n\x06Limits\x12\x17\n\x0fmax_image_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\x03 \x01(\r\x12\x1f\n\x17max_sentences_per_image\x18\x04 \x01(\r\x12\x1b\n\x13max_sentence_tokens\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x07 \x01(\r\x12\x18\n\x10max_image_aspect\x18\x08 \x01(\x02\"\xba\x01\n\x14GetModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x17\n\x0fitm_start_token\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12-\n\x06limits\x18\x05 \x01(\x0b\x32\x1d.hoidistill.teacher.v1.Limits\x12\r\n\x05ready\x18\x06 \x01(\x08\x12\x15\n\rregion_policy\x18\x07 \x01(\t*]\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eITEM_STATUS_OK\x10\x01\x12\x1e\n\x1aITEM_STATUS_IMAGE_REQUIRED\x10\x02\x32\xab\x02\n\x0eTeacherService\x12R\n\x05Score\x12#.hoidistill.teacher.v1.ScoreRequest\x1a$.hoidistill.teacher.v1.ScoreResponse\x12\\\n\x0bScoreStream\x12#.hoidistill.teacher.v1.ScoreRequest\x1a$.hoidistill.teacher.v1.ScoreResponse(\x01\x30\x01\x12g\n\x0cGetModelInfo\x12*.hoidistill.teacher.v1.GetModelInfoRequest\x1a+.hoidistill.teacher.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hoidistill.teacher.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ITEMSTATUS']._serialized_start=1145
-  _globals['_ITEMSTATUS']._serialized_end=1238
+  _globals['_ITEMSTATUS']._serialized_start=1195
+  _globals['_ITEMSTATUS']._serialized_end=1288
   _globals['_IMAGESENTENCES']._serialized_start=62
   _globals['_IMAGESENTENCES']._serialized_end=175
   _globals['_REGION']._serialized_start=177
@@ -50,9 +50,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=750
   _globals['_GETMODELINFOREQUEST']._serialized_end=771
   _globals['_LIMITS']._serialized_start=774
-  _globals['_LIMITS']._serialized_end=954
-  _globals['_GETMODELINFORESPONSE']._serialized_start=957
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1143
-  _globals['_TEACHERSERVICE']._serialized_start=1241
-  _globals['_TEACHERSERVICE']._serialized_end=1540
+  _globals['_LIMITS']._serialized_end=1004
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1007
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1193
+  _globals['_TEACHERSERVICE']._serialized_start=1291
+  _globals['_TEACHERSERVICE']._serialized_end=1590
 # @@protoc_insertion_point(module_scope)

@@ -91,20 +91,24 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_sentences_per_image", "max_sentence_tokens", "max_message_bytes")
+    __slots__ = ("max_image_bytes", "max_image_pixels", "max_images_per_request", "max_sentences_per_image", "max_sentence_tokens", "max_message_bytes", "max_image_side", "max_image_aspect")
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCES_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_ASPECT_FIELD_NUMBER: _ClassVar[int]
     max_image_bytes: int
     max_image_pixels: int
     max_images_per_request: int
     max_sentences_per_image: int
     max_sentence_tokens: int
     max_message_bytes: int
-    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_sentences_per_image: _Optional[int] = ..., max_sentence_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_image_side: int
+    max_image_aspect: float
+    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., max_sentences_per_image: _Optional[int] = ..., max_sentence_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_aspect: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model_id", "fingerprint", "itm_start_token", "dtype", "limits", "ready", "region_policy")
