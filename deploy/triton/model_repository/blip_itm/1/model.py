@@ -86,6 +86,13 @@ def _region_policy(value: str) -> str:
     return value
 
 
+def _aspect(value: str) -> float:
+    number = _non_negative_float(value)
+    if number < 1:
+        raise ValueError("expected a ratio of the longer to the shorter side, at least 1")
+    return number
+
+
 def _fraction(value: str) -> float:
     number = _non_negative_float(value)
     if number > 1:
@@ -103,6 +110,8 @@ PARAMETERS: dict[str, Callable[[str], Any]] = {
     "text_batch_size": _positive_int,
     "max_image_bytes": _positive_int,
     "max_image_pixels": _positive_int,
+    "max_image_side": _positive_int,
+    "max_image_aspect": _aspect,
     "max_sentence_tokens": _positive_int,
     "region_policy": _region_policy,
     "region_margin": _non_negative_float,
