@@ -9,7 +9,7 @@ installed) and ``python -m teacher_server serve`` as a child process (``bench/te
 ``ProcessServer``; ``--serve-arg`` passes more flags, e.g. ``--serve-arg=--max-queue=64``). The
 bench scores ``--warm-images`` images x ``--warm-sentences`` sentences once (the warm set, now in
 the cache), then measures the capacity: ``--calib-clients`` threads sending cold requests back to
-back (closed loop) for the first part of the run.
+back (closed loop) for the first part of the run, beside warm requests at ``--warm-rate``.
 
 Then the load, open loop: ``--clients`` processes send cold requests (a never-seen image x
 ``--cold-sentences`` sentences: every pair is scored by the model) and ``--warm-clients`` processes
@@ -279,9 +279,18 @@ def prewarm(target: str, images: Sequence[bytes], texts: Sequence[str], timeout_
     return sum(not score.cached for row in again for score in row)
 
 
-def calibrate(target: str, clients: int, seconds: float, texts: Sequence[str], timeout_s: float) -> dict[str, float]:
+def calibrate(
+    target: str,
+    clients: int,
+    seconds: float,
+    texts: Sequence[str],
+    timeout_s: float,
+    warm: tuple[Sequence[bytes], Sequence[str], float] | None = None,
+) -> dict[str, float]:
     """Closed loop: ``clients`` threads send cold requests back to back for ``seconds``; the
-    capacity is the requests (and pairs) answered per second."""
+    capacity is the requests (and pairs) answered per second. ``warm`` = (images, sentences,
+    requests/s): one more thread sends those cached requests meanwhile (unary ``Score``), so the
+    capacity is the one left for cold work beside the warm load of the phases."""
     stop_at = time.monotonic() + seconds
     done: list[float] = []
     lock = threading.Lock()
@@ -299,8 +308,19 @@ def calibrate(target: str, clients: int, seconds: float, texts: Sequence[str], t
                     done.append(time.perf_counter() - began)
                 counter += 1
 
+    def warm_loop(images: Sequence[bytes], warm_texts: Sequence[str], rate: float) -> None:
+        with TeacherClient(target, timeout_s=timeout_s, max_retries=8) as client:
+            next_at, counter = time.monotonic(), 0
+            while next_at < stop_at:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+                client.score([images[counter % len(images)]], [list(warm_texts)])
+                counter += 1
+                next_at += 1.0 / rate  # behind schedule: catch up at once (open loop)
+
     began = time.monotonic()
     threads = [threading.Thread(target=loop, args=(index,), daemon=True) for index in range(clients)]
+    if warm is not None:
+        threads.append(threading.Thread(target=warm_loop, args=warm, daemon=True))
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -573,7 +593,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     say(f"calibrating for {calib_s:.0f} s ({args.calib_clients} closed-loop clients) ...")
                     capacity = calibrate(
-                        server.target, args.calib_clients, calib_s, sentences(args.cold_sentences), args.timeout_s * 4
+                        server.target,
+                        args.calib_clients,
+                        calib_s,
+                        sentences(args.cold_sentences),
+                        args.timeout_s * 4,
+                        warm=(warm_images, warm_texts, args.warm_rate),
                     )
                 say(f"capacity: {capacity['requests_per_s']:.2f} cold requests/s")
                 phases = plan_phases(args, capacity["requests_per_s"], load_s)
