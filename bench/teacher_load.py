@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import base64
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -75,6 +76,9 @@ DEFAULT_PHASES = (0.25, 0.5, 1.0, 2.0, 4.0)
 SATURATED = 2.0  # phases at or above this multiple of the capacity count as saturated
 SPARED_CODES = frozenset({"RESOURCE_EXHAUSTED", "HTTP_429"})  # the refusals overload is allowed
 SCORE_PATH = "/v1/score"
+# The server's own counts over the whole run (its /metrics), to explain the table: a warm answer
+# not cached goes with Redis errors; engine work with sentences scored.
+SERVER_COUNTERS = ("redis_errors_total", "sentences_scored_total", "images_encoded_total", "cache_hits_total")
 START_GRACE_S = 1.0  # between "every client is connected" and the first send
 
 
@@ -383,6 +387,17 @@ def summarise_phase(phase: Phase, index: int, records: Sequence[Record], t0: flo
     for kind in ("warm", "cold"):
         latencies = [r[5] for r in sent if r[1] == kind and r[6] == "OK"]
         row.update({f"{kind}_{key}": value for key, value in percentiles(latencies).items()})
+    # Per door and kind: where the failures and the slow answers are.
+    row["doors"] = {
+        f"{kind}_{door}": {
+            "ok": sum(r[6] == "OK" for r in group),
+            "failed": sum(r[6] != "OK" for r in group),
+            "p50_ms": percentiles([r[5] for r in group if r[6] == "OK"])["p50_ms"],
+        }
+        for kind in ("warm", "cold")
+        for door in TRANSPORTS
+        if (group := [r for r in sent if r[1] == kind and r[2] == door])
+    }
     return row
 
 
@@ -609,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 finally:
                     rss.stop()
                 rss_after = rss.samples[-1][1]
+                counters = {name: server.metric(f"hoidistill_teacher_{name}") for name in SERVER_COUNTERS}
             finally:
                 server.stop()
     rows = [summarise_phase(phase, index, records, t0, rss) for index, phase in enumerate(phases)]
@@ -649,6 +665,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max": round(max(value for _, value in rss.samples) / 2**20, 1),
             "warmup_s": round(warmup, 1),
             "samples": len(rss.samples),
+            # (seconds since the load began, MiB), at most 30 evenly spaced: growing or levelling off
+            "trace": [
+                [round(when - t0, 1), round(value / 2**20, 1)]
+                for when, value in rss.samples[:: max(1, math.ceil(len(rss.samples) / 30))]
+            ],
         },
         "workload": {
             "cold": f"1 new image x {args.cold_sentences} sentences, {args.clients} processes",
@@ -665,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warm_answers_not_cached": sum(r[8] for r in records if r[1] == "warm" and r[6] == "OK"),
             "cold_answers_cached": sum(r[7] - r[8] for r in records if r[1] == "cold" and r[6] == "OK"),
         },
+        "server_counters": counters,
         "setup_s": round(setup_s, 1),
         "seconds": round(time.monotonic() - began, 1),
         "loadavg_before": load_before,
