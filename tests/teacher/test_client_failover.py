@@ -104,9 +104,14 @@ def test_async_client_fails_over_a_cancelled_call_or_stream(
     images = [png_bytes(100 + seed) for seed in range(CALLS)]
 
     async def run() -> list[list[list[TeacherScore]]]:
+        # A client per call: one stream stays on the replica it opened on, and each new channel's
+        # round robin starts at a random replica, so the cancelling one is met (all but surely).
         target = f"ipv4:{address},{teacher.target}"
-        async with AsyncTeacherClient(target, max_retries=10, backoff_s=0.01, use_stream=use_stream) as client:
-            return [await client.score([image], [SENTENCES]) for image in images]
+        answers = []
+        for image in images:
+            async with AsyncTeacherClient(target, max_retries=10, backoff_s=0.01, use_stream=use_stream) as client:
+                answers.append(await client.score([image], [SENTENCES]))
+        return answers
 
     for image, (scores,) in zip(images, asyncio.run(run()), strict=True):
         assert_reference(scores, engine, image)
