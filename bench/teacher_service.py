@@ -233,6 +233,7 @@ class ProcessServer:
     log_path: Path
     target: str = ""
     description: str = ""
+    extra_args: tuple[str, ...] = ()  # more ``serve`` flags (bench/teacher_load.py: --serve-arg)
     _process: subprocess.Popen | None = None
     _http_port: int = 0
     _log: Any = None
@@ -262,6 +263,7 @@ class ProcessServer:
         ]
         if self.redis_url:
             command += ["--redis-url", self.redis_url]
+        command += list(self.extra_args)
         # Settings come from the flags only: a stray HOIDISTILL_* variable must not change the bench.
         env = {key: value for key, value in os.environ.items() if not key.startswith("HOIDISTILL_")}
         threads = str(self.threads)
@@ -274,6 +276,16 @@ class ProcessServer:
             f"process (python -m teacher_server serve, OMP_NUM_THREADS={threads}, pid {self._process.pid})"
         )
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before ``launch`` and after ``stop``)."""
+        return None if self._process is None else self._process.pid
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the child's HTTP API (``/v1/score``, ``/metrics``)."""
+        return f"http://127.0.0.1:{self._http_port}"
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         import grpc

@@ -6,7 +6,9 @@ Scoring is digest-first: a request names each image by its SHA-256 only; the ite
 answers IMAGE_REQUIRED (neither their scores cached nor the image held) are sent again with their
 bytes. Calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with exponential
 back-off and jitter, never sooner than the server's ``retry-after-ms`` hint, within the call's
-time budget. Example::
+time budget; so is a call the server cancelled (a replica shutting down cancels the calls it
+had not started). With several replicas in one target (``ipv4:10.0.0.5:50051,10.0.0.6:50051``
+or a ``dns:///`` name), gRPC's round_robin sends the retry to a replica that is up. Example::
 
     with TeacherClient("localhost:50051") as teacher:
         scores = teacher.score(["cat.jpg"], [["a person pet a cat", "a person ride a cat"]])
@@ -55,6 +57,10 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXH
 RETRY_AFTER_KEY = "retry-after-ms"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF_S = 10.0
+# gRPC's texts for calls this process cancelled itself (grpc/_channel.py, grpc/aio/_call.py).
+_LOCAL_CANCEL_DETAILS = frozenset({"Locally cancelled by application!", "Channel closed!"})
+# grpc.aio's text when writing to a stream that already ended (grpc/aio/_call.py, _write).
+_ENDED_STREAM_DETAILS = "Internal error from Core"
 # Room left in a message for everything but image bytes (digests, sentences, framing).
 _MESSAGE_HEADROOM = 64 * 1024
 
@@ -159,7 +165,17 @@ def _retry_after_s(metadata: Iterable[Any] | None) -> float | None:
 
 
 def _rpc_error(error: grpc.RpcError, metadata: Iterable[Any] | None) -> TeacherRpcError:
-    return TeacherRpcError(error.code(), error.details() or "", retry_after_s=_retry_after_s(metadata))
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.CANCELLED and details not in _LOCAL_CANCEL_DETAILS:
+        # Not cancelled here (this client's own deadline ends a call with DEADLINE_EXCEEDED): a
+        # server shutting down cancels the calls it accepted but had not started. They were never
+        # answered, so another replica may take them: retried as UNAVAILABLE.
+        code, details = grpc.StatusCode.UNAVAILABLE, f"the server cancelled the call ({details}): shutting down?"
+    elif code == grpc.StatusCode.INTERNAL and details == _ENDED_STREAM_DETAILS:
+        # grpc.aio's own status for a write on a stream that had already ended (the server closed
+        # it): the request never reached it. Retried as UNAVAILABLE, on a new stream.
+        code, details = grpc.StatusCode.UNAVAILABLE, "the stream ended under a write (server shutting down?)"
+    return TeacherRpcError(code, details, retry_after_s=_retry_after_s(metadata))
 
 
 def _status_error(status: pb.RequestStatus) -> TeacherRpcError:
@@ -507,6 +523,8 @@ class _ScoreStreamSession:
             raise self._failure or TeacherRpcError(grpc.StatusCode.UNAVAILABLE, "score stream broke") from None
         finally:
             self._pending.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by the reader after the write failed: already reported
 
     async def close(self) -> None:
         self._call.cancel()
