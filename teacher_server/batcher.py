@@ -17,7 +17,10 @@ queued work is dropped only when every request waiting on it gave up.
 Admission is bounded three ways, counted over work admitted but not yet taken by an engine (being
 decoded, or queued): ``max_queue`` work items, ``max_queue_pairs`` (image, sentence) pairs and
 ``max_queue_bytes`` bytes of image data (the encoded files while they are decoded, the prepared
-pixel tensors once queued). A request whose new work does not fit is refused whole with
+pixel tensors once queued); and by time: once an engine call has been timed, new work is refused
+when the work already waiting needs more than ``max_queue_wait_s`` of engine time, or more than
+the request's deadline leaves (it would time out later, after costing a decode and memory). A
+request whose new work does not fit is refused whole with
 ``OverloadedError`` naming the limit and a retry hint; when nothing is queued, any one request is
 admitted (else an oversized one could never run). ``admit`` reserves the capacity before the
 service decodes images, so a flood of cold requests cannot pile decoded images up in memory.
@@ -171,6 +174,7 @@ class DynamicBatcher:
         max_queue: int = 1024,
         max_queue_pairs: int = 16384,
         max_queue_bytes: int = 1 << 30,
+        max_queue_wait_s: float = 10.0,
         metrics: ServiceMetrics | None = None,
         max_batch_sentences: int | None = None,
     ) -> None:
@@ -186,6 +190,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.max_queue_pairs = max_queue_pairs
         self.max_queue_bytes = max_queue_bytes
+        self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics if metrics is not None else ServiceMetrics()
         self._replicas: list[_Replica] = []
         self._held = _Load()  # reserved + queued, against the bounds
@@ -264,12 +269,15 @@ class DynamicBatcher:
         return int(digest[:8], 16) % len(self.engines)
 
     # ------------------------------------------------------------------------------ admission
-    def admit(self, wanted: Sequence[tuple[str, Sequence[str]]], nbytes: int) -> Admission:
+    def admit(
+        self, wanted: Sequence[tuple[str, Sequence[str]]], nbytes: int, *, deadline: float | None = None
+    ) -> Admission:
         """Reserve queue room for ``wanted`` ((view id, sentences) per item) and ``nbytes`` of image
         data before the caller decodes images; pairs already in flight need no room.
 
-        Raises ``OverloadedError`` (naming the limit, with ``retry_after_s``) when it does not fit,
-        ``ShuttingDownError`` when stopping.
+        Raises ``OverloadedError`` (naming the limit, with ``retry_after_s``) when it does not fit
+        (also when the work queued ahead would outlast ``max_queue_wait_s`` or the request's
+        ``deadline``, a ``loop.time()`` instant), ``ShuttingDownError`` when stopping.
         """
         if not self._accepting:
             self.metrics.rejected.labels(reason="shutting_down").inc()
@@ -279,12 +287,12 @@ class DynamicBatcher:
             new = sum((view, s) not in self._inflight for s in dict.fromkeys(sentences))
             load.items += new > 0
             load.pairs += new
-        self._check_room(load)
+        self._check_room(load, deadline)
         self._hold(load)
         self._add(self._reserved, load)
         return Admission(self, load)
 
-    def _check_room(self, load: _Load) -> None:
+    def _check_room(self, load: _Load, deadline: float | None = None) -> None:
         # A request larger than the whole queue still runs when the queue is empty (else never).
         if not self._held.items or not load.items:
             return
@@ -301,6 +309,25 @@ class DynamicBatcher:
                     f"adds {adds:,}; retry after {retry:.2f} s",
                     retry_after_s=retry,
                 )
+        # By time, at the measured engine speed: counts alone cannot know the device (16,384 pairs
+        # are seconds on a GPU, minutes on a CPU), and work admitted behind more than the caller
+        # will wait is a timeout later, after it has cost memory and a decode: refuse it now.
+        wait = self._drain_seconds()
+        if wait is None:
+            return
+        if self.max_queue_wait_s and wait > self.max_queue_wait_s:
+            reason, detail = "queue_wait", f"over max_queue_wait_s={self.max_queue_wait_s:g}"
+        elif deadline is not None and wait > deadline - asyncio.get_running_loop().time():
+            reason, detail = "deadline", "more than this request's deadline leaves"
+        else:
+            return
+        self.metrics.rejected.labels(reason=reason).inc()
+        retry = self.retry_hint()
+        raise OverloadedError(
+            f"teacher queue is full: the work waiting needs about {wait:.2f} s of engine time, {detail}; "
+            f"retry after {retry:.2f} s",
+            retry_after_s=retry,
+        )
 
     def _hold(self, load: _Load) -> None:
         self._add(self._held, load)
@@ -369,7 +396,7 @@ class DynamicBatcher:
                     tensors[id(pixels)] = pixels.element_size() * pixels.nelement()
         load.nbytes = sum(tensors.values())
         if admission is None:
-            self._check_room(load)
+            self._check_room(load, deadline)
         else:
             admission.release()  # the reservation becomes the queued work's own counts below
         loop = asyncio.get_running_loop()
@@ -488,9 +515,16 @@ class DynamicBatcher:
         ``a + b * pairs + c * images`` per call; replicas drain in parallel, so the slowest one
         counts. The call running now is not counted (at most one call's time; leaving it out
         keeps the hint a function of the queue alone)."""
+        wait = self._drain_seconds()
+        if wait is None:
+            return _DEFAULT_RETRY_S
+        return min(max(wait, _RETRY_RANGE_S[0]), _RETRY_RANGE_S[1])
+
+    def _drain_seconds(self) -> float | None:
+        """``retry_hint``'s estimate, unbounded; None before any engine call was timed."""
         speed = self._speed()
         if speed is None or not self._replicas:
-            return _DEFAULT_RETRY_S
+            return None
         per_call, per_pair, per_image = speed
         # Work still being decoded is not on a replica yet: share it out evenly.
         extra_pairs = self._reserved.pairs / len(self._replicas)
@@ -500,7 +534,7 @@ class DynamicBatcher:
             pairs, images = replica.pairs + extra_pairs, replica.images + extra_images
             calls = max(math.ceil(pairs / self.max_batch_pairs), math.ceil(images / self.max_batch_images))
             slowest = max(slowest, calls * per_call + pairs * per_pair + images * per_image)
-        return min(max(slowest, _RETRY_RANGE_S[0]), _RETRY_RANGE_S[1])
+        return slowest
 
     def _speed(self) -> tuple[float, float, float] | None:
         """(seconds per call, per pair, per image encoded) from the weighted least-squares fit of

@@ -167,6 +167,7 @@ class ScoringService:
             max_queue=s.max_queue,
             max_queue_pairs=s.max_queue_pairs,
             max_queue_bytes=s.max_queue_bytes,
+            max_queue_wait_s=s.max_queue_wait_s,
             metrics=self.metrics,
         )
         self._validator: ThreadPoolExecutor | None = None
@@ -258,6 +259,7 @@ class ScoringService:
                 "max_queue": self.settings.max_queue,
                 "max_queue_pairs": self.settings.max_queue_pairs,
                 "max_queue_bytes": self.settings.max_queue_bytes,
+                "max_queue_wait_s": self.settings.max_queue_wait_s,
             },
             "cache": self.cache.backend,
         }
@@ -311,7 +313,7 @@ class ScoringService:
         needy = [i for i in needy if i not in required]
         # Room in the queue before any decoding: refused work costs no decode time or memory.
         decoded_bytes = sum(len(senders[d]) for d in {items[i].digest for i in needy} if d in senders)
-        admission = self.batcher.admit([(items[i].view, missing[i]) for i in needy], decoded_bytes)
+        admission = self.batcher.admit([(items[i].view, missing[i]) for i in needy], decoded_bytes, deadline=deadline)
         try:
             images = await self._prepare_images(items, needy)
             work = [BatchItem(items[i].digest, images.get(items[i].view), missing[i], items[i].region) for i in needy]

@@ -215,6 +215,14 @@ class ServerSettings(BaseSettings):
         "BYTES",
         ge=1,
     )
+    max_queue_wait_s: float = _setting(
+        10.0,
+        "most engine time the waiting work may need, at the measured speed, for new cold work to be "
+        "admitted (0 = no bound by time); past it, or past the request's own deadline, new cold work "
+        "gets RESOURCE_EXHAUSTED / 429 + retry hint at once instead of a timeout later",
+        "SECONDS",
+        ge=0,
+    )
     drain_timeout_s: float = _setting(30.0, "on shutdown, how long queued and running work may finish", "SECONDS", ge=0)
 
     # --- limits ----------------------------------------------------------------------------

@@ -360,6 +360,54 @@ def test_the_retry_hint_is_close_to_the_measured_drain_time(engine: ItmEngine) -
     assert drained / 2 <= hint <= drained * 2, (hint, drained)
 
 
+def test_new_cold_work_behind_more_engine_time_than_allowed_is_refused_at_once(engine: ItmEngine) -> None:
+    """Counts cannot know the device: past ``max_queue_wait_s`` of measured engine time waiting, or
+    past what the request's deadline leaves, new cold work is refused now (RESOURCE_EXHAUSTED with
+    a hint), not admitted to time out later. The load bench saw the count bound let a CPU teacher
+    queue minutes of work, so overload ended in DEADLINE_EXCEEDED instead of 429."""
+    metered = MeteredEngine(engine)  # 0.3 s per call + 10 ms per pair: ~0.38 s per 8-pair call
+    sentences = [f"a person hold a thing number {k}" for k in range(8)]
+
+    async def scenario() -> tuple[int, OverloadedError, OverloadedError, float]:
+        batcher = DynamicBatcher([metered], max_batch_pairs=8, max_delay_ms=0, max_queue_wait_s=1.0)
+        await batcher.start()
+        for size in (1, 1, 8, 2, 6, 4, 7, 3):  # calls of several sizes: the fit learns the speed
+            await asyncio.gather(*batcher.submit([batch_item(engine, size, sentences[:size])]))
+        metered.gate.clear()
+        metered.entered.clear()
+        running = batcher.submit([batch_item(engine, 10, sentences[:1])])
+        while not metered.entered.is_set():
+            await asyncio.sleep(0.005)
+        queued: list[asyncio.Future] = []
+        refused: OverloadedError | None = None
+        for seed in range(11, 31):  # each a call of its own (8 pairs)
+            try:
+                queued += batcher.submit([batch_item(engine, seed, sentences)])
+            except OverloadedError as error:
+                refused = error
+                break
+        assert refused is not None, "never refused by time"
+        admitted = len(queued)
+        # The request's own deadline: the queue ahead (over 1 s now) does not fit in 50 ms ...
+        now = asyncio.get_running_loop().time()
+        wanted = [("view-0", sentences[:1])]
+        batcher.max_queue_wait_s = 0  # off: only the deadline speaks
+        with pytest.raises(OverloadedError) as too_short:
+            batcher.admit(wanted, 0, deadline=now + 0.05)
+        # ... but fits in a minute.
+        batcher.admit(wanted, 0, deadline=now + 60).release()
+        hint = batcher.retry_hint()
+        metered.gate.set()
+        await asyncio.gather(*running, *queued)
+        await batcher.stop()
+        return admitted, refused, too_short.value, hint
+
+    admitted, refused, too_short, hint = run(scenario)
+    assert admitted >= 1
+    assert "max_queue_wait_s=1" in str(refused) and refused.retry_after_s >= 1.0, refused
+    assert "deadline" in str(too_short) and too_short.retry_after_s == pytest.approx(hint, rel=0.5)
+
+
 # -------------------------------------------------------------------------- 6. device out of memory
 class SmallDeviceEngine(ItmEngine):
     """The real engine on a "device" with room for ``ROOM`` pairs per call: more raise the real
