@@ -237,19 +237,18 @@ def score_response(request_id: str, results: Sequence[ItemResult]) -> pb.ScoreRe
 def model_info_response(info: dict[str, Any], ready: bool) -> pb.GetModelInfoResponse:
     """``ScoringService.model_info()`` as a message; unknown keys are ignored, missing ones left 0."""
     limits = info.get("limits") or {}
-    fields = pb.Limits.DESCRIPTOR.fields_by_name
-    known_limits = {
-        name: float(value) if fields[name].type == fields[name].TYPE_FLOAT else int(value)
-        for name, value in limits.items()
-        if name in fields
-    }
+    known_limits = pb.Limits()
+    for name, value in limits.items():
+        field = pb.Limits.DESCRIPTOR.fields_by_name.get(name)
+        if field is not None:
+            setattr(known_limits, name, float(value) if field.type == field.TYPE_FLOAT else int(value))
     return pb.GetModelInfoResponse(
         model_id=str(info.get("model_id", "")),
         fingerprint=str(info.get("fingerprint", "")),
         itm_start_token=str(info.get("itm_start_token", "")),
         dtype=str(info.get("dtype", "")),
         region_policy=str(info.get("region_policy", "")),
-        limits=pb.Limits(**known_limits),
+        limits=known_limits,
         ready=ready,
     )
 
