@@ -127,6 +127,16 @@ class EngineSettings:
     region_dim: float = 0.8
     """``mask``: pixels outside both boxes are blended towards grey by this much (0..1)."""
 
+    def image_limits(self) -> dict[str, Any]:
+        """The keyword arguments of ``open_image`` / ``decode_image`` that bound one image: every
+        caller that decodes for this engine uses the same limits (bytes, pixels, side, aspect)."""
+        return {
+            "max_bytes": self.max_image_bytes,
+            "max_pixels": self.max_image_pixels,
+            "max_side": self.max_image_side,
+            "max_aspect": self.max_image_aspect,
+        }
+
     def region_description(self) -> str:
         """The region policy and its parameter, as the fingerprint and ``GetModelInfo`` name it."""
         if self.region_policy == "crop":
@@ -674,14 +684,7 @@ class ItmEngine:
         still gives each view ``DRAFT_GAP`` times the pixels the processor resizes it to.
         """
         s = self.settings
-        image = open_image(
-            bytes(data),
-            max_bytes=s.max_image_bytes,
-            max_pixels=s.max_image_pixels,
-            max_side=s.max_image_side,
-            max_aspect=s.max_image_aspect,
-            field=field,
-        )
+        image = open_image(bytes(data), **s.image_limits(), field=field)
         width, height = oriented_size(image)
         orientation = exif_orientation(image)
         names = list(region_fields) if region_fields is not None else ["region"] * len(regions)

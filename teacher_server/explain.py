@@ -249,14 +249,7 @@ class Explainer:
         try:
             engine = self.engine
             s = engine.settings
-            image = decode_image(
-                bytes(data),
-                max_bytes=s.max_image_bytes,
-                max_pixels=s.max_image_pixels,
-                max_side=s.max_image_side,
-                max_aspect=s.max_image_aspect,
-                field=image_field,
-            )
+            image = decode_image(bytes(data), **s.image_limits(), field=image_field)
             if region is not None:
                 region.check_inside(*image.size, field=region_field)
             pixels = engine.preprocess(engine.render(image, region)).to(engine.device, engine.dtype)

@@ -136,13 +136,7 @@ class ImageStore:
         except OSError as error:
             raise FinetuneError(f"{image.where}: cannot read image {image.path}: {error.strerror or error}") from None
         try:
-            decoded = decode_image(
-                data,
-                max_bytes=self._limits.max_image_bytes,
-                max_pixels=self._limits.max_image_pixels,
-                max_side=self._limits.max_image_side,
-                max_aspect=self._limits.max_image_aspect,
-            )
+            decoded = decode_image(data, **self._limits.image_limits())
             if image.region is not None:
                 # As the engine: refuse a box outside the image, render the view, then process it.
                 image.region.check_inside(*decoded.size, field="region")
