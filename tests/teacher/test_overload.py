@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import os
 import threading
 import time
@@ -15,11 +14,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from testkit.teacher import SENTENCES, GatedEngine, running_teacher, teacher_settings, wait_until
+from testkit.teacher import (
+    SENTENCES,
+    GatedEngine,
+    image_bytes,
+    running_teacher,
+    teacher_settings,
+    wait_until,
+    with_bytes,
+)
 
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2 as pb
 from teacher_server._proto.hoidistill.teacher.v1 import teacher_pb2_grpc as pb_grpc
@@ -28,23 +33,11 @@ from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, Itm
 from teacher_server.errors import OverloadedError
 from teacher_server.hoi.digest import image_digest
 from teacher_server.metrics import ServiceMetrics
-from teacher_server.service import ScoreItem, ScoringService
+from teacher_server.service import ScoringService
 from teacher_server.settings import ServerSettings, SettingsError
 
 torch.set_num_threads(1)
 T = TypeVar("T")
-
-
-def image_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def with_bytes(seed: int, sentences: Sequence[str]) -> ScoreItem:
-    data = image_bytes(seed)
-    return ScoreItem(image_digest(data), data, tuple(sentences))
 
 
 def batch_item(engine: ItmEngine, seed: int, sentences: Sequence[str]) -> BatchItem:

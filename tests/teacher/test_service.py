@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import pytest
 import redis
 import torch
-from PIL import Image
 from testkit.servers import RedisServer
-from testkit.teacher import SENTENCES, GatedEngine
+from testkit.teacher import SENTENCES, GatedEngine, image_bytes, with_bytes
 
 from teacher_server.cache import score_key
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
@@ -28,18 +25,6 @@ from teacher_server.settings import ServerSettings
 
 torch.set_num_threads(1)
 T = TypeVar("T")
-
-
-def image_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def with_bytes(seed: int, sentences: Sequence[str]) -> ScoreItem:
-    data = image_bytes(seed)
-    return ScoreItem(image_digest(data), data, tuple(sentences))
 
 
 def by_digest(seed: int, sentences: Sequence[str]) -> ScoreItem:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from teacher_server import grpc_api
 from teacher_server.engine import EngineSettings, ImageSentences, ItmEngine, ItmScore
+from teacher_server.hoi.digest import image_digest
 from teacher_server.server import TeacherServer
-from teacher_server.service import ScoringService, engine_settings
+from teacher_server.service import ScoreItem, ScoringService, engine_settings
 from teacher_server.settings import ServerSettings
 
 T = TypeVar("T")
@@ -127,6 +129,20 @@ def running_teacher(settings: ServerSettings, service: ScoringService | None = N
         yield teacher
     finally:
         teacher.stop()
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    """A small random RGB PNG from numpy's generator (the service and overload tests' images)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def with_bytes(seed: int, sentences: Sequence[str]) -> ScoreItem:
+    """A ``ScoreItem`` carrying ``image_bytes(seed)`` and its digest."""
+    data = image_bytes(seed)
+    return ScoreItem(image_digest(data), data, tuple(sentences))
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
